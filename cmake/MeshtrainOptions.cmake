@@ -1,0 +1,38 @@
+# Sanitizers and CUDA detection, shared by every target.
+if(MESHTRAIN_SANITIZE)
+  foreach(s IN LISTS MESHTRAIN_SANITIZE)
+    if(NOT s MATCHES "^(address|undefined|thread|leak)$")
+      message(FATAL_ERROR "MESHTRAIN_SANITIZE: unknown sanitizer '${s}' (address, undefined, thread, leak)")
+    endif()
+  endforeach()
+  list(JOIN MESHTRAIN_SANITIZE "," _meshtrain_san)
+  # C and C++ only: nvcc does not accept -fsanitize (CUDA sources are host-sanitized through
+  # the C++ code that calls them).
+  add_compile_options(
+    "$<$<COMPILE_LANGUAGE:C,CXX>:-fsanitize=${_meshtrain_san};-fno-omit-frame-pointer;-fno-sanitize-recover=all>")
+  add_link_options(-fsanitize=${_meshtrain_san})
+endif()
+
+if(NOT MESHTRAIN_CUDA MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "MESHTRAIN_CUDA must be AUTO, ON or OFF, not '${MESHTRAIN_CUDA}'")
+endif()
+set(MESHTRAIN_HAVE_CUDA OFF)
+if(NOT MESHTRAIN_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      # Ampere and Hopper: the GPUs DePIN providers rent most. Override on the command line.
+      set(CMAKE_CUDA_ARCHITECTURES 80 90)
+    endif()
+    enable_language(CUDA)
+    set(CMAKE_CUDA_STANDARD 17)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    find_package(CUDAToolkit REQUIRED)
+    find_package(NCCL)
+    set(MESHTRAIN_HAVE_CUDA ON)
+  elseif(MESHTRAIN_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "MESHTRAIN_CUDA=ON but no CUDA compiler was found (set CMAKE_CUDA_COMPILER or PATH)")
+  endif()
+endif()
+message(STATUS "meshtrain: CUDA kernels ${MESHTRAIN_HAVE_CUDA}")
