@@ -136,6 +136,8 @@ class ControlServer {
   // have ever sent something. Lets an upper layer report PeerLost for control-only peers.
   std::vector<PeerId> silent_peers(std::chrono::milliseconds silence) const;
   std::optional<Clock::time_point> last_seen(const PeerId& peer) const;
+  // Peers from which something (message or heartbeat) arrived within `window`.
+  std::vector<PeerId> peers_seen_within(std::chrono::milliseconds window) const;
 
   RejectStats stats() const;
 
@@ -280,6 +282,8 @@ class BulkChannel {
   // ProtocolError when the header disagrees (size, or streams disagree on the message tags).
   MessageHeader recv_into(crypto::MutableByteSpan dest, Deadline deadline, const CancelToken* cancel = nullptr);
   Message recv(Deadline deadline, const CancelToken* cancel = nullptr);
+  // Receives one message of any size (within Limits) into `payload`, reusing its capacity.
+  MessageHeader recv(std::vector<uint8_t>& payload, Deadline deadline, const CancelToken* cancel = nullptr);
 
  private:
   std::vector<BulkStream::Impl*> impls();

@@ -170,12 +170,16 @@ MessageHeader BulkChannel::recv_into(crypto::MutableByteSpan dest, Deadline dead
   return w0.header;
 }
 
-Message BulkChannel::recv(Deadline deadline, const CancelToken* cancel) {
+MessageHeader BulkChannel::recv(std::vector<uint8_t>& payload, Deadline deadline, const CancelToken* cancel) {
   WireHeader w0 = streams_[0].impl_->recv_wire_header(deadline, cancel);
+  payload.resize(w0.header.payload_bytes);
+  receive_parts(impls(), w0, payload, deadline, cancel);
+  return w0.header;
+}
+
+Message BulkChannel::recv(Deadline deadline, const CancelToken* cancel) {
   Message m;
-  m.header = w0.header;
-  m.payload.resize(w0.header.payload_bytes);
-  receive_parts(impls(), w0, m.payload, deadline, cancel);
+  m.header = recv(m.payload, deadline, cancel);
   return m;
 }
 

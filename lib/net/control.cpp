@@ -164,6 +164,7 @@ crypto::Bytes encode_for_send(MessageHeader header, const PeerId& self, size_t p
 // ---------------------------------------------------------------------------------------------
 
 struct ControlServer::Impl {
+  Impl(const crypto::Identity& s, ControlOptions o) : self(s), options(std::move(o)) {}
   const crypto::Identity& self;
   ControlOptions options;
   void* context = nullptr;
@@ -238,7 +239,7 @@ struct ControlServer::Impl {
 
 ControlServer::ControlServer(const crypto::Identity& self, AllowList allowed, const std::string& bind_endpoint,
                              ControlOptions options)
-    : impl_(new Impl{self, options}) {
+    : impl_(new Impl(self, options)) {
   check_curve_available();
   for (const auto& peer : allowed.peers()) impl_->allow(peer);
   impl_->context = zmq_ctx_new();
@@ -330,6 +331,14 @@ std::vector<PeerId> ControlServer::silent_peers(std::chrono::milliseconds silenc
   return out;
 }
 
+std::vector<PeerId> ControlServer::peers_seen_within(std::chrono::milliseconds window) const {
+  std::vector<PeerId> out;
+  auto now = Clock::now();
+  for (const auto& [peer, when] : impl_->seen)
+    if (now - when <= window) out.push_back(peer);
+  return out;
+}
+
 std::optional<Clock::time_point> ControlServer::last_seen(const PeerId& peer) const {
   auto it = impl_->seen.find(peer);
   if (it == impl_->seen.end()) return std::nullopt;
@@ -339,6 +348,8 @@ std::optional<Clock::time_point> ControlServer::last_seen(const PeerId& peer) co
 // ---------------------------------------------------------------------------------------------
 
 struct ControlClient::Impl {
+  Impl(const crypto::Identity& s, const PeerId& srv, ControlOptions o)
+      : self(s), server(srv), server_name(srv.fingerprint()), options(std::move(o)) {}
   const crypto::Identity& self;
   PeerId server;
   std::string server_name;
@@ -356,7 +367,7 @@ struct ControlClient::Impl {
 
 ControlClient::ControlClient(const crypto::Identity& self, const PeerId& server, const std::string& endpoint,
                              ControlOptions options)
-    : impl_(new Impl{self, server, server.fingerprint(), options}) {
+    : impl_(new Impl(self, server, options)) {
   check_curve_available();
   impl_->context = zmq_ctx_new();
   if (!impl_->context) throw_zmq("zmq_ctx_new");

@@ -1,0 +1,501 @@
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <future>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "collective/half.h"
+#include "collective/ring.h"
+#include "meshtrain/collective.h"
+
+namespace meshtrain::collective {
+
+using namespace std::chrono_literals;
+
+namespace {
+
+// How often a member repeats a request while it waits for the coordinator's answer.
+constexpr auto kRepeatInterval = 1000ms;
+
+std::string names(const std::vector<PeerId>& peers) {
+  std::string out;
+  for (const auto& p : peers) out += (out.empty() ? "" : ", ") + p.fingerprint();
+  return out.empty() ? "(unknown)" : out;
+}
+
+}  // namespace
+
+// The control link: a thread that owns the ControlClient, heartbeats, sends queued messages
+// and files what the coordinator says (quorums, rejoins, aborts, commits).
+struct ControlLink {
+  struct Outgoing {
+    net::MessageHeader header;
+    std::vector<uint8_t> payload;
+  };
+
+  ControlLink(const crypto::Identity& self, const CommunicatorOptions& o) : self_(self) {
+    net::ControlOptions control;
+    control.heartbeat_interval = o.heartbeat_interval;
+    client_ = std::make_unique<net::ControlClient>(self, o.coordinator, o.coordinator_endpoint, control);
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~ControlLink() {
+    stop_.cancel();
+    thread_.join();
+  }
+
+  void send(coord::MessageKind kind, std::vector<uint8_t> payload, uint64_t quorum_id = 0, uint64_t step = 0) {
+    Outgoing m;
+    m.header.type = static_cast<uint16_t>(kind);
+    m.header.quorum_id = quorum_id;
+    m.header.step = step;
+    m.payload = std::move(payload);
+    std::lock_guard lock(mutex_);
+    outbox_.push_back(std::move(m));
+  }
+
+  // Wait for a quorum (with step == step and id != exclude_id) or a rejoin for `step`.
+  // Returns false on deadline.
+  bool wait_quorum(uint64_t step, uint64_t exclude_id, Deadline deadline, std::optional<coord::Quorum>& quorum,
+                   std::optional<coord::Rejoin>& rejoin) {
+    std::unique_lock lock(mutex_);
+    return cv_.wait_until(lock, deadline.at(), [&] {
+      for (auto it = quorums_.begin(); it != quorums_.end(); ++it)
+        if (it->step == step && it->quorum_id != exclude_id) {
+          quorum = *it;
+          quorums_.erase(quorums_.begin(), std::next(it));
+          return true;
+        }
+      for (auto& r : rejoins_)
+        if (r.missed_step == step) {
+          rejoin = r;
+          rejoins_.clear();
+          return true;
+        }
+      return false;
+    });
+  }
+
+  // Abort for quorum_id, if one arrived.
+  std::optional<coord::Abort> abort_for(uint64_t quorum_id) {
+    std::lock_guard lock(mutex_);
+    auto it = aborts_.find(quorum_id);
+    if (it == aborts_.end()) return std::nullopt;
+    return it->second;
+  }
+  std::optional<coord::Abort> wait_abort(uint64_t quorum_id, Deadline deadline) {
+    std::unique_lock lock(mutex_);
+    cv_.wait_until(lock, deadline.at(), [&] { return aborts_.count(quorum_id) != 0; });
+    auto it = aborts_.find(quorum_id);
+    if (it == aborts_.end()) return std::nullopt;
+    return it->second;
+  }
+  // Waits for Commit or Abort of quorum_id. Returns false at the deadline; else true with
+  // `abort` set if the attempt was aborted.
+  bool wait_outcome(uint64_t quorum_id, Deadline deadline, std::optional<coord::Abort>& abort) {
+    std::unique_lock lock(mutex_);
+    bool done = cv_.wait_until(lock, deadline.at(),
+                               [&] { return commits_.count(quorum_id) != 0 || aborts_.count(quorum_id) != 0; });
+    if (!done) return false;
+    auto it = aborts_.find(quorum_id);
+    if (it != aborts_.end()) abort = it->second;
+    return true;
+  }
+
+  // The cancel token of the operation running on `quorum_id`: an Abort for it fires the token.
+  void watch(uint64_t quorum_id, CancelToken* token) {
+    std::lock_guard lock(mutex_);
+    watched_id_ = quorum_id;
+    watched_ = token;
+    if (token && aborts_.count(quorum_id)) token->cancel();
+  }
+
+ private:
+  void loop() {
+    while (!stop_.cancelled()) {
+      std::deque<Outgoing> out;
+      {
+        std::lock_guard lock(mutex_);
+        out.swap(outbox_);
+      }
+      for (auto& m : out) {
+        try {
+          client_->send(m.header, m.payload);
+        } catch (const Error& e) {
+          log::warn("collective", "control message to the coordinator not sent: {}", e.what());
+        }
+      }
+      try {
+        net::Message m = client_->recv(Deadline::after(20ms), &stop_);
+        handle(m);
+      } catch (const TimeoutError&) {
+      } catch (const CancelledError&) {
+        return;
+      } catch (const Error& e) {
+        log::warn("collective", "control link: {}", e.what());
+      }
+    }
+  }
+
+  void handle(const net::Message& m) {
+    std::string source = fmt::format("coordinator {}", m.header.sender.fingerprint());
+    try {
+      std::lock_guard lock(mutex_);
+      switch (static_cast<coord::MessageKind>(m.header.type)) {
+        case coord::MessageKind::Quorum:
+          quorums_.push_back(coord::decode_quorum(m.payload, source));
+          break;
+        case coord::MessageKind::Rejoin:
+          rejoins_.push_back(coord::decode_rejoin(m.payload, source));
+          break;
+        case coord::MessageKind::Abort: {
+          coord::Abort a = coord::decode_abort(m.payload, source);
+          log::info("collective", "coordinator aborted quorum {:x} (step {}): {}; lost: {}", a.quorum_id, a.step,
+                    a.reason, names(a.lost));
+          aborts_[a.quorum_id] = a;
+          if (watched_ && watched_id_ == a.quorum_id) watched_->cancel();
+          break;
+        }
+        case coord::MessageKind::Commit:
+          commits_.insert(m.header.quorum_id);
+          break;
+        default:
+          log::warn("collective", "{} sent an unexpected message type {}", source, m.header.type);
+          return;
+      }
+    } catch (const ProtocolError& e) {
+      log::warn("collective", "dropped a message from the coordinator: {}", e.what());
+      return;
+    }
+    cv_.notify_all();
+  }
+
+  const crypto::Identity& self_;
+  std::unique_ptr<net::ControlClient> client_;
+  CancelToken stop_;
+  std::thread thread_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Outgoing> outbox_;
+  std::deque<coord::Quorum> quorums_;
+  std::vector<coord::Rejoin> rejoins_;
+  std::map<uint64_t, coord::Abort> aborts_;
+  std::set<uint64_t> commits_;
+  uint64_t watched_id_ = 0;
+  CancelToken* watched_ = nullptr;
+};
+
+struct Communicator::Impl {
+  const crypto::Identity& self;
+  CommunicatorOptions options;
+  std::unique_ptr<net::BulkListener> listener;
+  std::unique_ptr<ControlLink> link;
+  std::optional<coord::Quorum> current;
+  uint32_t my_rank = 0;
+  uint64_t op_seq = 0;
+  // Ring channels, kept while the neighbours stay the same and nothing failed.
+  std::optional<net::BulkChannel> to_next;
+  std::optional<net::BulkChannel> from_prev;
+  uint64_t failed_quorum = 0;  // the last attempt that failed here (reported to the coordinator)
+  std::vector<PeerId> failed_lost;
+
+  Impl(const crypto::Identity& s, CommunicatorOptions o) : self(s), options(std::move(o)) {
+    if (options.advertise_host.empty()) options.advertise_host = options.bind_host;
+    if (options.streams == 0 || options.streams > 64)
+      throw InvalidArgumentError(fmt::format("CommunicatorOptions.streams = {} (1..64)", options.streams));
+    if (options.chunk_bytes < 4096)
+      throw InvalidArgumentError(fmt::format("CommunicatorOptions.chunk_bytes = {} (at least 4096)", options.chunk_bytes));
+    listener = std::make_unique<net::BulkListener>(self, options.members, options.bind_host, options.bind_port,
+                                                   options.bulk);
+    link = std::make_unique<ControlLink>(self, options);
+  }
+
+  const coord::Quorum& quorum_or_throw() const {
+    if (!current) throw InvalidArgumentError("no current quorum: call next_quorum(step) first");
+    return *current;
+  }
+
+  void drop_channels() {
+    to_next.reset();
+    from_prev.reset();
+  }
+
+  // Connects to the next rank and accepts from the previous one, concurrently (every member
+  // does both, so doing them in turn would deadlock the ring).
+  void ensure_ring(Deadline deadline, const CancelToken* cancel) {
+    const auto& q = *current;
+    size_t n = q.members.size();
+    if (n < 2) return;
+    const coord::Member& next = q.members[(my_rank + 1) % n];
+    const coord::Member& prev = q.members[(my_rank + n - 1) % n];
+    bool reuse_next = to_next && to_next->peer() == next.id;
+    bool reuse_prev = from_prev && from_prev->peer() == prev.id;
+    std::future<net::BulkChannel> connecting;
+    if (!reuse_next) {
+      to_next.reset();
+      Deadline d(std::min(deadline.at(), Clock::now() + options.connect_timeout));
+      connecting = std::async(std::launch::async, [&, d] {
+        return net::BulkChannel::connect(self, next.id, next.host, next.port, options.streams, options.bulk, d);
+      });
+    }
+    std::exception_ptr failure;
+    if (!reuse_prev) {
+      from_prev.reset();
+      try {
+        Deadline d(std::min(deadline.at(), Clock::now() + options.connect_timeout));
+        from_prev = net::BulkChannel::accept(*listener, prev.id, options.streams, d, cancel);
+      } catch (const TimeoutError&) {
+        failure = std::make_exception_ptr(PeerLostError(
+            prev.id.fingerprint(), fmt::format("ring neighbour {} did not connect within {} ms", prev.id.fingerprint(),
+                                               options.connect_timeout.count())));
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    if (connecting.valid()) {
+      try {
+        to_next = connecting.get();
+      } catch (const Error& e) {
+        if (!failure)
+          failure = std::make_exception_ptr(
+              PeerLostError(next.id.fingerprint(), fmt::format("cannot reach ring neighbour {}: {}",
+                                                               next.id.fingerprint(), e.what())));
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  // Runs `body` as one operation of the current quorum: sets up the ring, arms the abort watch,
+  // and turns every failure into PeerLostError naming the peers the coordinator (or this
+  // member) found lost. On failure the channels are dropped and the failure reported.
+  template <typename Body>
+  void run_op(std::string_view what, Body body) {
+    const coord::Quorum& q = quorum_or_throw();
+    Deadline deadline = Deadline::after(options.op_timeout);
+    CancelToken cancel;
+    link->watch(q.quorum_id, &cancel);
+    uint64_t seq = ++op_seq;
+    try {
+      ensure_ring(deadline, &cancel);
+      RingContext ctx{q, my_rank, seq, to_next ? &*to_next : nullptr, from_prev ? &*from_prev : nullptr,
+                      deadline, &cancel, options.chunk_bytes, options.fault_hook};
+      body(ctx);
+      link->watch(0, nullptr);
+    } catch (const Error& e) {
+      link->watch(0, nullptr);
+      drop_channels();
+      fail(q, what, e);
+    }
+  }
+
+  [[noreturn]] void fail(const coord::Quorum& q, std::string_view what, const Error& e) {
+    // Who is lost? Prefer the coordinator's verdict; else what this member saw.
+    std::vector<PeerId> seen;
+    if (auto* lost = dynamic_cast<const PeerLostError*>(&e)) {
+      for (const auto& m : q.members)
+        if (m.id.fingerprint() == lost->peer()) seen.push_back(m.id);
+    }
+    std::optional<coord::Abort> abort = link->abort_for(q.quorum_id);
+    if (!abort) {
+      coord::Abort report{q.quorum_id, q.step, seen, fmt::format("{} failed at {}: {}", what,
+                                                                 self.public_key().fingerprint(), e.what())};
+      link->send(coord::MessageKind::Failure, coord::encode(report), q.quorum_id, q.step);
+      abort = link->wait_abort(q.quorum_id, Deadline::after(options.blame_grace));
+    }
+    std::vector<PeerId> lost = abort && !abort->lost.empty() ? abort->lost : seen;
+    failed_quorum = q.quorum_id;
+    failed_lost = lost;
+    std::string first = lost.empty() ? std::string("unknown") : lost.front().fingerprint();
+    throw PeerLostError(first, fmt::format("{} on quorum {:x} (step {}) failed; lost: {} ({})", what, q.quorum_id,
+                                           q.step, names(lost), abort ? abort->reason : std::string(e.what())));
+  }
+};
+
+Communicator::Communicator(const crypto::Identity& self, CommunicatorOptions options)
+    : impl_(std::make_unique<Impl>(self, std::move(options))) {}
+
+Communicator::~Communicator() = default;
+
+const PeerId& Communicator::id() const { return impl_->self.public_key(); }
+uint16_t Communicator::bulk_port() const { return impl_->listener->port(); }
+const coord::Quorum& Communicator::quorum() const { return impl_->quorum_or_throw(); }
+uint32_t Communicator::rank() const { return impl_->my_rank; }
+
+const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
+  auto& s = *impl_;
+  coord::QuorumRequest request;
+  request.step = step;
+  request.host = s.options.advertise_host;
+  request.port = bulk_port();
+  request.has_state = has_state;
+  uint64_t exclude = 0;
+  if (s.failed_quorum != 0 && s.current && s.current->step == step) {
+    request.failed_quorum_id = s.failed_quorum;
+    request.lost = s.failed_lost;
+    exclude = s.failed_quorum;
+  }
+  s.failed_quorum = 0;
+  s.failed_lost.clear();
+  // The request is repeated every second while we wait (plainly: the failure was reported by
+  // the first one), so a lost message or a coordinator restart only costs a second.
+  std::optional<coord::Quorum> q;
+  std::optional<coord::Rejoin> rejoin;
+  Deadline deadline = Deadline::after(s.options.quorum_timeout);
+  for (;;) {
+    s.link->send(coord::MessageKind::QuorumRequest, coord::encode(request), 0, step);
+    request.failed_quorum_id = 0;
+    request.lost.clear();
+    if (s.link->wait_quorum(step, exclude, Deadline(std::min(deadline.at(), Clock::now() + kRepeatInterval)), q,
+                            rejoin))
+      break;
+    if (deadline.expired())
+      throw TimeoutError(fmt::format("no quorum for step {} from the coordinator {} within {} ms", step,
+                                     s.options.coordinator.fingerprint(), s.options.quorum_timeout.count()));
+  }
+  if (rejoin) {
+    s.drop_channels();
+    throw StepMissedError(rejoin->missed_step, rejoin->next_step,
+                          fmt::format("missed step {} ({}); rejoin at step {} and take state first",
+                                      rejoin->missed_step, rejoin->reason, rejoin->next_step));
+  }
+  const coord::Member& me = q->member(id());
+  if (s.current && s.current->members.size() != q->members.size()) s.drop_channels();
+  s.my_rank = me.rank;
+  s.op_seq = 0;  // operations are numbered per quorum, the same on every member
+  s.current = std::move(*q);
+  log::debug("collective", "quorum {:x} for step {}: {} members, rank {}", s.current->quorum_id, step,
+             s.current->members.size(), s.my_rank);
+  return *s.current;
+}
+
+void Communicator::allreduce(BufferView buffer, ReduceOp op) {
+  if (buffer.device != DeviceKind::Cpu)
+    throw InvalidArgumentError("allreduce: only CPU buffers are supported by this build (CUDA staging comes with train/)");
+  auto& s = *impl_;
+  const coord::Quorum& q = s.quorum_or_throw();
+  const bool contributes = q.member(id()).contributes;
+  const size_t contributors = q.contributors();
+  std::vector<float> work;
+  float* data = nullptr;
+  switch (buffer.dtype) {
+    case DType::Float32:
+      data = static_cast<float*>(buffer.data);
+      break;
+    case DType::Float16:
+    case DType::BFloat16: {
+      work.resize(buffer.count);
+      auto* h = static_cast<const uint16_t*>(buffer.data);
+      for (size_t i = 0; i < buffer.count; ++i)
+        work[i] = buffer.dtype == DType::Float16 ? half_to_float(h[i]) : bf16_to_float(h[i]);
+      data = work.data();
+      break;
+    }
+    default:
+      throw InvalidArgumentError(fmt::format("allreduce: dtype {} is not reducible (float32, float16, bfloat16)",
+                                             dtype_name(buffer.dtype)));
+  }
+  if (!contributes) std::fill(data, data + buffer.count, 0.0f);
+  float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(contributors, 1)) : 1.0f;
+  s.run_op("allreduce", [&](RingContext& ctx) {
+    ring_allreduce(ctx, data, buffer.count, divisor);
+  });
+  if (!work.empty()) {
+    auto* h = static_cast<uint16_t*>(buffer.data);
+    for (size_t i = 0; i < buffer.count; ++i)
+      h[i] = buffer.dtype == DType::Float16 ? float_to_half(work[i]) : float_to_bf16(work[i]);
+  }
+}
+
+void Communicator::broadcast(BufferView buffer, uint32_t root_rank) {
+  auto& s = *impl_;
+  const coord::Quorum& q = s.quorum_or_throw();
+  if (root_rank >= q.members.size())
+    throw InvalidArgumentError(fmt::format("broadcast: root rank {} but the quorum has {} members", root_rank,
+                                           q.members.size()));
+  s.run_op("broadcast", [&](RingContext& ctx) {
+    ring_broadcast(ctx, static_cast<uint8_t*>(buffer.data), buffer.bytes(), root_rank);
+  });
+}
+
+void Communicator::allgather(BufferView in, BufferView out) {
+  auto& s = *impl_;
+  const size_t n = s.quorum_or_throw().members.size();
+  if (in.dtype != out.dtype || out.count != in.count * n)
+    throw InvalidArgumentError(fmt::format("allgather: out must hold {} x {} {} elements, has {} {}", n, in.count,
+                                           dtype_name(in.dtype), out.count, dtype_name(out.dtype)));
+  auto* dst = static_cast<uint8_t*>(out.data);
+  std::memcpy(dst + s.my_rank * in.bytes(), in.data, in.bytes());
+  s.run_op("allgather", [&](RingContext& ctx) { ring_allgather_blocks(ctx, dst, in.bytes()); });
+}
+
+void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
+  auto& s = *impl_;
+  const coord::Quorum& q = s.quorum_or_throw();
+  const size_t n = q.members.size();
+  if (in.dtype != DType::Float32 || out.dtype != DType::Float32 || in.count != out.count * n)
+    throw InvalidArgumentError(fmt::format("reduce_scatter: float32 buffers with in = {} x out ({} elements); got in "
+                                           "{} {}, out {} {}", n, out.count, in.count, dtype_name(in.dtype), out.count,
+                                           dtype_name(out.dtype)));
+  std::vector<float> work(static_cast<float*>(in.data), static_cast<float*>(in.data) + in.count);
+  if (!q.member(id()).contributes) std::fill(work.begin(), work.end(), 0.0f);
+  float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(q.contributors(), 1)) : 1.0f;
+  s.run_op("reduce_scatter", [&](RingContext& ctx) { ring_reduce_scatter_blocks(ctx, work.data(), out.count, divisor); });
+  std::memcpy(out.data, work.data() + s.my_rank * out.count, out.bytes());
+}
+
+StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts) {
+  auto& s = *impl_;
+  std::vector<uint8_t> original(static_cast<uint8_t*>(gradients.data),
+                                static_cast<uint8_t*>(gradients.data) + gradients.bytes());
+  StepResult result;
+  for (uint32_t attempt = 1;; ++attempt) {
+    result.attempts = attempt;
+    // Use a quorum the caller already obtained for this step (e.g. to broadcast state first).
+    if (!s.current || s.current->step != step || s.failed_quorum != 0) next_quorum(step);
+    const coord::Quorum q = *s.current;
+    try {
+      std::memcpy(gradients.data, original.data(), original.size());
+      allreduce(gradients, ReduceOp::Avg);
+      // All or nothing: apply only when every member of the attempt finished it.
+      std::optional<coord::Abort> abort;
+      Deadline deadline = Deadline::after(s.options.op_timeout);
+      for (;;) {
+        s.link->send(coord::MessageKind::Done, {}, q.quorum_id, step);
+        Deadline slice(std::min(deadline.at(), Clock::now() + kRepeatInterval));
+        if (s.link->wait_outcome(q.quorum_id, slice, abort)) break;
+        if (deadline.expired())
+          throw TimeoutError(fmt::format("no commit or abort from the coordinator for quorum {:x} (step {}) within "
+                                         "{} ms", q.quorum_id, step, s.options.op_timeout.count()));
+      }
+      if (abort) {
+        s.drop_channels();
+        s.failed_quorum = q.quorum_id;
+        s.failed_lost = abort->lost;
+        throw PeerLostError(abort->lost.empty() ? "unknown" : abort->lost.front().fingerprint(),
+                            fmt::format("quorum {:x} (step {}) aborted after the reduction: {}", q.quorum_id, step,
+                                        abort->reason));
+      }
+      result.quorum = q;
+      for (const auto& m : q.members)
+        if (m.contributes) result.contributors.push_back(m.id);
+      return result;
+    } catch (const PeerLostError& e) {
+      log::warn("collective", "step {} attempt {}: {}", step, attempt, e.what());
+      if (attempt >= max_attempts) {
+        std::memcpy(gradients.data, original.data(), original.size());
+        throw;
+      }
+    }
+  }
+}
+
+void Communicator::leave() {
+  impl_->link->send(coord::MessageKind::Leave, {});
+  std::this_thread::sleep_for(50ms);  // let the link thread flush it
+}
+
+}  // namespace meshtrain::collective

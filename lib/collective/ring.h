@@ -1,0 +1,35 @@
+// Ring algorithms over the two bulk channels of one member (to the next rank, from the
+// previous rank). Chunked and pipelined: a sender thread streams pieces to the next rank while
+// this thread receives, reduces and forwards. Owner-reduces-then-copies: every chunk is reduced
+// once, at its owner, in ring order; everyone else receives the owner's bytes.
+#pragma once
+
+#include <functional>
+#include <string_view>
+
+#include "meshtrain/collective.h"
+
+namespace meshtrain::collective {
+
+struct RingContext {
+  const coord::Quorum& quorum;
+  uint32_t rank;
+  uint64_t op_seq;
+  net::BulkChannel* to_next;    // null when the quorum has one member
+  net::BulkChannel* from_prev;
+  Deadline deadline;
+  CancelToken* cancel;          // fired by a coordinator Abort, or by a failing sender
+  size_t chunk_bytes;           // pipelining unit
+  const std::function<void(std::string_view, size_t)>& fault_hook;
+};
+
+// In place: data becomes sum / divisor over all members, identical bytes everywhere.
+void ring_allreduce(RingContext& ctx, float* data, size_t count, float divisor);
+// data holds n blocks of block_count floats; afterwards block `rank` holds the reduced block.
+void ring_reduce_scatter_blocks(RingContext& ctx, float* data, size_t block_count, float divisor);
+// data holds n blocks of block_bytes; block `rank` is filled; afterwards every block is.
+void ring_allgather_blocks(RingContext& ctx, uint8_t* data, size_t block_bytes);
+// root's bytes to everyone, along the ring.
+void ring_broadcast(RingContext& ctx, uint8_t* data, size_t bytes, uint32_t root);
+
+}  // namespace meshtrain::collective

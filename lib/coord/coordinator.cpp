@@ -1,0 +1,604 @@
+// The per-job coordinator: membership from QuorumRequests and heartbeats, one quorum per step,
+// stragglers, joiners, failed attempts and their retries. The rules are in docs/step-protocol.md;
+// the comments below name them (R1..R8).
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+
+#include "meshtrain/coord.h"
+
+namespace meshtrain::coord {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr auto kMaxSlice = 100ms;        // timers (drops, quorum timeouts) run at least this often
+constexpr uint64_t kKeepSteps = 16;      // formed attempts kept for straggler / failure lookups
+
+std::string fp(const PeerId& p) { return p.fingerprint(); }
+
+std::string_view kind_name(MessageKind kind) {
+  switch (kind) {
+    case MessageKind::QuorumRequest: return "QuorumRequest";
+    case MessageKind::Quorum: return "Quorum";
+    case MessageKind::Rejoin: return "Rejoin";
+    case MessageKind::Abort: return "Abort";
+    case MessageKind::Leave: return "Leave";
+    case MessageKind::Failure: return "Failure";
+    case MessageKind::Done: return "Done";
+    case MessageKind::Commit: return "Commit";
+  }
+  return "unknown";
+}
+
+std::string peer_list(const std::vector<PeerId>& peers) {
+  if (peers.empty()) return "none";
+  std::string out;
+  for (const auto& p : peers) {
+    if (!out.empty()) out += ", ";
+    out += fp(p);
+  }
+  return out;
+}
+
+long long ms_of(Clock::duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
+
+// A first quorum id that differs from every id a previous run of the coordinator handed out:
+// the wall clock in nanoseconds grows faster than any coordinator forms quorums.
+uint64_t initial_quorum_id() {
+  auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch());
+  uint64_t id = static_cast<uint64_t>(ns.count());
+  if (id == 0) {
+    crypto::random_bytes({reinterpret_cast<uint8_t*>(&id), sizeof id});
+    id |= 1;
+  }
+  return id;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+std::string CoordinatorStatus::to_json() const {
+  return fmt::format(
+      "{{\"members\":{},\"live_peers\":{},\"last_step\":{},\"last_quorum_id\":\"{:016x}\",\"last_quorum_size\":{},"
+      "\"quorums_formed\":{},\"attempts_aborted\":{},\"members_dropped\":{}}}",
+      members, live_peers, last_step, last_quorum_id, last_quorum_size, quorums_formed, attempts_aborted,
+      members_dropped);
+}
+
+std::string CoordinatorStatus::to_text() const {
+  std::string quorum = quorums_formed == 0
+                           ? std::string("no quorum yet")
+                           : fmt::format("step {} · quorum {} peers (id {:016x})", last_step, last_quorum_size,
+                                         last_quorum_id);
+  return fmt::format("members {} · {} · formed {} · aborted {} · dropped {}", members, quorum, quorums_formed,
+                     attempts_aborted, members_dropped);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Coordinator::Impl {
+  struct MemberInfo {
+    std::string host;
+    uint16_t port = 0;
+  };
+  // Requests waiting for the quorum of one step.
+  struct StepWait {
+    std::map<PeerId, QuorumRequest> requests;  // ordered by PeerId: rank order
+    Clock::time_point first_at;                // first pending request of this wait
+    std::set<PeerId> excused;                  // reported lost: not waited for (R5)
+    bool logged_min_peers = false;
+  };
+  // One formed attempt of a step.
+  struct Attempt {
+    Quorum quorum;
+    bool aborted = false;
+    bool committed = false;  // every member reported Done and got Commit
+    bool moved_on = false;   // some member sent a request since it formed: the attempt ended
+    std::set<PeerId> done;
+    Abort verdict;           // what the members were told when it was aborted
+    bool in_flight() const { return !aborted && !committed && !moved_on; }
+  };
+
+  CoordinatorOptions options;
+  net::ControlServer server;
+  std::string endpoint;
+  Clock::time_point started = Clock::now();
+
+  std::map<PeerId, MemberInfo> members;                 // registered (R1)
+  std::set<PeerId> left;                                // sent Leave: not waited for until they ask again
+  std::map<uint64_t, StepWait> waiting;                 // step -> pending requests (R2)
+  std::map<uint64_t, Attempt> attempts;                 // quorum id -> attempt
+  std::map<uint64_t, uint64_t> current;                 // step -> quorum id of its latest attempt
+  std::optional<uint64_t> latest_step;                  // step of the last quorum formed
+  uint64_t next_quorum_id = initial_quorum_id();
+
+  mutable std::mutex status_mutex;  // guards `snapshot`: status() may be called from any thread
+  CoordinatorStatus snapshot;
+  CoordinatorStatus counters;  // the poll thread's copy
+
+  Impl(const crypto::Identity& self, CoordinatorOptions o)
+      : options(std::move(o)), server(self, options.allowed, options.bind_endpoint, options.control) {
+    if (options.min_peers == 0) options.min_peers = 1;
+    endpoint = server.endpoint();
+    log::info("coord", "coordinator {} on {}: {} allowed peers, min_peers {}, quorum timeout {} ms, heartbeat "
+              "timeout {} ms, startup grace {} ms",
+              self.public_key().fingerprint(), endpoint, options.allowed.peers().size(), options.min_peers,
+              options.quorum_timeout.count(), options.heartbeat_timeout.count(), options.startup_grace.count());
+  }
+
+  // --- sending --------------------------------------------------------------------------------
+
+  bool send_raw(const PeerId& to, MessageKind kind, uint64_t quorum_id, uint64_t step, crypto::ByteSpan payload) {
+    net::MessageHeader h;
+    h.type = static_cast<uint16_t>(kind);
+    h.quorum_id = quorum_id;
+    h.step = step;
+    try {
+      server.send(to, h, payload);
+      return true;
+    } catch (const Error& e) {
+      log::warn("coord", "cannot send {} to {}: {}", kind_name(kind), fp(to), e.what());
+      return false;
+    }
+  }
+
+  template <typename M>
+  bool send_to(const PeerId& to, MessageKind kind, uint64_t quorum_id, uint64_t step, const M& message) {
+    auto payload = encode(message);
+    return send_raw(to, kind, quorum_id, step, payload);
+  }
+
+
+  void send_rejoin(const PeerId& to, uint64_t missed, uint64_t next, std::string reason) {
+    log::info("coord", "{} missed step {}: rejoin at step {} ({})", fp(to), missed, next, reason);
+    send_to(to, MessageKind::Rejoin, 0, missed, Rejoin{missed, next, std::move(reason)});
+  }
+
+  // --- bookkeeping ----------------------------------------------------------------------------
+
+  // Removes `peer`'s pending request (from every step but `keep_step`, when given).
+  void forget_pending(const PeerId& peer, std::optional<uint64_t> keep_step = std::nullopt) {
+    for (auto it = waiting.begin(); it != waiting.end();) {
+      if (it->first != keep_step) it->second.requests.erase(peer);
+      it = it->second.requests.empty() ? waiting.erase(it) : std::next(it);
+    }
+  }
+
+  Attempt* current_attempt(uint64_t step) {
+    auto c = current.find(step);
+    if (c == current.end()) return nullptr;
+    auto a = attempts.find(c->second);
+    return a == attempts.end() ? nullptr : &a->second;
+  }
+
+  // Marks `a` aborted and sends Abort to its members, except `except` when set. R5.
+  void abort_attempt(Attempt& a, const PeerId* except, const std::vector<PeerId>& lost, const std::string& reason) {
+    a.aborted = true;
+    a.verdict = Abort{a.quorum.quorum_id, a.quorum.step, lost, reason};
+    ++counters.attempts_aborted;
+    log::warn("coord", "quorum {:016x} (step {}, {} peers) aborted: {}; lost: {}", a.quorum.quorum_id, a.quorum.step,
+              a.quorum.members.size(), reason, peer_list(lost));
+    for (const auto& member : a.quorum.members)
+      if (!except || member.id != *except)
+        send_to(member.id, MessageKind::Abort, a.quorum.quorum_id, a.quorum.step, a.verdict);
+  }
+
+  // Removes a member (silent: counted as dropped; or left). An attempt still in flight cannot
+  // complete without it: its other members are told now rather than left to their transport
+  // timeouts.
+  void remove_member(const PeerId& peer, const std::string& why) {
+    members.erase(peer);
+    forget_pending(peer);
+    ++counters.members_dropped;
+    for (auto& [id, a] : attempts) {
+      if (!a.in_flight() || !a.quorum.contains(peer) || current_attempt(a.quorum.step) != &a) continue;
+      abort_attempt(a, &peer, {peer}, fmt::format("member {} {}", fp(peer), why));
+    }
+  }
+
+  void drop_member(const PeerId& peer, const std::string& why) {
+    log::warn("coord", "member {} dropped: {}", fp(peer), why);
+    remove_member(peer, why);
+  }
+
+  // R1: members silent for heartbeat_timeout are dropped.
+  void drop_silent(Clock::time_point now) {
+    std::vector<std::pair<PeerId, long long>> silent;
+    for (const auto& [peer, info] : members) {
+      auto seen = server.last_seen(peer);
+      if (!seen || now - *seen > options.heartbeat_timeout)
+        silent.emplace_back(peer, seen ? ms_of(now - *seen) : -1);
+    }
+    for (const auto& [peer, ms] : silent)
+      drop_member(peer, fmt::format("silent for {} ms (heartbeat timeout {} ms)", ms, options.heartbeat_timeout.count()));
+    // A peer that left stays excused while it is still connected; forget it once silent.
+    for (auto it = left.begin(); it != left.end();) {
+      auto seen = server.last_seen(*it);
+      it = !seen || now - *seen > options.heartbeat_timeout ? left.erase(it) : std::next(it);
+    }
+  }
+
+  // --- messages -------------------------------------------------------------------------------
+
+  void handle(const net::Message& m) {
+    const PeerId& from = m.header.sender;
+    std::string source = fmt::format("peer {}", fp(from));
+    switch (static_cast<MessageKind>(m.header.type)) {
+      case MessageKind::QuorumRequest: {
+        QuorumRequest r;
+        try {
+          r = decode_quorum_request(m.payload, source);
+        } catch (const ProtocolError& e) {
+          log::warn("coord", "ignored a quorum request: {}", e.what());
+          return;
+        }
+        on_request(from, r);
+        return;
+      }
+      case MessageKind::Leave:
+        left.insert(from);
+        if (members.count(from)) {
+          log::info("coord", "member {} left", fp(from));
+          remove_member(from, "left the job");
+        }
+        return;
+      case MessageKind::Failure: {
+        Abort report;
+        try {
+          report = decode_abort(m.payload, source);
+        } catch (const ProtocolError& e) {
+          log::warn("coord", "ignored a failure report: {}", e.what());
+          return;
+        }
+        on_failure(from, report);
+        return;
+      }
+      case MessageKind::Done:
+        on_done(from, m.header.quorum_id, m.header.step);
+        return;
+      case MessageKind::Quorum:
+      case MessageKind::Rejoin:
+      case MessageKind::Abort:
+      case MessageKind::Commit:
+        log::warn("coord", "ignored a {} message from {}: only the coordinator sends those",
+                  kind_name(static_cast<MessageKind>(m.header.type)), source);
+        return;
+    }
+    log::warn("coord", "ignored a message of unknown kind {} from {}", m.header.type, source);
+  }
+
+  // Failure: an operation of attempt `report.quorum_id` failed at `from`. The attempt is aborted
+  // and every member, the reporter included (it waits for the verdict), gets the Abort.
+  void on_failure(const PeerId& from, const Abort& report) {
+    auto it = attempts.find(report.quorum_id);
+    if (it == attempts.end()) {
+      // From before a restart, or long forgotten: the reporter retries the step either way.
+      log::info("coord", "{} reports failed quorum {:016x} (step {}), unknown here: told to retry", fp(from),
+                report.quorum_id, report.step);
+      send_to(from, MessageKind::Abort, report.quorum_id, report.step,
+              Abort{report.quorum_id, report.step, report.lost,
+                    fmt::format("quorum unknown to the coordinator (restarted?); reported: {}", report.reason)});
+      return;
+    }
+    Attempt& a = it->second;
+    if (!a.quorum.contains(from)) {
+      log::warn("coord", "{} reports failed quorum {:016x} but is not a member of it; ignored", fp(from),
+                report.quorum_id);
+      return;
+    }
+    if (a.committed) {
+      log::warn("coord", "{} reports failed quorum {:016x} after it was committed; ignored", fp(from), report.quorum_id);
+      return;
+    }
+    if (a.aborted) {
+      send_to(from, MessageKind::Abort, a.quorum.quorum_id, a.quorum.step, a.verdict);  // idempotent
+      return;
+    }
+    abort_attempt(a, nullptr, report.lost,
+                  fmt::format("reported by {}: {}", fp(from), report.reason.empty() ? "failed" : report.reason));
+  }
+
+  // Done: `from` finished the reduction of attempt `quorum_id`. Commit once all members did.
+  void on_done(const PeerId& from, uint64_t quorum_id, uint64_t step) {
+    auto it = attempts.find(quorum_id);
+    if (it == attempts.end()) {
+      // Nobody can vouch for the others any more: the step is retried, never half applied.
+      log::info("coord", "{} finished quorum {:016x} (step {}), unknown here: told to retry", fp(from), quorum_id,
+                step);
+      send_to(from, MessageKind::Abort, quorum_id, step,
+              Abort{quorum_id, step, {}, "quorum unknown to the coordinator (restarted?): retry the step"});
+      return;
+    }
+    Attempt& a = it->second;
+    if (!a.quorum.contains(from)) {
+      log::warn("coord", "{} reports done for quorum {:016x} but is not a member of it; ignored", fp(from), quorum_id);
+      return;
+    }
+    if (a.aborted) {
+      send_to(from, MessageKind::Abort, a.quorum.quorum_id, a.quorum.step, a.verdict);
+      return;
+    }
+    a.done.insert(from);
+    if (a.committed) {
+      send_raw(from, MessageKind::Commit, a.quorum.quorum_id, a.quorum.step, {});
+      return;
+    }
+    if (a.done.size() < a.quorum.members.size()) return;
+    a.committed = true;
+    log::debug("coord", "quorum {:016x} (step {}) committed", quorum_id, a.quorum.step);
+    for (const auto& m : a.quorum.members) send_raw(m.id, MessageKind::Commit, a.quorum.quorum_id, a.quorum.step, {});
+  }
+
+  void on_request(const PeerId& from, const QuorumRequest& r) {
+    auto now = Clock::now();
+    const uint64_t s = r.step;
+    // R1: (re)register.
+    auto [it, added] = members.insert_or_assign(from, MemberInfo{r.host, r.port});
+    (void)it;
+    left.erase(from);
+    if (added) log::info("coord", "member {} registered (bulk {}:{})", fp(from), r.host, r.port);
+    log::debug("coord", "{} asks for step {} (state {}, failed quorum {:016x}, lost {})", fp(from), s, r.has_state,
+               r.failed_quorum_id, peer_list(r.lost));
+
+    // Any request from a member of an attempt means that attempt ended for it.
+    for (auto& [id, a] : attempts)
+      if (!a.moved_on && a.quorum.contains(from)) a.moved_on = true;
+
+    bool failure_handled = false;
+    std::vector<PeerId> excused;
+    if (r.failed_quorum_id != 0) {
+      auto a = attempts.find(r.failed_quorum_id);
+      if (a == attempts.end()) {
+        log::info("coord", "{} reports failed quorum {:016x}, unknown here (forgotten or from before a restart); "
+                  "handling it as a request for step {}", fp(from), r.failed_quorum_id, s);
+      } else if (!a->second.quorum.contains(from)) {
+        log::warn("coord", "{} reports failed quorum {:016x} but is not a member of it; ignoring the report",
+                  fp(from), r.failed_quorum_id);
+      } else {
+        Attempt& attempt = a->second;
+        if (attempt.quorum.step != s)
+          log::warn("coord", "{} reports failed quorum {:016x} of step {} and asks for step {}", fp(from),
+                    r.failed_quorum_id, attempt.quorum.step, s);
+        if (attempt.committed) {
+          log::warn("coord", "{} reports failed quorum {:016x} after it was committed; handled as a plain request",
+                    fp(from), r.failed_quorum_id);
+        } else {
+          if (!attempt.aborted)
+            abort_attempt(attempt, &from, r.lost, fmt::format("member {} reported the attempt failed", fp(from)));
+          failure_handled = true;
+          excused = r.lost;
+        }
+      }
+    }
+
+    if (Attempt* cur = current_attempt(s); cur && !cur->aborted) {
+      if (cur->committed && cur->quorum.contains(from)) {
+        // It already applied (or was told to apply) this step: asking again means it lost it.
+        send_rejoin(from, s, s + 1,
+                    fmt::format("step {} was committed (quorum {:016x}); it cannot be redone", s, cur->quorum.quorum_id));
+        forget_pending(from);
+        return;
+      }
+      if (!cur->quorum.contains(from)) {
+        // R4: the quorum of this step formed without it.
+        send_rejoin(from, s, s + 1,
+                    fmt::format("the quorum for step {} (id {:016x}) formed without you", s, cur->quorum.quorum_id));
+        forget_pending(from);
+        return;
+      }
+      if (failure_handled && r.failed_quorum_id != cur->quorum.quorum_id) {
+        log::warn("coord", "{} reports an older attempt of step {} failed but is a member of the current one "
+                  "({:016x}); ignoring the stale report", fp(from), s, cur->quorum.quorum_id);
+        return;
+      }
+      // R5: a member asking again for the step of its open attempt, without reporting a
+      // failure, has not received the quorum (lost message, or its request crossed it): send
+      // it again. Failures are reported explicitly (Failure, or failed_quorum_id).
+      send_to(from, MessageKind::Quorum, cur->quorum.quorum_id, s, cur->quorum);
+      return;
+    } else if (!failure_handled && latest_step && s < *latest_step) {
+      Attempt* latest = current_attempt(*latest_step);
+      if (!latest || !latest->quorum.contains(from)) {
+        // R4: behind the job.
+        send_rejoin(from, s, *latest_step + 1,
+                    fmt::format("the job is at step {}; step {} is over", *latest_step, s));
+        forget_pending(from);
+        return;
+      }
+    }
+
+    // Pending for step s (one pending request per peer; a repeated one keeps the wait's timer).
+    forget_pending(from, s);
+    auto [w, fresh] = waiting.try_emplace(s);
+    if (fresh) w->second.first_at = now;
+    w->second.requests[from] = r;
+    for (const auto& p : excused) w->second.excused.insert(p);
+  }
+
+  // --- forming quorums ------------------------------------------------------------------------
+
+  // Peers a quorum for `step` waits for (R2): `candidates` (live registered members and live
+  // peers seen but not registered, i.e. members after a restart; during the startup grace also
+  // every allowed peer not heard from yet), minus those that left, those reported lost (R5),
+  // and those already waiting for another step.
+  std::set<PeerId> expected_for(uint64_t step, const StepWait& w, const std::set<PeerId>& candidates) const {
+    std::set<PeerId> out;
+    for (const auto& p : candidates) {
+      if (left.count(p) || w.excused.count(p)) continue;
+      bool elsewhere = false;
+      for (const auto& [other, ow] : waiting)
+        if (other != step && ow.requests.count(p)) elsewhere = true;
+      if (!elsewhere) out.insert(p);
+    }
+    return out;
+  }
+
+  void form_due(Clock::time_point now) {
+    if (waiting.empty()) return;
+    auto live = server.peers_seen_within(options.heartbeat_timeout);
+    bool in_grace = now - started < options.startup_grace;
+    std::set<PeerId> candidates(live.begin(), live.end());
+    if (in_grace) {
+      // A fresh job: give every member on the allow-list the grace to connect and ask, so the
+      // first step does not form with whoever happened to start first.
+      candidates.insert(options.allowed.peers().begin(), options.allowed.peers().end());
+      candidates.erase(server.id());
+    }
+    std::vector<uint64_t> due;
+    for (auto& [step, w] : waiting) {
+      bool all_here = true;
+      for (const auto& p : expected_for(step, w, candidates))
+        if (!w.requests.count(p)) all_here = false;
+      bool timed_out = now - w.first_at >= options.quorum_timeout;
+      if (!all_here && (in_grace || !timed_out)) continue;
+      size_t with_state = 0;
+      for (const auto& [p, r] : w.requests) with_state += r.has_state ? 1 : 0;
+      size_t contributors = with_state > 0 ? with_state : w.requests.size();
+      if (contributors < options.min_peers) {
+        if (!w.logged_min_peers) {
+          log::info("coord", "step {}: {} of min_peers {} contributors are waiting; the quorum waits for more", step,
+                    contributors, options.min_peers);
+          w.logged_min_peers = true;
+        }
+        continue;
+      }
+      due.push_back(step);
+    }
+    for (uint64_t step : due) form(step, now);
+  }
+
+  void form(uint64_t step, Clock::time_point now) {
+    auto node = waiting.extract(step);
+    StepWait& w = node.mapped();
+    Quorum q;
+    q.quorum_id = next_quorum_id++;
+    if (q.quorum_id == 0) q.quorum_id = next_quorum_id++;
+    q.step = step;
+    bool any_state = false;
+    for (const auto& [p, r] : w.requests) any_state = any_state || r.has_state;
+    std::vector<PeerId> joiners;
+    uint32_t rank = 0;
+    for (const auto& [p, r] : w.requests) {  // std::map: ordered by PeerId bytes (R2)
+      Member m{p, r.host, r.port, rank, !any_state || r.has_state};
+      if (m.contributes && any_state && q.state_source_rank < 0) q.state_source_rank = static_cast<int32_t>(rank);
+      if (!m.contributes) joiners.push_back(p);
+      q.members.push_back(std::move(m));
+      ++rank;
+    }
+    if (joiners.empty()) q.state_source_rank = -1;  // R3: nobody needs state
+
+    Attempt& a = attempts[q.quorum_id];
+    a.quorum = q;
+    current[step] = q.quorum_id;
+    if (!latest_step || step > *latest_step) latest_step = step;
+    ++counters.quorums_formed;
+    counters.last_step = step;
+    counters.last_quorum_id = q.quorum_id;
+    counters.last_quorum_size = q.members.size();
+
+    log::info("coord", "quorum {:016x} for step {}: {} peers, {} contributing{}{} (waited {} ms)", q.quorum_id, step,
+              q.members.size(), q.contributors(),
+              joiners.empty() ? "" : fmt::format("; joiners {} get state from rank {}", peer_list(joiners),
+                                                 q.state_source_rank),
+              w.excused.empty() ? "" : fmt::format("; not waited for: {}", peer_list(std::vector<PeerId>(w.excused.begin(), w.excused.end()))),
+              ms_of(now - w.first_at));
+    for (const auto& m : q.members) send_to(m.id, MessageKind::Quorum, q.quorum_id, step, q);
+
+    // Requests still waiting for older steps are behind the job now (R4).
+    for (auto it = waiting.begin(); it != waiting.end() && it->first < step;) {
+      for (const auto& [p, r] : it->second.requests)
+        send_rejoin(p, it->first, step + 1, fmt::format("the job moved on to step {}", step));
+      it = waiting.erase(it);
+    }
+    // Forget attempts of old steps.
+    for (auto it = attempts.begin(); it != attempts.end();)
+      it = it->second.quorum.step + kKeepSteps < *latest_step ? attempts.erase(it) : std::next(it);
+    for (auto it = current.begin(); it != current.end();)
+      it = it->first + kKeepSteps < *latest_step ? current.erase(it) : std::next(it);
+  }
+
+  // --- the loop -------------------------------------------------------------------------------
+
+  Clock::time_point next_timer(Clock::time_point now) const {
+    // Only timers still ahead: a wait already past its timeout (held by min_peers) must not
+    // make the loop spin.
+    Clock::time_point t = now + kMaxSlice;
+    for (const auto& [step, w] : waiting)
+      if (auto due = w.first_at + options.quorum_timeout; due > now) t = std::min(t, due);
+    if (!waiting.empty() && now < started + options.startup_grace) t = std::min(t, started + options.startup_grace);
+    return t;
+  }
+
+  void tick() {
+    auto now = Clock::now();
+    drop_silent(now);
+    form_due(now);
+    publish();
+  }
+
+  void publish() {
+    counters.members = members.size();
+    counters.live_peers = server.peers_seen_within(options.heartbeat_timeout).size();
+    std::lock_guard lock(status_mutex);
+    snapshot = counters;
+  }
+
+  void poll(Deadline deadline, const CancelToken* cancel) {
+    for (;;) {
+      tick();
+      auto now = Clock::now();
+      if (now >= deadline.at()) return;
+      Deadline slice(std::min(deadline.at(), next_timer(now)));
+      std::optional<net::Message> m = server.recv(slice, cancel);  // throws CancelledError
+      if (!m) continue;
+      try {
+        handle(*m);
+      } catch (const std::exception& e) {
+        log::warn("coord", "message of kind {} from {} ignored: {}", m->header.type, fp(m->header.sender), e.what());
+      }
+      publish();
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+
+Coordinator::Coordinator(const crypto::Identity& self, CoordinatorOptions options)
+    : impl_(std::make_unique<Impl>(self, std::move(options))) {
+  impl_->publish();
+}
+
+Coordinator::~Coordinator() = default;
+
+std::string Coordinator::endpoint() const { return impl_->endpoint; }
+
+void Coordinator::poll(Deadline deadline, const CancelToken* cancel) { impl_->poll(deadline, cancel); }
+
+void Coordinator::run(const CancelToken& stop) {
+  std::string last;
+  while (!stop.cancelled()) {
+    try {
+      impl_->poll(Deadline::after(kMaxSlice), &stop);
+    } catch (const CancelledError&) {
+      break;
+    }
+    std::string text = status().to_text();
+    if (text != last) {
+      log::info("coord", "{}", text);
+      last = std::move(text);
+    }
+  }
+  log::info("coord", "coordinator stopped: {}", status().to_text());
+}
+
+CoordinatorStatus Coordinator::status() const {
+  std::lock_guard lock(impl_->status_mutex);
+  return impl_->snapshot;
+}
+
+}  // namespace meshtrain::coord

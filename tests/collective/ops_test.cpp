@@ -1,0 +1,189 @@
+// Every collective and dtype, in one process: an in-process Coordinator and one Communicator
+// per thread (each with its own identity, sockets and ZeroMQ context).
+#include <gtest/gtest.h>
+
+#include <future>
+#include <thread>
+
+#include "collective/gradient.h"
+#include "collective/half.h"
+#include "meshtrain/collective.h"
+
+using namespace meshtrain;
+using namespace meshtrain::collective;
+using namespace std::chrono_literals;
+
+namespace {
+
+class InProcessJob {
+ public:
+  explicit InProcessJob(int peers) {
+    for (int i = 0; i < peers; ++i) ids_.push_back(crypto::Identity::generate());
+    net::AllowList members;
+    for (auto& id : ids_) members.add(id.public_key());
+    coord::CoordinatorOptions co;
+    co.bind_endpoint = "tcp://127.0.0.1:0";
+    co.allowed = members;
+    co.min_peers = static_cast<uint32_t>(peers);
+    co.startup_grace = 0ms;
+    coordinator_ = std::make_unique<coord::Coordinator>(coordinator_id_, co);
+    thread_ = std::thread([this] { coordinator_->run(stop_); });
+    for (auto& id : ids_) {
+      CommunicatorOptions o;
+      o.coordinator_endpoint = coordinator_->endpoint();
+      o.coordinator = coordinator_id_.public_key();
+      o.members = members;
+      o.chunk_bytes = 8192;
+      comms_.push_back(std::make_unique<Communicator>(id, o));
+    }
+  }
+  ~InProcessJob() {
+    comms_.clear();
+    stop_.cancel();
+    thread_.join();
+  }
+  int size() const { return static_cast<int>(comms_.size()); }
+  Communicator& comm(int i) { return *comms_[i]; }
+
+  // Runs fn(i) on one thread per member, after each has taken the quorum of `step`.
+  template <typename Fn>
+  void each(uint64_t step, Fn fn) {
+    std::vector<std::future<void>> done;
+    for (int i = 0; i < size(); ++i)
+      done.push_back(std::async(std::launch::async, [&, i] {
+        comms_[i]->next_quorum(step);
+        fn(i);
+      }));
+    for (auto& f : done) f.get();
+  }
+
+ private:
+  crypto::Identity coordinator_id_ = crypto::Identity::generate();
+  std::vector<crypto::Identity> ids_;
+  std::unique_ptr<coord::Coordinator> coordinator_;
+  CancelToken stop_;
+  std::thread thread_;
+  std::vector<std::unique_ptr<Communicator>> comms_;
+};
+
+}  // namespace
+
+TEST(HalfConversion, EveryHalfRoundTripsAndMatchesTheCompiler) {
+  for (uint32_t bits = 0; bits < 65536; ++bits) {
+    uint16_t h = static_cast<uint16_t>(bits);
+    _Float16 native;
+    std::memcpy(&native, &h, 2);
+    float f = half_to_float(h);
+    float expected = static_cast<float>(native);
+    if (std::isnan(expected)) {
+      EXPECT_TRUE(std::isnan(f));
+      continue;
+    }
+    ASSERT_EQ(float_to_bits(f), float_to_bits(expected)) << std::hex << bits;
+    ASSERT_EQ(float_to_half(f), h) << std::hex << bits;
+  }
+  std::vector<float> samples = test_support::gradient(7, 1, 200000);
+  for (float& x : samples) {
+    for (float scale : {1e-8f, 1e-5f, 1.0f, 3e4f, 7e4f}) {
+      float v = x * scale;
+      _Float16 native = static_cast<_Float16>(v);
+      uint16_t bits;
+      std::memcpy(&bits, &native, 2);
+      ASSERT_EQ(float_to_half(v), bits) << v;
+    }
+  }
+}
+
+TEST(HalfConversion, Bfloat16RoundsToNearestEven) {
+  EXPECT_EQ(float_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(bf16_to_float(0x3f80), 1.0f);
+  EXPECT_EQ(float_to_bf16(bits_to_float(0x3f808000)), 0x3f80);  // tie -> even
+  EXPECT_EQ(float_to_bf16(bits_to_float(0x3f818000)), 0x3f82);  // tie -> even (up)
+  EXPECT_EQ(float_to_bf16(bits_to_float(0x3f808001)), 0x3f81);
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
+}
+
+TEST(Collectives, AllreduceInHalfPrecisionIsIdenticalEverywhere) {
+  InProcessJob job(3);
+  const size_t count = 10007;
+  for (DType dtype : {DType::Float16, DType::BFloat16}) {
+    std::vector<std::vector<uint16_t>> buffers(job.size(), std::vector<uint16_t>(count));
+    std::vector<double> reference(count, 0.0);
+    for (int i = 0; i < job.size(); ++i) {
+      auto g = test_support::gradient(i, 1, count);
+      for (size_t k = 0; k < count; ++k) {
+        buffers[i][k] = dtype == DType::Float16 ? float_to_half(g[k]) : float_to_bf16(g[k]);
+        reference[k] += dtype == DType::Float16 ? half_to_float(buffers[i][k]) : bf16_to_float(buffers[i][k]);
+      }
+    }
+    job.each(dtype == DType::Float16 ? 1 : 2, [&](int i) {
+      job.comm(i).allreduce(BufferView{buffers[i].data(), count, dtype}, ReduceOp::Sum);
+    });
+    for (int i = 1; i < job.size(); ++i) EXPECT_EQ(buffers[i], buffers[0]);
+    const double tolerance = dtype == DType::Float16 ? 2e-3 : 1.6e-2;
+    for (size_t k = 0; k < count; ++k) {
+      double got = dtype == DType::Float16 ? half_to_float(buffers[0][k]) : bf16_to_float(buffers[0][k]);
+      ASSERT_NEAR(got, reference[k], tolerance * std::max(1.0, std::abs(reference[k]))) << k;
+    }
+  }
+}
+
+TEST(Collectives, BroadcastAllgatherReduceScatter) {
+  InProcessJob job(4);
+  const size_t count = 5003;
+  // broadcast from every root in turn
+  for (uint32_t root = 0; root < 4; ++root) {
+    std::vector<std::vector<float>> data(4);
+    for (int i = 0; i < 4; ++i) data[i] = test_support::gradient(100 + i, root, count);
+    job.each(10 + root, [&](int i) {
+      job.comm(i).broadcast(BufferView{data[i].data(), count, DType::Float32}, root);
+    });
+    int root_index = -1;
+    for (int i = 0; i < 4; ++i)
+      if (job.comm(i).rank() == root) root_index = i;
+    auto expected = test_support::gradient(100 + root_index, root, count);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(data[i], expected) << "member " << i << " root " << root;
+  }
+  // allgather
+  std::vector<std::vector<float>> in(4), out(4, std::vector<float>(4 * count));
+  for (int i = 0; i < 4; ++i) in[i] = test_support::gradient(200 + i, 0, count);
+  job.each(20, [&](int i) {
+    job.comm(i).allgather(BufferView{in[i].data(), count, DType::Float32},
+                          BufferView{out[i].data(), 4 * count, DType::Float32});
+  });
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(out[i], out[0]);
+    uint32_t r = job.comm(i).rank();
+    EXPECT_TRUE(std::equal(in[i].begin(), in[i].end(), out[0].begin() + r * count)) << "block of rank " << r;
+  }
+  // reduce_scatter
+  std::vector<std::vector<float>> full(4), part(4, std::vector<float>(count));
+  for (int i = 0; i < 4; ++i) full[i] = test_support::gradient(300 + i, 0, 4 * count);
+  job.each(21, [&](int i) {
+    job.comm(i).reduce_scatter(BufferView{full[i].data(), 4 * count, DType::Float32},
+                               BufferView{part[i].data(), count, DType::Float32}, ReduceOp::Avg);
+  });
+  for (int i = 0; i < 4; ++i) {
+    uint32_t r = job.comm(i).rank();
+    for (size_t k = 0; k < count; ++k) {
+      double sum = 0;
+      for (int j = 0; j < 4; ++j) sum += full[j][r * count + k];
+      ASSERT_NEAR(part[i][k], sum / 4, 1e-6) << "member " << i << " element " << k;
+    }
+  }
+}
+
+TEST(Collectives, RejectsUnusableBuffers) {
+  InProcessJob job(1);
+  job.comm(0).next_quorum(1);
+  std::vector<int64_t> ints(4);
+  EXPECT_THROW(job.comm(0).allreduce(BufferView{ints.data(), 4, DType::Int64}, ReduceOp::Sum), InvalidArgumentError);
+  std::vector<float> a(4), b(5);
+  EXPECT_THROW(job.comm(0).allgather(BufferView{a.data(), 4, DType::Float32}, BufferView{b.data(), 5, DType::Float32}),
+               InvalidArgumentError);
+  EXPECT_THROW(job.comm(0).broadcast(BufferView{a.data(), 4, DType::Float32}, 3), InvalidArgumentError);
+  // A single member reduces to itself.
+  std::vector<float> x = {1, 2, 3, 4};
+  job.comm(0).allreduce(BufferView{x.data(), 4, DType::Float32}, ReduceOp::Avg);
+  EXPECT_EQ(x, std::vector<float>({1, 2, 3, 4}));
+}
