@@ -141,10 +141,9 @@ class Sender {
   std::exception_ptr error_;
 };
 
-// Receives the piece tagged `tag` of this operation into `buf`. Frames of another quorum
-// (an aborted attempt) are skipped with a log line; anything else out of order is a
-// ProtocolError.
-void receive(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf) {
+}  // namespace
+
+void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf) {
   for (int stale = 0;; ++stale) {
     net::MessageHeader h = ctx.from_prev->recv(buf, ctx.deadline, ctx.cancel);
     std::string who = ctx.from_prev->peer().fingerprint();
@@ -161,6 +160,8 @@ void receive(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>&
     return;
   }
 }
+
+namespace {
 
 // Runs body(sender) and then drains the sender. If anything fails, the sender's own error
 // (the root cause: the receiving side was only woken by it) wins over the receiver's.
@@ -211,7 +212,7 @@ void reduce_scatter_phase(RingContext& ctx, float* data, const Layout& layout, f
       size_t chunk = mod(r - int64_t(k) - 2, n);
       for (size_t j = 0; j < layout.pieces(chunk); ++j) {
         size_t size = layout.piece_size(chunk, j);
-        receive(ctx, make_tag(kReduceScatter, k, j), size, buf);
+        receive_piece(ctx, make_tag(kReduceScatter, k, j), size, buf);
         float* mine = reinterpret_cast<float*>(bytes + layout.piece_offset(chunk, j));
         const float* theirs = reinterpret_cast<const float*>(buf.data());
         for (size_t i = 0; i < size / sizeof(float); ++i) mine[i] = theirs[i] + mine[i];
@@ -242,7 +243,7 @@ void all_gather_phase(RingContext& ctx, uint8_t* data, const Layout& layout) {
       size_t chunk = mod(r - int64_t(k) - 1, n);
       for (size_t j = 0; j < layout.pieces(chunk); ++j) {
         size_t size = layout.piece_size(chunk, j);
-        receive(ctx, make_tag(kAllGather, k, j), size, buf);
+        receive_piece(ctx, make_tag(kAllGather, k, j), size, buf);
         std::memcpy(data + layout.piece_offset(chunk, j), buf.data(), size);
         if (k + 2 < n) sender.send(make_tag(kAllGather, k + 1, j), data + layout.piece_offset(chunk, j), size);
       }
@@ -283,7 +284,7 @@ void ring_broadcast(RingContext& ctx, uint8_t* data, size_t bytes, uint32_t root
       size_t size = layout.piece_size(0, j);
       uint8_t* piece = data + layout.piece_offset(0, j);
       if (distance != 0) {
-        receive(ctx, make_tag(kBroadcast, 0, j), size, buf);
+        receive_piece(ctx, make_tag(kBroadcast, 0, j), size, buf);
         std::memcpy(piece, buf.data(), size);
       }
       if (distance + 1 < n) sender.send(make_tag(kBroadcast, 0, j), piece, size);

@@ -23,6 +23,11 @@ struct RingContext {
   const std::function<void(std::string_view, size_t)>& fault_hook;
 };
 
+// Receives the piece tagged `tag` of this operation (exactly `bytes` long) from the previous
+// rank into `buf`. Frames of another quorum or step (an aborted attempt) are dropped with a log
+// line (at most 64 in a row); any other mismatch is a ProtocolError.
+void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf);
+
 // In place: data becomes sum / divisor over all members, identical bytes everywhere.
 void ring_allreduce(RingContext& ctx, float* data, size_t count, float divisor);
 // data holds n blocks of block_count floats; afterwards block `rank` holds the reduced block.

@@ -2,6 +2,7 @@
 // per thread (each with its own identity, sockets and ZeroMQ context).
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <future>
 #include <thread>
 
@@ -171,6 +172,35 @@ TEST(Collectives, BroadcastAllgatherReduceScatter) {
       ASSERT_NEAR(part[i][k], sum / 4, 1e-6) << "member " << i << " element " << k;
     }
   }
+}
+
+TEST(Collectives, NonMemberCannotOpenABulkStream) {
+  InProcessJob job(2);
+  auto outsider = crypto::Identity::generate();
+  std::atomic<bool> done{false};
+  std::atomic<int> refused{0};
+  // The outsider keeps trying while the members reduce.
+  auto intruder = std::async(std::launch::async, [&] {
+    while (!done) {
+      try {
+        net::BulkStream::connect(outsider, job.comm(0).id(), "127.0.0.1", job.comm(0).bulk_port(), {},
+                                 Deadline::after(300ms));
+        ADD_FAILURE() << "a non-member opened a bulk stream";
+      } catch (const Error&) {
+        ++refused;
+      }
+    }
+  });
+  for (uint64_t step = 1; step <= 5; ++step) {
+    std::vector<std::vector<float>> data(2, std::vector<float>(100000, 1.0f));
+    job.each(step, [&](int i) {
+      job.comm(i).allreduce(BufferView{data[i].data(), data[i].size(), DType::Float32}, ReduceOp::Sum);
+    });
+    EXPECT_EQ(data[0], std::vector<float>(100000, 2.0f));
+  }
+  done = true;
+  intruder.get();
+  EXPECT_GT(refused.load(), 0);
 }
 
 TEST(Collectives, RejectsUnusableBuffers) {
