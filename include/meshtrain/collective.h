@@ -43,6 +43,7 @@ struct CommunicatorOptions {
   std::string bind_host = "127.0.0.1";
   uint16_t bind_port = 0;            // 0: a free port
   std::string advertise_host;        // address others connect to; default bind_host
+  uint16_t advertise_port = 0;       // port others connect to (e.g. a relay in front of our listener); default: the listener's
   net::BulkOptions bulk;
   uint32_t streams = 2;              // parallel TCP streams per ring neighbour
   size_t chunk_bytes = 1u << 20;     // pipelining unit of the ring

@@ -34,6 +34,11 @@ enum class MessageKind : uint16_t {
                         //   (no payload; header.quorum_id and header.step)
 };
 
+// "QuorumRequest", "Commit", ... or "type N" for a type that is not a coordinator message.
+std::string message_kind_name(uint16_t type);
+// Fingerprints joined with ", "; "none" for an empty list. For logs and error messages.
+std::string describe_peers(const std::vector<PeerId>& peers);
+
 struct Member {
   PeerId id;
   std::string host;

@@ -21,11 +21,6 @@ namespace {
 // How often a member repeats a request while it waits for the coordinator's answer.
 constexpr auto kRepeatInterval = 1000ms;
 
-std::string names(const std::vector<PeerId>& peers) {
-  std::string out;
-  for (const auto& p : peers) out += (out.empty() ? "" : ", ") + p.fingerprint();
-  return out.empty() ? "(unknown)" : out;
-}
 
 }  // namespace
 
@@ -155,7 +150,7 @@ struct ControlLink {
         case coord::MessageKind::Abort: {
           coord::Abort a = coord::decode_abort(m.payload, source);
           log::info("collective", "coordinator aborted quorum {:x} (step {}): {}; lost: {}", a.quorum_id, a.step,
-                    a.reason, names(a.lost));
+                    a.reason, coord::describe_peers(a.lost));
           aborts_[a.quorum_id] = a;
           if (watched_ && watched_id_ == a.quorum_id) watched_->cancel();
           break;
@@ -311,7 +306,7 @@ struct Communicator::Impl {
     failed_lost = lost;
     std::string first = lost.empty() ? std::string("unknown") : lost.front().fingerprint();
     throw PeerLostError(first, fmt::format("{} on quorum {:x} (step {}) failed; lost: {} ({})", what, q.quorum_id,
-                                           q.step, names(lost), abort ? abort->reason : std::string(e.what())));
+                                           q.step, coord::describe_peers(lost), abort ? abort->reason : std::string(e.what())));
   }
 };
 
@@ -330,7 +325,7 @@ const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
   coord::QuorumRequest request;
   request.step = step;
   request.host = s.options.advertise_host;
-  request.port = bulk_port();
+  request.port = s.options.advertise_port != 0 ? s.options.advertise_port : bulk_port();
   request.has_state = has_state;
   uint64_t exclude = 0;
   if (s.failed_quorum != 0 && s.current && s.current->step == step) {

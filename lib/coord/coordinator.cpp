@@ -20,30 +20,6 @@ constexpr uint64_t kKeepSteps = 16;      // formed attempts kept for straggler /
 
 std::string fp(const PeerId& p) { return p.fingerprint(); }
 
-std::string_view kind_name(MessageKind kind) {
-  switch (kind) {
-    case MessageKind::QuorumRequest: return "QuorumRequest";
-    case MessageKind::Quorum: return "Quorum";
-    case MessageKind::Rejoin: return "Rejoin";
-    case MessageKind::Abort: return "Abort";
-    case MessageKind::Leave: return "Leave";
-    case MessageKind::Failure: return "Failure";
-    case MessageKind::Done: return "Done";
-    case MessageKind::Commit: return "Commit";
-  }
-  return "unknown";
-}
-
-std::string peer_list(const std::vector<PeerId>& peers) {
-  if (peers.empty()) return "none";
-  std::string out;
-  for (const auto& p : peers) {
-    if (!out.empty()) out += ", ";
-    out += fp(p);
-  }
-  return out;
-}
-
 long long ms_of(Clock::duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
 
 // A first quorum id that differs from every id a previous run of the coordinator handed out:
@@ -142,7 +118,7 @@ struct Coordinator::Impl {
       server.send(to, h, payload);
       return true;
     } catch (const Error& e) {
-      log::warn("coord", "cannot send {} to {}: {}", kind_name(kind), fp(to), e.what());
+      log::warn("coord", "cannot send {} to {}: {}", message_kind_name(static_cast<uint16_t>(kind)), fp(to), e.what());
       return false;
     }
   }
@@ -182,7 +158,7 @@ struct Coordinator::Impl {
     a.verdict = Abort{a.quorum.quorum_id, a.quorum.step, lost, reason};
     ++counters.attempts_aborted;
     log::warn("coord", "quorum {:016x} (step {}, {} peers) aborted: {}; lost: {}", a.quorum.quorum_id, a.quorum.step,
-              a.quorum.members.size(), reason, peer_list(lost));
+              a.quorum.members.size(), reason, describe_peers(lost));
     for (const auto& member : a.quorum.members)
       if (!except || member.id != *except)
         send_to(member.id, MessageKind::Abort, a.quorum.quorum_id, a.quorum.step, a.verdict);
@@ -266,7 +242,7 @@ struct Coordinator::Impl {
       case MessageKind::Abort:
       case MessageKind::Commit:
         log::warn("coord", "ignored a {} message from {}: only the coordinator sends those",
-                  kind_name(static_cast<MessageKind>(m.header.type)), source);
+                  message_kind_name(m.header.type), source);
         return;
     }
     log::warn("coord", "ignored a message of unknown kind {} from {}", m.header.type, source);
@@ -343,7 +319,7 @@ struct Coordinator::Impl {
     left.erase(from);
     if (added) log::info("coord", "member {} registered (bulk {}:{})", fp(from), r.host, r.port);
     log::debug("coord", "{} asks for step {} (state {}, failed quorum {:016x}, lost {})", fp(from), s, r.has_state,
-               r.failed_quorum_id, peer_list(r.lost));
+               r.failed_quorum_id, describe_peers(r.lost));
 
     // Any request from a member of an attempt means that attempt ended for it.
     for (auto& [id, a] : attempts)
@@ -503,9 +479,9 @@ struct Coordinator::Impl {
 
     log::info("coord", "quorum {:016x} for step {}: {} peers, {} contributing{}{} (waited {} ms)", q.quorum_id, step,
               q.members.size(), q.contributors(),
-              joiners.empty() ? "" : fmt::format("; joiners {} get state from rank {}", peer_list(joiners),
+              joiners.empty() ? "" : fmt::format("; joiners {} get state from rank {}", describe_peers(joiners),
                                                  q.state_source_rank),
-              w.excused.empty() ? "" : fmt::format("; not waited for: {}", peer_list(std::vector<PeerId>(w.excused.begin(), w.excused.end()))),
+              w.excused.empty() ? "" : fmt::format("; not waited for: {}", describe_peers(std::vector<PeerId>(w.excused.begin(), w.excused.end()))),
               ms_of(now - w.first_at));
     for (const auto& m : q.members) send_to(m.id, MessageKind::Quorum, q.quorum_id, step, q);
 

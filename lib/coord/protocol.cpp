@@ -63,6 +63,27 @@ void set_peers(capnp::List<capnp::Data>::Builder list, const std::vector<PeerId>
 
 }  // namespace
 
+std::string message_kind_name(uint16_t type) {
+  switch (static_cast<MessageKind>(type)) {
+    case MessageKind::QuorumRequest: return "QuorumRequest";
+    case MessageKind::Quorum: return "Quorum";
+    case MessageKind::Rejoin: return "Rejoin";
+    case MessageKind::Abort: return "Abort";
+    case MessageKind::Leave: return "Leave";
+    case MessageKind::Failure: return "Failure";
+    case MessageKind::Done: return "Done";
+    case MessageKind::Commit: return "Commit";
+  }
+  return fmt::format("type {}", type);
+}
+
+std::string describe_peers(const std::vector<PeerId>& peers) {
+  if (peers.empty()) return "none";
+  std::string out;
+  for (const auto& p : peers) out += (out.empty() ? "" : ", ") + p.fingerprint();
+  return out;
+}
+
 size_t Quorum::contributors() const {
   size_t n = 0;
   for (const auto& m : members) n += m.contributes ? 1 : 0;

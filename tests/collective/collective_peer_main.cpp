@@ -18,6 +18,7 @@
 #include <map>
 #include <thread>
 
+#include "support/flags.h"
 #include "meshtrain/collective.h"
 #include "collective/gradient.h"
 
@@ -98,15 +99,7 @@ int run(std::map<std::string, std::string>& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::map<std::string, std::string> args;
-  for (int i = 1; i < argc; ++i) {
-    std::string key = argv[i];
-    if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) {
-      args[key] = argv[++i];
-    } else {
-      args[key] = "";
-    }
-  }
+  std::map<std::string, std::string> args = test_support::parse_flags(argc, argv, 1);
   try {
     return run(args);
   } catch (const std::out_of_range&) {

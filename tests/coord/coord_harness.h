@@ -25,19 +25,6 @@ inline net::ControlOptions member_control() {
   return o;
 }
 
-inline std::string kind_label(uint16_t type) {
-  switch (static_cast<MessageKind>(type)) {
-    case MessageKind::QuorumRequest: return "QuorumRequest";
-    case MessageKind::Quorum: return "Quorum";
-    case MessageKind::Rejoin: return "Rejoin";
-    case MessageKind::Abort: return "Abort";
-    case MessageKind::Leave: return "Leave";
-    case MessageKind::Failure: return "Failure";
-    case MessageKind::Done: return "Done";
-    case MessageKind::Commit: return "Commit";
-  }
-  return fmt::format("type {}", type);
-}
 
 class TestMember {
  public:
@@ -94,13 +81,13 @@ class TestMember {
   std::optional<net::Message> expect(MessageKind kind, std::chrono::milliseconds timeout = 5s) {
     auto m = next(timeout);
     if (!m) {
-      ADD_FAILURE() << "member " << id().fingerprint() << ": no " << kind_label(static_cast<uint16_t>(kind))
+      ADD_FAILURE() << "member " << id().fingerprint() << ": no " << message_kind_name(static_cast<uint16_t>(kind))
                     << " within " << timeout.count() << " ms";
       return std::nullopt;
     }
     if (m->header.type != static_cast<uint16_t>(kind)) {
-      ADD_FAILURE() << "member " << id().fingerprint() << ": expected " << kind_label(static_cast<uint16_t>(kind))
-                    << ", got " << kind_label(m->header.type);
+      ADD_FAILURE() << "member " << id().fingerprint() << ": expected " << message_kind_name(static_cast<uint16_t>(kind))
+                    << ", got " << message_kind_name(m->header.type);
       return std::nullopt;
     }
     return m;
@@ -120,7 +107,7 @@ class TestMember {
   // Nothing arrives for `quiet`.
   void expect_nothing(std::chrono::milliseconds quiet) {
     if (auto m = next(quiet))
-      ADD_FAILURE() << "member " << id().fingerprint() << ": unexpected " << kind_label(m->header.type);
+      ADD_FAILURE() << "member " << id().fingerprint() << ": unexpected " << message_kind_name(m->header.type);
   }
 
  private:

@@ -8,6 +8,7 @@
 #include <map>
 #include <string>
 
+#include "support/flags.h"
 #include "meshtrain/net.h"
 #include "support/pattern.h"
 
@@ -68,15 +69,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::string mode = argv[1];
-  std::map<std::string, std::string> args;
-  for (int i = 2; i < argc; ++i) {
-    std::string key = argv[i];
-    if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) {
-      args[key] = argv[++i];
-    } else {
-      args[key] = "";
-    }
-  }
+  std::map<std::string, std::string> args = test_support::parse_flags(argc, argv, 2);
   try {
     if (mode == "bulk-send") return bulk_send(args);
     if (mode == "control-echo") return control_echo(args);
