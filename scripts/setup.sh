@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what meshtrain needs on Debian 12 and builds it.
+# Installs what meshtrain needs on Debian 12, builds it and runs the main job (the local demo).
 #
 #   bash scripts/setup.sh
 #
@@ -8,6 +8,7 @@
 #   MESHTRAIN_SKIP_APT  1: do not touch apt (packages are already there, or not root)
 #   CMAKE_ARGS          extra arguments for the configure step, e.g. "-DMESHTRAIN_CUDA=OFF"
 #   JOBS                parallel build jobs (default: nproc)
+#   MESHTRAIN_SKIP_DEMO 1: build only, do not run the demo job afterwards
 #
 # CUDA is optional and not installed here: with nvcc on PATH (or CUDACXX set) the CUDA kernels
 # are built (MESHTRAIN_CUDA=AUTO); MESHTRAIN_CUDA=OFF in CMAKE_ARGS disables them.
@@ -79,4 +80,14 @@ say "configure: cmake --preset default -B $BUILD_DIR ${EXTRA_ARGS[*]}"
 cmake --preset default -B "$BUILD_DIR" "${EXTRA_ARGS[@]}"
 say "build: cmake --build $BUILD_DIR -j$JOBS"
 cmake --build "$BUILD_DIR" -j"$JOBS"
-say "built meshtrain in $BUILD_DIR; run the tests with: bash scripts/test.sh"
+say "built meshtrain in $BUILD_DIR"
+
+# The main job: a local demo on the embedded defaults (4 workers on loopback, one killed
+# mid-step, one joining). MESHTRAIN_SKIP_DEMO=1 only builds (CI runs the demo as a test).
+if [[ "${MESHTRAIN_SKIP_DEMO:-0}" == "1" ]]; then
+  say "MESHTRAIN_SKIP_DEMO=1: not running the demo"
+else
+  say "demo: $BUILD_DIR/tools/meshtrain demo"
+  "$BUILD_DIR/tools/meshtrain" demo
+fi
+say "run the tests with: bash scripts/test.sh"

@@ -35,7 +35,7 @@ BulkStream BulkListener::accept(Deadline deadline, const CancelToken* cancel) {
   for (;;) {
     IoContext io;
     io.peer = fmt::format("listener :{}", port());
-    io.what = "waiting for a bulk connection on";
+    io.what = "waiting for a bulk connection";
     io.deadline = deadline;
     io.cancel = cancel;
     std::string address;

@@ -33,7 +33,7 @@ IoContext BulkStream::Impl::io(std::string what, Deadline deadline, const Cancel
 // the header record, so it cannot be altered either.
 void BulkStream::Impl::send_part(const WireHeader& header, crypto::ByteSpan part, Deadline deadline,
                                  const CancelToken* cancel) {
-  IoContext c = io("sending to", deadline, cancel);
+  IoContext c = io("sending", deadline, cancel);
   std::vector<uint8_t> encoded = encode_header(header);
   const bool sealed = send_cipher.has_value();
   std::vector<uint8_t> frame(4 + encoded.size() + (sealed ? crypto::kAeadTagBytes : 0));
@@ -66,7 +66,7 @@ WireHeader BulkStream::Impl::recv_wire_header(Deadline deadline, const CancelTok
   if (recv_part_pending != 0)
     throw InvalidArgumentError(fmt::format("bulk stream from {}: {} payload bytes of the previous message not read yet",
                                            peer_name, recv_part_pending));
-  IoContext c = io("receiving a header from", deadline, cancel);
+  IoContext c = io("receiving a message header", deadline, cancel);
   // A timeout or cancel before the first byte leaves the stream intact.
   wait_readable(fd.get(), c);
   // Any failure below leaves the stream at an unknown position: mark it broken first.
@@ -115,7 +115,7 @@ void BulkStream::Impl::recv_part(crypto::MutableByteSpan dest, Deadline deadline
   if (dest.size() != recv_part_pending)
     throw InvalidArgumentError(fmt::format("bulk stream from {}: reading {} payload bytes but the header announced {}",
                                            peer_name, dest.size(), recv_part_pending));
-  IoContext c = io("receiving payload from", deadline, cancel);
+  IoContext c = io("receiving a payload", deadline, cancel);
   recv_broken = true;
   if (!recv_cipher) {
     recv_all(fd.get(), dest, c);
@@ -153,7 +153,7 @@ BulkStream BulkStream::connect(const crypto::Identity& self, const PeerId& peer,
     throw InvalidArgumentError(fmt::format("BulkOptions.record_bytes {} out of range (1 B .. 64 MiB)", options.record_bytes));
   IoContext c;
   c.peer = peer.fingerprint();
-  c.what = "connecting to";
+  c.what = "connecting";
   c.deadline = deadline;
   c.peer_timeout = options.handshake_timeout;
   Fd fd = tcp_connect(host, port, c, options.socket_buffer_bytes);

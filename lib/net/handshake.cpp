@@ -189,7 +189,7 @@ std::unique_ptr<BulkStream::Impl> client_handshake(Fd fd, const crypto::Identity
   s->peer = expected;
   s->peer_name = expected.fingerprint();
   s->options = options;
-  IoContext io = s->io("handshake with", deadline, nullptr);
+  IoContext io = s->io("the handshake", deadline, nullptr);
   io.peer_timeout = options.handshake_timeout;
 
   auto eph = crypto::X25519KeyPair::generate();
@@ -225,7 +225,7 @@ std::unique_ptr<BulkStream::Impl> server_handshake(Fd fd, const crypto::Identity
   s->self = self.public_key();
   s->peer_name = address;
   s->options = options;
-  IoContext io = s->io("handshake with", deadline, cancel);
+  IoContext io = s->io("the handshake", deadline, cancel);
   io.peer_timeout = options.handshake_timeout;
 
   Hello theirs = read_hello(s->fd.get(), io);

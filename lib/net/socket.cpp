@@ -36,12 +36,12 @@ enum class Wait { Ready, Idle };
 // idle for peer_timeout since `last_progress`.
 Wait wait_fd(int fd, short events, const IoContext& io, Clock::time_point last_progress) {
   for (;;) {
-    if (io.cancel) io.cancel->throw_if_cancelled(fmt::format("{} from/to {}", io.what, io.peer));
+    if (io.cancel) io.cancel->throw_if_cancelled(fmt::format("{} (peer {})", io.what, io.peer));
     Clock::time_point idle_at = last_progress + io.peer_timeout;
     Clock::time_point until = std::min(io.deadline.at(), idle_at);
     auto now = Clock::now();
     if (now >= io.deadline.at())
-      throw TimeoutError(fmt::format("{} {}: deadline passed", io.what, io.peer));
+      throw TimeoutError(fmt::format("{} ({}): deadline passed", io.what, io.peer));
     if (now >= idle_at) return Wait::Idle;
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count() + 1;
     pollfd fds[2] = {{fd, events, 0}, {io.cancel ? io.cancel->fd() : -1, POLLIN, 0}};
@@ -71,11 +71,6 @@ void set_common_options(int fd, int buffer_bytes) {
   ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof idle_s);
   ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof interval_s);
   ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
-}
-
-void make_nonblocking(int fd) {
-  int flags = ::fcntl(fd, F_GETFL);
-  if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) throw_io_error("fcntl O_NONBLOCK", errno);
 }
 
 sockaddr_in resolve(const std::string& host, uint16_t port) {
