@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -195,6 +196,7 @@ struct Communicator::Impl {
   // Ring channels, kept while the neighbours stay the same and nothing failed.
   std::optional<net::BulkChannel> to_next;
   std::optional<net::BulkChannel> from_prev;
+  bool checking_gradients = false;  // inside reduce_step: refuse non-finite partial sums
   uint64_t failed_quorum = 0;  // the last attempt that failed here (reported to the coordinator)
   std::vector<PeerId> failed_lost;
 
@@ -277,12 +279,11 @@ struct Communicator::Impl {
     try {
       ensure_ring(deadline, &cancel);
       RingContext ctx{q, my_rank, seq, to_next ? &*to_next : nullptr, from_prev ? &*from_prev : nullptr,
-                      deadline, &cancel, options.chunk_bytes, options.fault_hook};
+                      deadline, &cancel, options.chunk_bytes, options.fault_hook, checking_gradients};
       body(ctx);
       link->watch(0, nullptr);
     } catch (const Error& e) {
       link->watch(0, nullptr);
-      drop_channels();
       fail(q, what, e);
     }
   }
@@ -301,6 +302,9 @@ struct Communicator::Impl {
       link->send(coord::MessageKind::Failure, coord::encode(report), q.quorum_id, q.step);
       abort = link->wait_abort(q.quorum_id, Deadline::after(options.blame_grace));
     }
+    // Only now close the ring: closing first would make the neighbours see this member as
+    // lost and report it before the report above names the real culprit.
+    drop_channels();
     std::vector<PeerId> lost = abort && !abort->lost.empty() ? abort->lost : seen;
     failed_quorum = q.quorum_id;
     failed_lost = lost;
@@ -394,6 +398,13 @@ void Communicator::allreduce(BufferView buffer, ReduceOp op) {
                                              dtype_name(buffer.dtype)));
   }
   if (!contributes) std::fill(data, data + buffer.count, 0.0f);
+  if (s.checking_gradients) {
+    // A NaN or Inf would poison every member's average: refuse it before anything is sent.
+    for (size_t i = 0; i < buffer.count; ++i)
+      if (!std::isfinite(data[i]))
+        throw InvalidArgumentError(fmt::format("gradient element {} of step {} is {}; nothing was sent", i, q.step,
+                                               data[i]));
+  }
   float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(contributors, 1)) : 1.0f;
   s.run_op("allreduce", [&](RingContext& ctx) {
     ring_allreduce(ctx, data, buffer.count, divisor);
@@ -446,6 +457,11 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32
   auto& s = *impl_;
   std::vector<uint8_t> original(static_cast<uint8_t*>(gradients.data),
                                 static_cast<uint8_t*>(gradients.data) + gradients.bytes());
+  struct Checking {
+    bool& flag;
+    explicit Checking(bool& f) : flag(f) { flag = true; }
+    ~Checking() { flag = false; }
+  } checking(s.checking_gradients);
   StepResult result;
   for (uint32_t attempt = 1;; ++attempt) {
     result.attempts = attempt;

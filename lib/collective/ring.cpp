@@ -1,5 +1,6 @@
 #include "collective/ring.h"
 
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -183,6 +184,19 @@ void check_ring(const RingContext& ctx) {
     throw InvalidArgumentError(fmt::format("ring of {} members exceeds {}", ctx.quorum.members.size(), kMaxRingSteps));
 }
 
+// Throws PeerLostError naming the previous rank if the received fp32 piece (at byte `offset`
+// of the buffer) holds a NaN or Inf.
+void check_finite(const RingContext& ctx, const std::vector<uint8_t>& piece, size_t offset, size_t chunk) {
+  const float* p = reinterpret_cast<const float*>(piece.data());
+  for (size_t i = 0; i < piece.size() / sizeof(float); ++i)
+    if (!std::isfinite(p[i])) {
+      // Reported like a lost peer, so the failure report and the Abort name the sender.
+      std::string sender = ctx.from_prev->peer().fingerprint();
+      throw PeerLostError(sender, fmt::format("peer {} sent a non-finite value ({}) at element {} of chunk {}", sender,
+                                              p[i], offset / sizeof(float) + i, chunk));
+    }
+}
+
 size_t mod(int64_t a, size_t n) { return static_cast<size_t>(((a % int64_t(n)) + int64_t(n)) % int64_t(n)); }
 
 // Reduce-scatter over the chunks of `layout`: afterwards chunk `rank` of data holds
@@ -215,6 +229,7 @@ void reduce_scatter_phase(RingContext& ctx, float* data, const Layout& layout, f
         receive_piece(ctx, make_tag(kReduceScatter, k, j), size, buf);
         float* mine = reinterpret_cast<float*>(bytes + layout.piece_offset(chunk, j));
         const float* theirs = reinterpret_cast<const float*>(buf.data());
+        if (ctx.reject_non_finite) check_finite(ctx, buf, layout.piece_offset(chunk, j), chunk);
         for (size_t i = 0; i < size / sizeof(float); ++i) mine[i] = theirs[i] + mine[i];
         if (k + 2 < n) {
           sender.send(make_tag(kReduceScatter, k + 1, j), bytes + layout.piece_offset(chunk, j), size);
@@ -244,6 +259,7 @@ void all_gather_phase(RingContext& ctx, uint8_t* data, const Layout& layout) {
       for (size_t j = 0; j < layout.pieces(chunk); ++j) {
         size_t size = layout.piece_size(chunk, j);
         receive_piece(ctx, make_tag(kAllGather, k, j), size, buf);
+        if (ctx.reject_non_finite) check_finite(ctx, buf, layout.piece_offset(chunk, j), chunk);
         std::memcpy(data + layout.piece_offset(chunk, j), buf.data(), size);
         if (k + 2 < n) sender.send(make_tag(kAllGather, k + 1, j), data + layout.piece_offset(chunk, j), size);
       }

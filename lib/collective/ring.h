@@ -21,6 +21,10 @@ struct RingContext {
   CancelToken* cancel;          // fired by a coordinator Abort, or by a failing sender
   size_t chunk_bytes;           // pipelining unit
   const std::function<void(std::string_view, size_t)>& fault_hook;
+  // Gradients: a partial sum with NaN or Inf from the previous rank fails the operation with a
+  // PeerLostError naming it (every member checks its own gradients before sending, so only a faulty or malicious
+  // sender or an overflow produces one).
+  bool reject_non_finite = false;
 };
 
 // Receives the piece tagged `tag` of this operation (exactly `bytes` long) from the previous

@@ -217,3 +217,55 @@ TEST(Collectives, RejectsUnusableBuffers) {
   job.comm(0).allreduce(BufferView{x.data(), 4, DType::Float32}, ReduceOp::Avg);
   EXPECT_EQ(x, std::vector<float>({1, 2, 3, 4}));
 }
+
+TEST(Collectives, NonFiniteGradientIsRefusedBeforeSending) {
+  InProcessJob job(1);
+  std::vector<float> grads(1000, 1.0f);
+  grads[417] = std::nanf("");
+  try {
+    job.comm(0).reduce_step(1, BufferView{grads.data(), grads.size(), DType::Float32});
+    FAIL() << "a NaN gradient was accepted";
+  } catch (const InvalidArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("element 417"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(std::isnan(grads[417]));  // left as it was
+  EXPECT_EQ(grads[0], 1.0f);
+}
+
+// Element 700 travels in the reduce-scatter (chunk 1 is reduced at rank 1), element 3 in the
+// all-gather (chunk 0 is reduced at rank 0 and copied to rank 1): both are checked.
+class NonFiniteFromPeer : public ::testing::TestWithParam<size_t> {};
+
+TEST_P(NonFiniteFromPeer, NamesItsSender) {
+  const size_t bad_index = GetParam();
+  InProcessJob job(2);
+  std::vector<std::vector<float>> grads(2, std::vector<float>(1000, 1.0f));
+  std::vector<std::future<void>> done;
+  for (int i = 0; i < 2; ++i) {
+    done.push_back(std::async(std::launch::async, [&, i] {
+      auto& comm = job.comm(i);
+      comm.next_quorum(1);
+      if (comm.rank() == 0) {
+        // The faulty member bypasses the gradient check (plain allreduce) and sends an Inf.
+        grads[i][bad_index] = INFINITY;
+        try {
+          comm.allreduce(BufferView{grads[i].data(), 1000, DType::Float32}, ReduceOp::Avg);
+        } catch (const Error&) {
+          // Aborted when the other member refused the value (or finished first: no commit here).
+        }
+      } else {
+        const std::string faulty = comm.quorum().members[0].id.fingerprint();
+        try {
+          comm.reduce_step(1, BufferView{grads[i].data(), 1000, DType::Float32}, /*max_attempts=*/1);
+          ADD_FAILURE() << "an Inf partial sum was accepted";
+        } catch (const PeerLostError& e) {
+          EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
+          EXPECT_NE(std::string(e.what()).find(faulty), std::string::npos) << e.what();
+        }
+      }
+    }));
+  }
+  for (auto& f : done) f.get();
+}
+
+INSTANTIATE_TEST_SUITE_P(Phases, NonFiniteFromPeer, ::testing::Values(size_t{700}, size_t{3}));
