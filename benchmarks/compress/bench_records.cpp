@@ -1,0 +1,212 @@
+// meshtrain-bench-compress: one JSON record per codec, operation and device, for
+// docs/benchmarks.md. Each operation's time is the median of --repeats runs, and each run is
+// preceded by a memcpy of the same fp32 bytes (a device-to-device copy on the GPU), whose
+// median is the record's baseline: both are measured in the same run, under the same load.
+//
+//   meshtrain-bench-compress [--bytes 67108864] [--repeats 7] [--device cpu|cuda|all]
+//
+// Record: {"codec", "op" (encode | decode | decode_accumulate), "bytes" (fp32 gradient bytes),
+// "payload_bytes", "median_ms", "GBps" (bytes / median time, 1e9 bytes/s), "memcpy_GBps",
+// "ratio_vs_memcpy", "device", "repeats"}. Without a GPU, --device cuda prints one record
+// {"device": "cuda", "skipped": "<the CUDA runtime's reason>"} and exits 0.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+
+#include "benchmarks/compress/cases.h"
+#include "kernels/compress/api.h"
+#include "kernels/runtime.h"
+
+using namespace meshtrain;
+using namespace meshtrain::compress;
+using namespace meshtrain::compress::bench;
+namespace kc = meshtrain::cuda::compress;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+template <typename F>
+double seconds(F&& f) {
+  auto t0 = Clock::now();
+  f();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+void print_record(const std::string& codec, const std::string& op, size_t bytes, size_t payload_bytes,
+                  double t, double t_copy, const std::string& device, int repeats) {
+  const double gbps = bytes / t / 1e9, copy_gbps = bytes / t_copy / 1e9;
+  std::printf(
+      "{\"codec\": \"%s\", \"op\": \"%s\", \"bytes\": %zu, \"payload_bytes\": %zu, \"median_ms\": %.3f, "
+      "\"GBps\": %.3f, \"memcpy_GBps\": %.3f, \"ratio_vs_memcpy\": %.3f, \"device\": \"%s\", \"repeats\": %d}\n",
+      json_escape(codec).c_str(), op.c_str(), bytes, payload_bytes, t * 1e3, gbps, copy_gbps, gbps / copy_gbps,
+      json_escape(device).c_str(), repeats);
+  std::fflush(stdout);
+}
+
+const char* kOps[] = {"encode", "decode", "decode_accumulate"};
+
+void run_cpu(size_t bytes, int repeats) {
+  const size_t count = bytes / 4;
+  auto grad = gradient(count);
+  std::vector<float> copy(count), out(count);
+  prefault(copy);
+  prefault(out);
+  const std::string device =
+      "cpu (" + std::to_string(std::thread::hardware_concurrency()) + " hardware threads, 1 used)";
+  for (const auto& c : codec_cases()) {
+    auto codec = make_codec(c.spec);
+    TensorSpec spec = spec_for(c.spec, count);
+    auto state = codec->make_state(spec);
+    std::vector<uint8_t> payload(codec->encoded_bytes(spec));
+    prefault(payload);
+    BufferView g{grad.data(), count, DType::Float32};
+    BufferView o{out.data(), count, DType::Float32};
+    codec->encode(g, *state, payload);  // warm-up: first touch, and a steady-state residual
+    for (const char* op : kOps) {
+      std::vector<double> times, copies;
+      for (int r = 0; r < repeats; ++r) {
+        copies.push_back(seconds([&] { std::memcpy(copy.data(), grad.data(), bytes); }));
+        times.push_back(seconds([&] {
+          if (op == kOps[0]) codec->encode(g, *state, payload);
+          else if (op == kOps[1]) codec->decode(payload, o);
+          else codec->decode_accumulate(payload, o);
+        }));
+      }
+      print_record(c.spec, op, count * 4, payload.size(), median(times), median(copies), device, repeats);
+    }
+  }
+}
+
+void run_cuda(size_t bytes, int repeats) {
+  if (cuda::device_count() == 0) {
+    std::printf("{\"device\": \"cuda\", \"skipped\": \"no CUDA device: %s\"}\n",
+                json_escape(cuda::runtime_description()).c_str());
+    return;
+  }
+  const size_t count = bytes / 4;
+  auto host = gradient(count);
+  void* s = kc::stream_create(0);
+  kc::DeviceBuffer x(bytes, 0), y(bytes, 0), o(bytes, 0);
+  kc::copy_async(x.data(), host.data(), bytes, 0, s);
+  kc::synchronize(0, s);
+  const std::string device = "cuda:0 (" + cuda::runtime_description() + ")";
+  auto d2d = [&] {
+    return seconds([&] {
+      kc::copy_async(y.data(), x.data(), bytes, 0, s);
+      kc::synchronize(0, s);
+    });
+  };
+  // Kernels alone, on device buffers: what the 80%-of-copy target is about.
+  {
+    kc::DeviceBuffer r(bytes, 0), q(bytes, 0), scales((count / 256 + 1) * 4, 0);
+    struct K {
+      const char* codec;
+      const char* op;
+      size_t payload;
+      std::function<void()> run;
+    };
+    std::vector<K> kernels = {
+        {"fp16", "encode_kernel", count * 2, [&] { kc::fp32_to_fp16(x.as<float>(), q.as<uint16_t>(), count, 0, s); }},
+        {"fp16", "decode_kernel", count * 2, [&] { kc::fp16_to_fp32(q.as<uint16_t>(), o.as<float>(), count, false, 0, s); }},
+        {"bf16", "encode_kernel", count * 2, [&] { kc::fp32_to_bf16(x.as<float>(), q.as<uint16_t>(), count, 0, s); }},
+        {"bf16", "decode_kernel", count * 2, [&] { kc::bf16_to_fp32(q.as<uint16_t>(), o.as<float>(), count, false, 0, s); }},
+        {"int8", "encode_kernel", count + count / 64,
+         [&] { kc::int8_quantize(x.as<float>(), r.as<float>(), count, 256, false, 0, 0, q.as<int8_t>(), scales.as<float>(), 0, s); }},
+        {"int8", "decode_kernel", count + count / 64,
+         [&] { kc::int8_dequantize(q.as<int8_t>(), scales.as<float>(), count, 256, o.as<float>(), false, 0, s); }},
+        {"int8", "decode_accumulate_kernel", count + count / 64,
+         [&] { kc::int8_dequantize(q.as<int8_t>(), scales.as<float>(), count, 256, o.as<float>(), true, 0, s); }},
+    };
+    for (auto& k : kernels) {
+      k.run();
+      kc::synchronize(0, s);
+      std::vector<double> times, copies;
+      for (int i = 0; i < repeats; ++i) {
+        copies.push_back(d2d());
+        times.push_back(seconds([&] {
+          k.run();
+          kc::synchronize(0, s);
+        }));
+      }
+      print_record(k.codec, k.op, bytes, k.payload, median(times), median(copies), device, repeats);
+    }
+  }
+  // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).
+  for (const auto& c : codec_cases()) {
+    auto codec = make_codec(c.spec);
+    TensorSpec spec = spec_for(c.spec, count);
+    spec.device = DeviceKind::Cuda;
+    auto state = codec->make_state(spec);
+    std::vector<uint8_t> payload(codec->encoded_bytes(spec));
+    prefault(payload);
+    BufferView g{x.data(), count, DType::Float32, DeviceKind::Cuda, 0};
+    BufferView out{o.data(), count, DType::Float32, DeviceKind::Cuda, 0};
+    codec->encode(g, *state, payload, CudaStream{s});
+    for (const char* op : kOps) {
+      std::vector<double> times, copies;
+      for (int r = 0; r < repeats; ++r) {
+        copies.push_back(d2d());
+        times.push_back(seconds([&] {
+          if (op == kOps[0]) codec->encode(g, *state, payload, CudaStream{s});
+          else if (op == kOps[1]) codec->decode(payload, out, CudaStream{s});
+          else codec->decode_accumulate(payload, out, CudaStream{s});
+        }));
+      }
+      print_record(c.spec, op, bytes, payload.size(), median(times), median(copies), device, repeats);
+    }
+  }
+  kc::stream_destroy(s, 0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  size_t bytes = size_t(64) << 20;
+  int repeats = 7;
+  std::string device = "cpu";
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--bytes") bytes = std::stoull(value());
+    else if (a == "--repeats") repeats = std::max(1, std::stoi(value()));
+    else if (a == "--device") device = value();
+    else {
+      std::fprintf(stderr, "usage: %s [--bytes N] [--repeats N] [--device cpu|cuda|all]\n", argv[0]);
+      return 2;
+    }
+  }
+  bytes = bytes / 4 * 4;
+  try {
+    if (device == "cpu" || device == "all") run_cpu(bytes, repeats);
+    if (device == "cuda" || device == "all") run_cuda(bytes, repeats);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "meshtrain-bench-compress: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,115 @@
+// Internal: the CUDA side of the compression codecs (lib/compress calls these). Not installed.
+//
+// C++17 and no CUDA or torch headers, so that lib/compress includes it without #ifdef: in a
+// build with CUDA the functions come from the .cu files beside this header, otherwise from
+// nocuda.cpp, where available() is false and every other function throws CudaFailure.
+//
+// Conventions, for every function below:
+// - Pointers named d_* are device memory on `device`; h_* are host memory.
+// - `stream` is a cudaStream_t (nullptr: the legacy default stream). Work is enqueued on it.
+//   Functions documented "blocks" synchronise the stream before returning; the others only
+//   enqueue (their inputs must stay valid until the stream has passed them).
+// - The current device is set to `device` for the call and restored afterwards.
+// - A CUDA error becomes CudaFailure naming the call, the device and cudaGetErrorString.
+// - The element-wise math is the same as the CPU reference's: the shared parts live in
+//   codec_math.h, which both compilers see.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace meshtrain::cuda::compress {
+
+// A CUDA runtime failure (or a call in a build without CUDA). lib/compress turns it into a
+// meshtrain::InternalError / InvalidArgumentError with the codec's context.
+class CudaFailure : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// True when meshtrain was built with CUDA (the kernels exist); says nothing about devices.
+bool available() noexcept;
+
+// Owning device allocation. Move-only; frees on destruction (errors there are ignored).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(size_t bytes, int device);  // zero-filled; throws CudaFailure
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void* data() const noexcept { return data_; }
+  size_t bytes() const noexcept { return bytes_; }
+  int device() const noexcept { return device_; }
+  template <typename T>
+  T* as() const noexcept { return static_cast<T*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  int device_ = 0;
+};
+
+// A new non-blocking stream on `device` (for tests and benchmarks), and its destruction.
+void* stream_create(int device);
+void stream_destroy(void* stream, int device) noexcept;
+
+// cudaMemcpyAsync(cudaMemcpyDefault): either side may be host or device memory. Enqueues.
+void copy_async(void* dst, const void* src, size_t bytes, int device, void* stream);
+// Blocks until `stream` is idle.
+void synchronize(int device, void* stream);
+// d_x[0, bytes) = 0. Enqueues.
+void zero_async(void* d_x, size_t bytes, int device, void* stream);
+
+// Index of the first element of d_x[0, n) that is NaN or +-Inf; n when all are finite. Blocks.
+size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream);
+
+// d_acc[i] += d_x[i]. Enqueues.
+void add_async(float* d_acc, const float* d_x, size_t n, int device, void* stream);
+
+// ---- casts (cast.cu). Inputs must be finite (checked before with find_nonfinite).
+struct CastCounts {
+  uint64_t clamped = 0;  // |x| would round past the largest finite value: clamped to it
+  uint64_t flushed = 0;  // x != 0 rounded to (signed) zero
+};
+// d_out[i] = the fp16 / bf16 bits of d_x[i] (round to nearest even, clamped). Blocks.
+CastCounts fp32_to_fp16(const float* d_x, uint16_t* d_out, size_t n, int device, void* stream);
+CastCounts fp32_to_bf16(const float* d_x, uint16_t* d_out, size_t n, int device, void* stream);
+// d_out[i] = (or +=, with accumulate) the fp32 value of d_in[i]. Enqueues.
+void fp16_to_fp32(const uint16_t* d_in, float* d_out, size_t n, bool accumulate, int device,
+                  void* stream);
+void bf16_to_fp32(const uint16_t* d_in, float* d_out, size_t n, bool accumulate, int device,
+                  void* stream);
+
+// ---- int8 blockwise (int8.cu). One pass per block of `block` elements (the last may be
+// shorter): v = x + residual (residual may be null: no error feedback), scale = absmax(v)/127,
+// q = round(v / scale) (nearest even, or stochastic with codec_math.h's hash of seed, step and
+// element index), residual = v - q * scale. Enqueues.
+void int8_quantize(const float* d_x, float* d_residual, size_t n, uint32_t block, bool stochastic,
+                   uint64_t seed, uint64_t step, int8_t* d_q, float* d_scales, int device,
+                   void* stream);
+// d_out[i] = (or +=) d_q[i] * d_scales[i / block]. Enqueues.
+void int8_dequantize(const int8_t* d_q, const float* d_scales, size_t n, uint32_t block,
+                     float* d_out, bool accumulate, int device, void* stream);
+
+// ---- top-k (topk.cu). Keys are the bits of |v| (monotonic in |v| for finite v).
+// h_hist[b] = number of i with ((key_i >> shift) & ((1 << bits) - 1)) == b among the i whose
+// key agrees with `prefix` on the bits above shift + bits (prefix_bits of them; 0: all). Blocks.
+void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bits,
+                         uint32_t prefix, uint32_t prefix_bits, uint64_t* h_hist, int device,
+                         void* stream);
+// Selects every i with key_i > threshold and the first `ties` (in index order) with
+// key_i == threshold; writes them in index order to d_idx / d_val (k = count of them) and sets
+// those d_v[i] = 0 (what is sent leaves the residual). Blocks.
+void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx,
+                  float* d_val, uint64_t k, int device, void* stream);
+// d_out[d_idx[j]] += d_val[j] for j < k (indices distinct, validated by the caller). Enqueues.
+void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device,
+                 void* stream);
+
+}  // namespace meshtrain::cuda::compress

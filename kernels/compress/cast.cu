@@ -1,0 +1,79 @@
+// kernels/compress/api.h: fp32 <-> fp16 / bf16 with codec_math.h's element math (the same bits
+// as lib/compress/cast.cpp), clamp and flush counts reduced per warp.
+#include "codec_math.h"
+#include "cuda_util.cuh"
+
+namespace meshtrain::cuda::compress {
+
+using namespace detail;
+namespace math = meshtrain::compress::math;
+
+namespace {
+
+template <bool kBf16>
+__global__ void encode_kernel(const float* x, uint16_t* out, size_t n, unsigned long long* counts) {
+  uint32_t clamped = 0, flushed = 0;
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint32_t bits = math::f2u(x[i]);
+    out[i] = kBf16 ? math::fp32_to_bf16(bits, clamped, flushed) : math::fp32_to_fp16(bits, clamped, flushed);
+  }
+  unsigned long long c = warp_sum(clamped), f = warp_sum(flushed);
+  if ((threadIdx.x & 31) == 0 && (c | f) != 0) {
+    atomicAdd(&counts[0], c);
+    atomicAdd(&counts[1], f);
+  }
+}
+
+template <bool kBf16>
+__global__ void decode_kernel(const uint16_t* in, float* out, size_t n, bool accumulate) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float v = kBf16 ? math::bf16_to_fp32(in[i]) : math::fp16_to_fp32(in[i]);
+    out[i] = accumulate ? math::add_rn(out[i], v) : v;
+  }
+}
+
+template <bool kBf16>
+CastCounts encode(const float* d_x, uint16_t* d_out, size_t n, int device, void* stream) {
+  CastCounts result;
+  if (n == 0) return result;
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  Scratch counts(2 * sizeof(unsigned long long), device);
+  check(cudaMemsetAsync(counts.as<void>(), 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
+  encode_kernel<kBf16><<<grid_for(n), kThreads, 0, s>>>(d_x, d_out, n, counts.as<unsigned long long>());
+  check_launch(kBf16 ? "fp32_to_bf16 kernel" : "fp32_to_fp16 kernel", device);
+  unsigned long long host[2] = {0, 0};
+  check(cudaMemcpyAsync(host, counts.as<void>(), sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync",
+        device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+  result.clamped = host[0];
+  result.flushed = host[1];
+  return result;
+}
+
+template <bool kBf16>
+void decode(const uint16_t* d_in, float* d_out, size_t n, bool accumulate, int device, void* stream) {
+  if (n == 0) return;
+  DeviceGuard guard(device);
+  decode_kernel<kBf16><<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_in, d_out, n, accumulate);
+  check_launch(kBf16 ? "bf16_to_fp32 kernel" : "fp16_to_fp32 kernel", device);
+}
+
+}  // namespace
+
+CastCounts fp32_to_fp16(const float* d_x, uint16_t* d_out, size_t n, int device, void* stream) {
+  return encode<false>(d_x, d_out, n, device, stream);
+}
+CastCounts fp32_to_bf16(const float* d_x, uint16_t* d_out, size_t n, int device, void* stream) {
+  return encode<true>(d_x, d_out, n, device, stream);
+}
+void fp16_to_fp32(const uint16_t* d_in, float* d_out, size_t n, bool accumulate, int device, void* stream) {
+  decode<false>(d_in, d_out, n, accumulate, device, stream);
+}
+void bf16_to_fp32(const uint16_t* d_in, float* d_out, size_t n, bool accumulate, int device, void* stream) {
+  decode<true>(d_in, d_out, n, accumulate, device, stream);
+}
+
+}  // namespace meshtrain::cuda::compress

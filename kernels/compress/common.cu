@@ -1,0 +1,128 @@
+// kernels/compress/api.h: device memory, copies, the NaN/Inf scan and the fp32 add.
+#include "codec_math.h"
+#include "cuda_util.cuh"
+
+namespace meshtrain::cuda::compress {
+
+using namespace detail;
+namespace math = meshtrain::compress::math;
+
+bool available() noexcept { return true; }
+
+DeviceBuffer::DeviceBuffer(size_t bytes, int device) : bytes_(bytes), device_(device) {
+  DeviceGuard guard(device);
+  check(cudaMalloc(&data_, std::max<size_t>(bytes, 1)), "cudaMalloc", device);
+  // The zero fill runs on the legacy default stream, which callers' non-blocking streams do not
+  // wait for: finish it here so that the buffer is zero whichever stream uses it first.
+  cudaError_t err = cudaMemset(data_, 0, std::max<size_t>(bytes, 1));
+  if (err == cudaSuccess) err = cudaStreamSynchronize(cudaStreamLegacy);
+  if (err != cudaSuccess) {
+    (void)cudaFree(data_);
+    data_ = nullptr;
+    check(err, "cudaMemset", device);
+  }
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (data_ == nullptr) return;
+  int previous = 0;
+  if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) (void)cudaSetDevice(device_);
+  (void)cudaFree(data_);
+  if (previous != device_) (void)cudaSetDevice(previous);
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : data_(other.data_), bytes_(other.bytes_), device_(other.device_) {
+  other.data_ = nullptr;
+  other.bytes_ = 0;
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    DeviceBuffer dying(std::move(*this));
+    data_ = other.data_;
+    bytes_ = other.bytes_;
+    device_ = other.device_;
+    other.data_ = nullptr;
+    other.bytes_ = 0;
+  }
+  return *this;
+}
+
+void* stream_create(int device) {
+  DeviceGuard guard(device);
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags", device);
+  return s;
+}
+
+void stream_destroy(void* stream, int device) noexcept {
+  if (stream == nullptr) return;
+  int previous = 0;
+  if (cudaGetDevice(&previous) == cudaSuccess && previous != device) (void)cudaSetDevice(device);
+  (void)cudaStreamDestroy(as_stream(stream));
+  if (previous != device) (void)cudaSetDevice(previous);
+}
+
+void copy_async(void* dst, const void* src, size_t bytes, int device, void* stream) {
+  if (bytes == 0) return;
+  DeviceGuard guard(device);
+  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, as_stream(stream)), "cudaMemcpyAsync", device);
+}
+
+void synchronize(int device, void* stream) {
+  DeviceGuard guard(device);
+  check(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize", device);
+}
+
+void zero_async(void* d_x, size_t bytes, int device, void* stream) {
+  if (bytes == 0) return;
+  DeviceGuard guard(device);
+  check(cudaMemsetAsync(d_x, 0, bytes, as_stream(stream)), "cudaMemsetAsync", device);
+}
+
+namespace {
+
+// Each thread's elements are visited in increasing order, so its first hit is its smallest.
+__global__ void find_nonfinite_kernel(const float* x, size_t n, unsigned long long* first) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    if (math::nonfinite(math::f2u(x[i]))) {
+      atomicMin(first, static_cast<unsigned long long>(i));
+      return;
+    }
+  }
+}
+
+__global__ void add_kernel(float* acc, const float* x, size_t n) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    acc[i] = math::add_rn(x[i], acc[i]);
+}
+
+}  // namespace
+
+size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream) {
+  if (n == 0) return 0;
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  Scratch first(sizeof(unsigned long long), device);
+  unsigned long long host = n;
+  check(cudaMemcpyAsync(first.as<unsigned long long>(), &host, sizeof host, cudaMemcpyHostToDevice, s),
+        "cudaMemcpyAsync", device);
+  find_nonfinite_kernel<<<grid_for(n), kThreads, 0, s>>>(d_x, n, first.as<unsigned long long>());
+  check_launch("find_nonfinite kernel", device);
+  check(cudaMemcpyAsync(&host, first.as<unsigned long long>(), sizeof host, cudaMemcpyDeviceToHost, s),
+        "cudaMemcpyAsync", device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+  return static_cast<size_t>(host);
+}
+
+void add_async(float* d_acc, const float* d_x, size_t n, int device, void* stream) {
+  if (n == 0) return;
+  DeviceGuard guard(device);
+  add_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_acc, d_x, n);
+  check_launch("add kernel", device);
+}
+
+}  // namespace meshtrain::cuda::compress

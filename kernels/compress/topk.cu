@@ -1,0 +1,172 @@
+// kernels/compress/api.h: top-k threshold selection without a sort (magnitude histograms for
+// the host's radix select, lib/compress/topk.cpp), order-preserving compaction, and the
+// scatter-add of sparse payloads.
+//
+// Compaction: tiles of kTile elements. A count pass gives each tile its number of keys above
+// the threshold (gt) and equal to it (eq); the host turns those into exclusive prefixes; the
+// write pass walks each tile in index order, 256 elements at a time, ranking them with warp
+// ballots. Element i is sent when key > T, or key == T and fewer than `ties` equal keys come
+// before it; it goes to position gt_before(i) + min(eq_before(i), ties), so the output is in
+// index order and equals the CPU's.
+#include <vector>
+
+#include "codec_math.h"
+#include "cuda_util.cuh"
+
+namespace meshtrain::cuda::compress {
+
+using namespace detail;
+namespace math = meshtrain::compress::math;
+
+namespace {
+
+constexpr unsigned kTileChunks = 16;
+constexpr size_t kTile = size_t(kThreads) * kTileChunks;
+
+__global__ void histogram_kernel(const float* v, size_t n, uint32_t shift, uint32_t bits, uint32_t prefix,
+                                 unsigned long long* hist) {
+  extern __shared__ uint32_t local[];
+  const uint32_t bins = 1u << bits, mask = bins - 1, above = shift + bits;
+  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint32_t key = math::magnitude_key(v[i]);
+    // Keys are 31-bit, so for the first pass (above == 31) every key matches prefix 0.
+    if ((above >= 32 ? 0u : key >> above) == prefix) atomicAdd(&local[(key >> shift) & mask], 1u);
+  }
+  __syncthreads();
+  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x)
+    if (local[b] != 0) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
+}
+
+__global__ void tile_count_kernel(const float* v, size_t n, uint32_t threshold, uint32_t* gt, uint32_t* eq) {
+  const size_t tile_begin = size_t(blockIdx.x) * kTile;
+  uint32_t g = 0, e = 0;
+  for (unsigned c = 0; c < kTileChunks; ++c) {
+    const size_t i = tile_begin + size_t(c) * blockDim.x + threadIdx.x;
+    const uint32_t key = i < n ? math::magnitude_key(v[i]) : 0u;
+    g += __syncthreads_count(i < n && key > threshold);
+    e += __syncthreads_count(i < n && key == threshold);
+  }
+  if (threadIdx.x == 0) {
+    gt[blockIdx.x] = g;
+    eq[blockIdx.x] = e;
+  }
+}
+
+__global__ void tile_write_kernel(float* v, size_t n, uint32_t threshold, unsigned long long ties,
+                                  const unsigned long long* gt_before_tile,
+                                  const unsigned long long* eq_before_tile, uint32_t* idx, float* val,
+                                  unsigned long long k) {
+  __shared__ uint32_t warp_gt[kThreads / 32], warp_eq[kThreads / 32];
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  unsigned long long gt_before = gt_before_tile[blockIdx.x], eq_before = eq_before_tile[blockIdx.x];
+  const size_t tile_begin = size_t(blockIdx.x) * kTile;
+  for (unsigned c = 0; c < kTileChunks; ++c) {
+    const size_t i = tile_begin + size_t(c) * blockDim.x + threadIdx.x;
+    const uint32_t key = i < n ? math::magnitude_key(v[i]) : 0u;
+    const bool is_gt = i < n && key > threshold, is_eq = i < n && key == threshold;
+    const unsigned bg = __ballot_sync(0xffffffffu, is_gt), be = __ballot_sync(0xffffffffu, is_eq);
+    if (lane == 0) {
+      warp_gt[warp] = __popc(bg);
+      warp_eq[warp] = __popc(be);
+    }
+    __syncthreads();
+    unsigned long long g = gt_before + __popc(bg & lanes_below), e = eq_before + __popc(be & lanes_below);
+    unsigned long long chunk_gt = 0, chunk_eq = 0;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) {
+      if (w < warp) {
+        g += warp_gt[w];
+        e += warp_eq[w];
+      }
+      chunk_gt += warp_gt[w];
+      chunk_eq += warp_eq[w];
+    }
+    if (is_gt || (is_eq && e < ties)) {
+      const unsigned long long pos = g + (e < ties ? e : ties);
+      if (pos < k) {
+        idx[pos] = static_cast<uint32_t>(i);
+        val[pos] = v[i];
+      }
+      v[i] = 0.0f;
+    }
+    gt_before += chunk_gt;
+    eq_before += chunk_eq;
+    __syncthreads();  // warp_gt / warp_eq are rewritten by the next chunk
+  }
+}
+
+__global__ void scatter_add_kernel(const uint32_t* idx, const float* val, unsigned long long k, float* out) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t j = size_t(blockIdx.x) * blockDim.x + threadIdx.x; j < k; j += stride)
+    out[idx[j]] = math::add_rn(out[idx[j]], val[j]);
+}
+
+}  // namespace
+
+void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bits, uint32_t prefix,
+                         uint32_t prefix_bits, uint64_t* h_hist, int device, void* stream) {
+  (void)prefix_bits;  // implied by shift + bits: keys are 31-bit
+  const size_t bins = size_t(1) << bits;
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  Scratch hist(bins * sizeof(unsigned long long), device);
+  check(cudaMemsetAsync(hist.as<void>(), 0, bins * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
+  if (n > 0) {
+    histogram_kernel<<<grid_for(n), kThreads, bins * sizeof(uint32_t), s>>>(d_v, n, shift, bits, prefix,
+                                                                             hist.as<unsigned long long>());
+    check_launch("topk histogram kernel", device);
+  }
+  static_assert(sizeof(uint64_t) == sizeof(unsigned long long));
+  check(cudaMemcpyAsync(h_hist, hist.as<void>(), bins * sizeof(uint64_t), cudaMemcpyDeviceToHost, s),
+        "cudaMemcpyAsync", device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+}
+
+void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx, float* d_val,
+                  uint64_t k, int device, void* stream) {
+  if (n == 0) return;
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  const size_t tiles = (n + kTile - 1) / kTile;
+  Scratch counts(2 * tiles * sizeof(uint32_t), device);
+  uint32_t* d_gt = counts.as<uint32_t>();
+  uint32_t* d_eq = d_gt + tiles;
+  tile_count_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, n, threshold, d_gt, d_eq);
+  check_launch("topk tile count kernel", device);
+  std::vector<uint32_t> gt(tiles), eq(tiles);
+  check(cudaMemcpyAsync(gt.data(), d_gt, tiles * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
+  check(cudaMemcpyAsync(eq.data(), d_eq, tiles * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+  std::vector<unsigned long long> before(2 * tiles);
+  unsigned long long g = 0, e = 0;
+  for (size_t t = 0; t < tiles; ++t) {
+    before[t] = g;
+    before[tiles + t] = e;
+    g += gt[t];
+    e += eq[t];
+  }
+  if (g + (e < ties ? e : ties) != k)
+    throw CudaFailure("topk_compact: " + std::to_string(g) + " keys above the threshold and " +
+                      std::to_string(e) + " equal to it cannot make k = " + std::to_string(k));
+  Scratch d_before(2 * tiles * sizeof(unsigned long long), device);
+  check(cudaMemcpyAsync(d_before.as<void>(), before.data(), 2 * tiles * sizeof(unsigned long long),
+                        cudaMemcpyHostToDevice, s),
+        "cudaMemcpyAsync", device);
+  tile_write_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(
+      d_v, n, threshold, ties, d_before.as<unsigned long long>(), d_before.as<unsigned long long>() + tiles,
+      d_idx, d_val, k);
+  check_launch("topk tile write kernel", device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+}
+
+void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device, void* stream) {
+  if (k == 0) return;
+  DeviceGuard guard(device);
+  scatter_add_kernel<<<grid_for(k), kThreads, 0, as_stream(stream)>>>(d_idx, d_val, k, d_out);
+  check_launch("topk scatter-add kernel", device);
+}
+
+}  // namespace meshtrain::cuda::compress

@@ -1,0 +1,119 @@
+// Internal helpers shared by the codecs: argument checks, the non-finite scan, and the bridge
+// to the CUDA kernels (kernels/compress/api.h).
+#pragma once
+
+#include <algorithm>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "compress/payload.h"
+#include "kernels/compress/api.h"
+#include "kernels/compress/codec_math.h"
+#include "meshtrain/compress.h"
+
+// Hot CPU loops are compiled twice, for x86-64-v3 (AVX2, F16C, FMA) and for the baseline, and
+// the loader picks one per CPU (GCC function multiversioning): the library stays runnable on
+// any x86-64 while using 32-byte vectors where they exist (fp16 encode: ~2x). FMA contraction
+// stays off (-ffp-contract=off), so both clones round identically.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define MT_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef MT_VECTOR_CLONES
+#define MT_VECTOR_CLONES
+#endif
+
+namespace meshtrain::compress::detail {
+
+namespace kc = meshtrain::cuda::compress;
+
+// `buffer` is fp32, `count` elements, 4-byte aligned, on a device this build supports.
+// (Payload bytes need no alignment: they are accessed with memcpy.)
+void check_fp32(std::string_view codec, std::string_view what, const BufferView& buffer,
+                size_t count);
+// grad matches the state (fp32, count, device and index) and the state is of `codec`.
+void check_grad(CodecId codec, const BufferView& grad, const CodecState& state);
+void check_capacity(CodecId codec, std::span<const uint8_t> out, size_t need);
+// Throws InvalidArgumentError when `device` is Cuda and meshtrain was built without CUDA.
+void check_device_supported(std::string_view who, DeviceKind device, int device_index);
+
+// Index of the first NaN / Inf in x[0, n) (CPU memory), or n.
+size_t find_nonfinite(const float* x, size_t n);
+// Same for a CPU or CUDA buffer of fp32; blocks.
+size_t find_nonfinite(const BufferView& x, CudaStream stream);
+// Throws InvalidArgumentError naming the element when x has a NaN / Inf; the state is untouched.
+void reject_nonfinite(CodecId codec, const BufferView& x, CudaStream stream);
+
+// Runs a kernels/compress call, turning CudaFailure into InternalError with context.
+template <typename F>
+auto cuda_call(std::string_view what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const kc::CudaFailure& e) {
+    throw InternalError(fmt::format("{}: {}", what, e.what()));
+  }
+}
+
+// out (+)= x for CPU buffers.
+void copy_or_add(float* out, const float* x, size_t n, bool accumulate);
+
+// The dynamic type check of a state: the codec's own state class, or InvalidArgumentError.
+template <typename S>
+S& state_as(CodecId codec, CodecState& state) {
+  auto* s = dynamic_cast<S*>(&state);
+  if (s == nullptr)
+    throw InvalidArgumentError(fmt::format("{} encode given a state made by the {} codec",
+                                           codec_name(codec), codec_name(state.codec())));
+  return *s;
+}
+
+// A state class's constructor needs CodecState's protected one.
+class StateBase : public CodecState {
+ public:
+  StateBase(CodecId codec, TensorSpec spec) : CodecState(codec, std::move(spec)) {}
+  using CodecState::mutable_stats;
+  // Called after each successful encode.
+  void record(size_t payload_bytes, uint64_t clamped = 0, uint64_t flushed = 0) {
+    CodecStats& s = mutable_stats();
+    ++s.encodes;
+    s.last_payload_bytes = payload_bytes;
+    s.last_clamped = clamped;
+    s.total_clamped += clamped;
+    s.last_flushed = flushed;
+    s.total_flushed += flushed;
+  }
+  void reset() override { mutable_stats() = CodecStats{}; }
+};
+
+// An fp32 residual kept on the tensor's device (host vector or DeviceBuffer).
+class Residual {
+ public:
+  Residual() = default;
+  Residual(size_t count, DeviceKind device, int device_index);
+  float* data() { return device_ == DeviceKind::Cuda ? buffer_.as<float>() : host_.data(); }
+  std::vector<float> to_host() const;
+  void zero();
+
+ private:
+  size_t count_ = 0;
+  DeviceKind device_ = DeviceKind::Cpu;
+  std::vector<float> host_;
+  kc::DeviceBuffer buffer_;
+};
+
+}  // namespace meshtrain::compress::detail
+
+namespace meshtrain::compress::detail {
+
+// Index of the first non-finite fp32 value among the n stored (unaligned) at p, or n.
+size_t find_nonfinite_bytes(const uint8_t* p, size_t n);
+// Throws CorruptError when the n fp32 values at p (what: "value", "scale") are not all finite.
+void require_finite_bytes(CodecId codec, std::string_view what, const uint8_t* p, size_t n);
+
+// A device copy of host bytes (for decoding into a CUDA buffer); enqueued on the stream.
+kc::DeviceBuffer upload(std::span<const uint8_t> bytes, int device, CudaStream stream);
+
+}  // namespace meshtrain::compress::detail

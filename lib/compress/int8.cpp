@@ -1,0 +1,244 @@
+// int8 blockwise: one fp32 scale (absmax / 127) per block of block_size elements, and one
+// signed byte per element, rounded to nearest even or stochastically. With error feedback the
+// codec quantizes v = grad + residual and keeps residual = v - decoded(v) for the next step.
+//
+// Error bound per element: |decoded - v| <= scale / 2 (nearest) or < scale (stochastic),
+// scale = max |v| over the element's block / 127.
+//
+// CPU: per block, pass 1 forms v in place (in the residual) and its absmax from the bits of |v|
+// (an integer max, which g++ vectorises); pass 2 quantizes the block while it is still in L1
+// and leaves the new residual. The CUDA kernel (kernels/compress/int8.cu) does both in one
+// pass per block with the same element math (codec_math.h).
+#include <limits>
+
+#include "compress/common.h"
+
+namespace meshtrain::compress {
+namespace {
+
+using namespace detail;
+
+constexpr size_t kChunk = 4096;
+constexpr float kMaxScale = std::numeric_limits<float>::max() / math::kInt8Max;
+
+class Int8State final : public StateBase {
+ public:
+  Int8State(TensorSpec spec, bool error_feedback) : StateBase(CodecId::Int8, std::move(spec)) {
+    if (error_feedback) residual_ = Residual(count(), this->spec().device, this->spec().device_index);
+    has_residual_ = error_feedback;
+  }
+  std::vector<float> residual() const override {
+    return has_residual_ ? residual_.to_host() : std::vector<float>{};
+  }
+  void reset() override {
+    StateBase::reset();
+    if (has_residual_) residual_.zero();
+  }
+  float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+
+  kc::DeviceBuffer staging;
+
+ private:
+  bool has_residual_ = false;
+  Residual residual_;
+};
+
+// The loops, compiled per CPU level (MT_VECTOR_CLONES).
+
+// Quantizes x[0, n) into scales (one float per block) and q (one byte per element). With a
+// residual r: pass 1 forms v = x + r in place in r, pass 2 quantizes v while the block is in
+// L1 and leaves r = v - decoded(v); the caller has checked x for NaN/Inf. Without a residual
+// the check is fused into pass 1 (nothing to protect): returns the index of the first NaN/Inf
+// (the payload is then partly written), or n.
+MT_VECTOR_CLONES size_t quantize_loop(const float* __restrict x, float* __restrict r, size_t n, size_t block,
+                                      bool stochastic, uint64_t seed, uint64_t step, uint8_t* scales,
+                                      uint8_t* __restrict q) {
+  const size_t blocks = (n + block - 1) / block;
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t begin = b * block, len = std::min(block, n - begin);
+    const float* __restrict xb = x + begin;
+    const float* v = xb;
+    uint32_t absmax_key = 0;
+    if (r != nullptr) {
+      float* __restrict rb = r + begin;
+      for (size_t i = 0; i < len; ++i) {
+        const float vi = math::add_rn(xb[i], rb[i]);
+        rb[i] = vi;
+        const uint32_t a = math::f2u(vi) & 0x7fffffffu;
+        absmax_key = a > absmax_key ? a : absmax_key;
+      }
+      v = rb;
+    } else {
+      uint32_t bad = 0;
+      for (size_t i = 0; i < len; ++i) {
+        const uint32_t bits = math::f2u(xb[i]);
+        bad |= math::nonfinite(bits);
+        const uint32_t a = bits & 0x7fffffffu;
+        absmax_key = a > absmax_key ? a : absmax_key;
+      }
+      if (bad) return begin + find_nonfinite(xb, len);
+    }
+    const float absmax = math::u2f(absmax_key);
+    const float scale = math::int8_scale(absmax), inverse = math::int8_inverse(absmax);
+    store<float>(scales, b, scale);
+    const uint32_t key = stochastic ? math::block_key(seed, step, b) : 0;
+    for (size_t c = 0; c < len; c += kChunk) {
+      const size_t m = std::min(kChunk, len - c);
+      int8_t tmp[kChunk];
+      float* rc = r != nullptr ? r + begin + c : nullptr;
+      const float* vc = v + c;
+      if (stochastic) {
+        for (size_t i = 0; i < m; ++i) {
+          const float u = math::noise(key, static_cast<uint32_t>(c + i));
+          tmp[i] = static_cast<int8_t>(static_cast<int32_t>(math::int8_stochastic(vc[i], inverse, u)));
+        }
+        if (rc != nullptr)
+          for (size_t i = 0; i < m; ++i)
+            rc[i] = math::sub_rn(vc[i], math::int8_value(static_cast<float>(tmp[i]), scale));
+      } else if (rc != nullptr) {
+        for (size_t i = 0; i < m; ++i) {
+          const float t = math::int8_nearest(vc[i], inverse);
+          tmp[i] = static_cast<int8_t>(static_cast<int32_t>(t));
+          rc[i] = math::sub_rn(vc[i], math::int8_value(t, scale));
+        }
+      } else {
+        for (size_t i = 0; i < m; ++i)
+          tmp[i] = static_cast<int8_t>(static_cast<int32_t>(math::int8_nearest(vc[i], inverse)));
+      }
+      std::memcpy(q + begin + c, tmp, m);
+    }
+  }
+  return n;
+}
+
+MT_VECTOR_CLONES void dequantize_loop(const uint8_t* scales, const uint8_t* q, size_t n, size_t block,
+                                      float* out, bool accumulate) {
+  const size_t blocks = (n + block - 1) / block;
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t begin = b * block, len = std::min(block, n - begin);
+    const float scale = load<float>(scales, b);
+    for (size_t c = 0; c < len; c += kChunk) {
+      const size_t m = std::min(kChunk, len - c);
+      int8_t tmp[kChunk];
+      std::memcpy(tmp, q + begin + c, m);
+      float* oc = out + begin + c;
+      if (accumulate) {
+        for (size_t i = 0; i < m; ++i) oc[i] += math::int8_value(static_cast<float>(tmp[i]), scale);
+      } else {
+        for (size_t i = 0; i < m; ++i) oc[i] = math::int8_value(static_cast<float>(tmp[i]), scale);
+      }
+    }
+  }
+}
+
+class Int8Codec final : public Codec {
+ public:
+  explicit Int8Codec(const Int8Options& o) : o_(o) {
+    if (o.block_size < 1 || o.block_size > kMaxInt8Block)
+      throw InvalidArgumentError(
+          fmt::format("int8 codec: block_size {} (1 ..= {})", o.block_size, kMaxInt8Block));
+  }
+
+  CodecId id() const noexcept override { return CodecId::Int8; }
+  std::string describe() const override {
+    return fmt::format("int8(block_size={}, rounding={}, seed={}, error_feedback={})", o_.block_size,
+                       o_.rounding == Rounding::Nearest ? "nearest" : "stochastic", o_.seed,
+                       o_.error_feedback ? "on" : "off");
+  }
+
+  std::unique_ptr<CodecState> make_state(const TensorSpec& spec) const override {
+    check_device_supported("int8", spec.device, spec.device_index);
+    return std::make_unique<Int8State>(spec, o_.error_feedback);
+  }
+  size_t encoded_bytes(const TensorSpec& spec) const override { return payload_bytes(header(spec.count())); }
+
+  size_t encode(BufferView grad, CodecState& state, std::span<uint8_t> out,
+                CudaStream stream) const override {
+    check_grad(id(), grad, state);
+    auto& s = state_as<Int8State>(id(), state);
+    const size_t n = grad.count, bytes = encoded_bytes(s.spec());
+    check_capacity(id(), out, bytes);
+    // With error feedback, check before anything changes: a NaN/Inf gradient leaves the
+    // residual as it was. (This extra read of the gradient is most of the gap between int8 and
+    // int8 without error feedback in docs/benchmarks.md.) Without, the CPU loop checks as it goes.
+    float* residual = s.residual_data();
+    if (residual != nullptr || grad.device == DeviceKind::Cuda) reject_nonfinite(id(), grad, stream);
+    const size_t block = o_.block_size, blocks = (n + block - 1) / block;
+    const bool stochastic = o_.rounding == Rounding::Stochastic;
+    const uint64_t step = s.stats().encodes;
+    uint8_t* scales = out.data() + kPayloadHeaderBytes;
+    uint8_t* q = scales + 4 * blocks;
+    if (grad.device == DeviceKind::Cuda) {
+      const size_t body = bytes - kPayloadHeaderBytes;
+      cuda_call("int8 encode", [&] {
+        if (s.staging.bytes() < body) s.staging = kc::DeviceBuffer(body, grad.device_index);
+        float* d_scales = s.staging.as<float>();
+        kc::int8_quantize(static_cast<const float*>(grad.data), residual, n, o_.block_size,
+                          stochastic, o_.seed, step, reinterpret_cast<int8_t*>(d_scales + blocks),
+                          d_scales, grad.device_index, stream.handle);
+        kc::copy_async(scales, s.staging.data(), body, grad.device_index, stream.handle);
+        kc::synchronize(grad.device_index, stream.handle);
+      });
+    } else {
+      if (quantize_loop(static_cast<const float*>(grad.data), residual, n, block, stochastic, o_.seed, step,
+                        scales, q) < n)
+        reject_nonfinite(id(), grad, stream);
+    }
+    write_header(out, header(n));
+    s.record(bytes);
+    return bytes;
+  }
+
+  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const override {
+    apply(payload, out, false, stream);
+  }
+  void decode_accumulate(std::span<const uint8_t> payload, BufferView out,
+                         CudaStream stream) const override {
+    apply(payload, out, true, stream);
+  }
+
+ private:
+  Header header(size_t count) const {
+    return Header{CodecId::Int8, static_cast<uint8_t>(o_.rounding == Rounding::Stochastic), count,
+                  o_.block_size, 0};
+  }
+
+  // The payload's own block size is authoritative (it is self-describing).
+  void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
+             CudaStream stream) const {
+    check_fp32(accumulate ? "int8 decode_accumulate" : "int8 decode", "output", out, out.count);
+    const Header h = read_header_for(payload, id(), out.count);
+    const size_t n = out.count, block = h.param_a, blocks = (n + block - 1) / block;
+    const uint8_t* scales = payload.data() + kPayloadHeaderBytes;
+    const uint8_t* q = scales + 4 * blocks;
+    for (size_t b = 0; b < blocks; ++b) {
+      const float sc = load<float>(scales, b);
+      // An encoder's scale is absmax / 127 of finite values: anything else is corrupt (and a
+      // larger one would overflow to Inf when dequantised).
+      if (!(sc >= 0.0f && sc <= kMaxScale))
+        throw CorruptError(fmt::format(
+            "int8 payload: scale {} of {} is {} (must be in [0, FLT_MAX / 127])", b, blocks, sc));
+    }
+    if (out.device == DeviceKind::Cuda) {
+      auto d = upload(payload.subspan(kPayloadHeaderBytes), out.device_index, stream);
+      cuda_call("int8 decode", [&] {
+        kc::int8_dequantize(reinterpret_cast<const int8_t*>(d.as<float>() + blocks), d.as<float>(), n,
+                            static_cast<uint32_t>(block), static_cast<float*>(out.data), accumulate,
+                            out.device_index, stream.handle);
+        kc::synchronize(out.device_index, stream.handle);
+      });
+      return;
+    }
+    dequantize_loop(scales, q, n, block, static_cast<float*>(out.data), accumulate);
+  }
+
+  Int8Options o_;
+};
+
+}  // namespace
+
+std::unique_ptr<Codec> make_int8_codec(const Int8Options& options) {
+  return std::make_unique<Int8Codec>(options);
+}
+
+}  // namespace meshtrain::compress

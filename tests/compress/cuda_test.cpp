@@ -1,0 +1,208 @@
+// Every CUDA kernel against its CPU reference: the same codec encodes the same fresh random
+// gradients on the CPU and on the GPU (odd sizes, smaller than a block, many blocks), and the
+// payload bytes, residuals, clamp counts and decoded outputs must be identical. Runs on a
+// non-default stream. Skips with the CUDA runtime's reason where there is no GPU.
+#include <gtest/gtest.h>
+
+#include <limits>
+
+#include "compress/helpers.h"
+#include "kernels/compress/api.h"
+#include "kernels/compress/codec_math.h"
+#include "kernels/runtime.h"
+
+using namespace meshtrain;
+using namespace meshtrain::compress;
+using namespace meshtrain::compress::testing;
+namespace kc = meshtrain::cuda::compress;
+
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                                        \
+  do {                                                                                          \
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::runtime_description(); \
+  } while (0)
+
+// A device copy of a host vector, on device 0, used through `stream`.
+class DeviceVector {
+ public:
+  DeviceVector(const std::vector<float>& host, void* stream)
+      : n_(host.size()), buffer_(std::max<size_t>(host.size(), 1) * 4, 0), stream_(stream) {
+    kc::copy_async(buffer_.data(), host.data(), n_ * 4, 0, stream_);
+    kc::synchronize(0, stream_);
+  }
+  BufferView view() const { return BufferView{buffer_.data(), n_, DType::Float32, DeviceKind::Cuda, 0}; }
+  std::vector<float> host() const {
+    std::vector<float> out(n_);
+    kc::copy_async(out.data(), buffer_.data(), n_ * 4, 0, stream_);
+    kc::synchronize(0, stream_);
+    return out;
+  }
+
+ private:
+  size_t n_;
+  kc::DeviceBuffer buffer_;
+  void* stream_;
+};
+
+class Stream {
+ public:
+  Stream() : s_(kc::stream_create(0)) {}
+  ~Stream() { kc::stream_destroy(s_, 0); }
+  CudaStream get() const { return CudaStream{s_}; }
+  void* raw() const { return s_; }
+
+ private:
+  void* s_;
+};
+
+void expect_same_bits(const std::vector<float>& a, const std::vector<float>& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(bits(a[i]), bits(b[i])) << what << " element " << i;
+}
+
+struct Case {
+  std::string spec;
+  std::vector<size_t> shape;
+};
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.spec << " shape {";
+  for (size_t i = 0; i < c.shape.size(); ++i) *os << (i ? ", " : "") << c.shape[i];
+  *os << "}";
+}
+
+std::vector<Case> cases() {
+  std::vector<std::vector<size_t>> shapes = {{1}, {7}, {31}, {255}, {256}, {257}, {1000}, {4097},
+                                             {65537}, {(1u << 20) + 3}, {37, 53}, {300, 129}};
+  std::vector<Case> out;
+  for (const auto& spec : all_codec_specs())
+    for (const auto& shape : shapes) out.push_back({spec, shape});
+  return out;
+}
+
+class CudaVsCpu : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaVsCpu, PayloadResidualAndDecodeMatchTheCpuReference) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  auto codec = make_codec(GetParam().spec);
+  TensorSpec cpu_spec{GetParam().shape};
+  TensorSpec gpu_spec{GetParam().shape, DeviceKind::Cuda, 0};
+  const size_t n = cpu_spec.count();
+  auto cpu_state = codec->make_state(cpu_spec);
+  auto gpu_state = codec->make_state(gpu_spec);
+  for (uint64_t step = 0; step < 3; ++step) {
+    const std::string at = GetParam().spec + " n=" + std::to_string(n) + " step " + std::to_string(step);
+    auto grad = random_gradient(n, 4000 + 31 * step + n);
+    DeviceVector d_grad(grad, stream.raw());
+    auto cpu_payload = encode(*codec, grad, *cpu_state);
+    std::vector<uint8_t> gpu_payload(codec->encoded_bytes(gpu_spec));
+    gpu_payload.resize(codec->encode(d_grad.view(), *gpu_state, gpu_payload, stream.get()));
+    ASSERT_EQ(cpu_payload, gpu_payload) << at;
+    EXPECT_EQ(cpu_state->stats().last_clamped, gpu_state->stats().last_clamped) << at;
+    EXPECT_EQ(cpu_state->stats().last_flushed, gpu_state->stats().last_flushed) << at;
+    expect_same_bits(cpu_state->residual(), gpu_state->residual(), at + " residual");
+    EXPECT_EQ(d_grad.host(), grad) << at << ": encode changed the gradient";
+
+    auto expected = decode(*codec, cpu_payload, n);
+    DeviceVector d_out(std::vector<float>(n, -7.0f), stream.raw());
+    codec->decode(gpu_payload, d_out.view(), stream.get());
+    expect_same_bits(expected, d_out.host(), at + " decode");
+
+    auto base = random_gradient(n, 9);
+    auto expected_acc = base;
+    codec->decode_accumulate(cpu_payload, view(expected_acc));
+    DeviceVector d_acc(base, stream.raw());
+    codec->decode_accumulate(gpu_payload, d_acc.view(), stream.get());
+    expect_same_bits(expected_acc, d_acc.host(), at + " decode_accumulate");
+  }
+}
+
+TEST_P(CudaVsCpu, NonFiniteGradientsAreRejectedWithTheSameIndex) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  auto codec = make_codec(GetParam().spec);
+  TensorSpec gpu_spec{GetParam().shape, DeviceKind::Cuda, 0};
+  const size_t n = gpu_spec.count();
+  auto state = codec->make_state(gpu_spec);
+  auto grad = random_gradient(n, 1);
+  const size_t bad = n / 2;
+  grad[bad] = std::numeric_limits<float>::quiet_NaN();
+  if (n > 3) grad[n - 1] = std::numeric_limits<float>::infinity();
+  DeviceVector d_grad(grad, stream.raw());
+  std::vector<uint8_t> out(codec->encoded_bytes(gpu_spec));
+  try {
+    codec->encode(d_grad.view(), *state, out, stream.get());
+    FAIL() << "accepted a NaN";
+  } catch (const InvalidArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("element " + std::to_string(bad) + " of"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(state->stats().encodes, 0u);
+  for (float r : state->residual()) ASSERT_EQ(r, 0.0f);
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, CudaVsCpu, ::testing::ValuesIn(cases()), [](const auto& info) {
+  std::string name = test_name(info.param.spec);
+  for (size_t d : info.param.shape) name += "_" + std::to_string(d);
+  return name;
+});
+
+// Ties and degenerate inputs for the radix select and the tile compaction: all equal, all
+// zero, and runs of equal magnitudes with both signs across tile boundaries.
+TEST(CudaTopK, TiesAndDegenerateInputsMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const size_t n = 3 * 4096 + 17;
+  std::vector<std::vector<float>> inputs = {std::vector<float>(n, 0.0f), std::vector<float>(n, 0.25f)};
+  std::vector<float> runs(n);
+  for (size_t i = 0; i < n; ++i) runs[i] = ((i / 1000) % 2 ? -1.0f : 1.0f) * float(i % 7);
+  inputs.push_back(runs);
+  for (double fraction : {0.001, 0.01, 0.3, 1.0}) {
+    auto codec = make_topk_codec({.fraction = fraction, .error_feedback = false});
+    for (const auto& x : inputs) {
+      auto cpu_state = codec->make_state(TensorSpec::flat(n));
+      auto gpu_state = codec->make_state(TensorSpec::flat(n, DeviceKind::Cuda, 0));
+      DeviceVector d(x, stream.raw());
+      std::vector<uint8_t> gpu(codec->encoded_bytes(n));
+      codec->encode(d.view(), *gpu_state, gpu, stream.get());
+      EXPECT_EQ(encode(*codec, x, *cpu_state), gpu) << "fraction " << fraction;
+    }
+  }
+}
+
+TEST(CudaCast, ClampAndFlushCountsMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  std::vector<float> x = {70000.0f, -1e10f, 65519.0f, 65520.0f, 1e-9f, 0.0f, -0.0f, 1.0f,
+                          std::numeric_limits<float>::max(), 1e-45f, -3e38f};
+  for (const char* spec : {"fp16", "bf16"}) {
+    auto codec = make_codec(spec);
+    auto cpu_state = codec->make_state(TensorSpec::flat(x.size()));
+    auto gpu_state = codec->make_state(TensorSpec::flat(x.size(), DeviceKind::Cuda, 0));
+    DeviceVector d(x, stream.raw());
+    std::vector<uint8_t> gpu(codec->encoded_bytes(x.size()));
+    codec->encode(d.view(), *gpu_state, gpu, stream.get());
+    EXPECT_EQ(encode(*codec, x, *cpu_state), gpu) << spec;
+    EXPECT_EQ(cpu_state->stats().last_clamped, gpu_state->stats().last_clamped) << spec;
+    EXPECT_EQ(cpu_state->stats().last_flushed, gpu_state->stats().last_flushed) << spec;
+    EXPECT_GT(gpu_state->stats().last_clamped, 0u) << spec;
+  }
+}
+
+// The fp16 decode kernel over every finite half.
+TEST(CudaCast, EveryFiniteHalfDecodesLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::vector<uint16_t> halves;
+  for (uint32_t h = 0; h < 65536; ++h)
+    if ((h & 0x7c00u) != 0x7c00u) halves.push_back(static_cast<uint16_t>(h));
+  kc::DeviceBuffer in(halves.size() * 2, 0), out(halves.size() * 4, 0);
+  kc::copy_async(in.data(), halves.data(), halves.size() * 2, 0, nullptr);
+  kc::fp16_to_fp32(in.as<uint16_t>(), out.as<float>(), halves.size(), false, 0, nullptr);
+  std::vector<float> got(halves.size());
+  kc::copy_async(got.data(), out.data(), got.size() * 4, 0, nullptr);
+  kc::synchronize(0, nullptr);
+  for (size_t i = 0; i < halves.size(); ++i)
+    ASSERT_EQ(bits(got[i]), bits(meshtrain::compress::math::fp16_to_fp32(halves[i]))) << std::hex << halves[i];
+}
+
+}  // namespace
