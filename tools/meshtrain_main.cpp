@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "checkpoint/checkpoint_command.h"
 #include "demo/demo.h"
 #include "meshtrain/core.h"
 
@@ -20,6 +21,7 @@ struct Command {
 const Command kCommands[] = {
     {"demo", tools::demo_command, "run a local data-parallel job with a failure and a join (see --help)"},
     {"demo-worker", tools::demo_worker_command, ""},
+    {"checkpoint", tools::checkpoint_command, "inspect, verify or list checkpoints (see --help)"},
 };
 
 void usage(FILE* out) {
