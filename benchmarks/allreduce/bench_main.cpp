@@ -33,7 +33,7 @@ options:
   --size BYTES              buffer size: a multiple of 4; units KiB, MiB, GiB (e.g. 64MiB)
   --repeats R               timed iterations (default 10)
   --warmup W                untimed iterations first (default 2)
-  --streams S               TCP streams per ring neighbour (default 2)
+  --streams S               TCP streams per ring neighbour (default 1)
   --chunk-bytes B           ring pipelining unit (default 1MiB)
   --plain | --encrypted     bulk security to measure (default: both, one line each)
   --baseline gloo           also time torch.distributed's gloo all_reduce (same sizes, same

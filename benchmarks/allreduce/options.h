@@ -40,7 +40,7 @@ struct AllreduceOptions {
   uint64_t bytes = 0;
   int repeats = 10;
   int warmup = 2;
-  uint32_t streams = 2;                 // CommunicatorOptions default
+  uint32_t streams = 1;                 // CommunicatorOptions default
   uint64_t chunk_bytes = 1u << 20;      // CommunicatorOptions default
   bool plain = true;
   bool encrypted = true;

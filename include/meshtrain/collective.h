@@ -45,7 +45,10 @@ struct CommunicatorOptions {
   std::string advertise_host;        // address others connect to; default bind_host
   uint16_t advertise_port = 0;       // port others connect to (e.g. a relay in front of our listener); default: the listener's
   net::BulkOptions bulk;
-  uint32_t streams = 2;              // parallel TCP streams per ring neighbour
+  // Parallel TCP streams per ring neighbour. One is fastest on every link measured so far
+  // (loopback, 200 Mbit/s with 0 and 50 ms added latency: docs/benchmarks.md); raise it where one
+  // TCP connection cannot fill a long, fat link (window-limited: rate x RTT > socket buffer).
+  uint32_t streams = 1;
   size_t chunk_bytes = 1u << 20;     // pipelining unit of the ring
   std::chrono::milliseconds op_timeout{120000};      // one collective, end to end
   std::chrono::milliseconds quorum_timeout{60000};   // waiting for the coordinator's quorum

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -40,7 +41,8 @@ struct ControlLink {
     thread_ = std::thread([this] { loop(); });
   }
   ~ControlLink() {
-    stop_.cancel();
+    stopping_ = true;
+    wake();
     thread_.join();
   }
 
@@ -50,8 +52,11 @@ struct ControlLink {
     m.header.quorum_id = quorum_id;
     m.header.step = step;
     m.payload = std::move(payload);
-    std::lock_guard lock(mutex_);
-    outbox_.push_back(std::move(m));
+    {
+      std::lock_guard lock(mutex_);
+      outbox_.push_back(std::move(m));
+    }
+    wake();
   }
 
   // Wait for a quorum (with step == step and id != exclude_id) or a rejoin for `step`.
@@ -111,8 +116,14 @@ struct ControlLink {
   }
 
  private:
+  // Interrupts the link thread's wait, so a queued message leaves at once.
+  void wake() {
+    std::lock_guard lock(wake_mutex_);
+    if (wake_) wake_->cancel();
+  }
+
   void loop() {
-    while (!stop_.cancelled()) {
+    while (!stopping_) {
       std::deque<Outgoing> out;
       {
         std::lock_guard lock(mutex_);
@@ -125,15 +136,25 @@ struct ControlLink {
           log::warn("collective", "control message to the coordinator not sent: {}", e.what());
         }
       }
+      CancelToken woken;  // a fresh token per wait: cancelling one is permanent
+      {
+        std::lock_guard lock(wake_mutex_);
+        wake_ = &woken;
+      }
+      bool idle;
+      {
+        std::lock_guard lock(mutex_);
+        idle = outbox_.empty();
+      }
       try {
-        net::Message m = client_->recv(Deadline::after(20ms), &stop_);
-        handle(m);
+        if (idle && !stopping_) handle(client_->recv(Deadline::after(200ms), &woken));
       } catch (const TimeoutError&) {
       } catch (const CancelledError&) {
-        return;
       } catch (const Error& e) {
         log::warn("collective", "control link: {}", e.what());
       }
+      std::lock_guard lock(wake_mutex_);
+      wake_ = nullptr;
     }
   }
 
@@ -172,7 +193,9 @@ struct ControlLink {
 
   const crypto::Identity& self_;
   std::unique_ptr<net::ControlClient> client_;
-  CancelToken stop_;
+  std::atomic<bool> stopping_{false};
+  std::mutex wake_mutex_;
+  CancelToken* wake_ = nullptr;  // the link thread's current wait, if any
   std::thread thread_;
   std::mutex mutex_;
   std::condition_variable cv_;

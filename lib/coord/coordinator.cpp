@@ -87,6 +87,7 @@ struct Coordinator::Impl {
 
   std::map<PeerId, MemberInfo> members;                 // registered (R1)
   std::set<PeerId> left;                                // sent Leave: not waited for until they ask again
+  std::map<PeerId, Clock::time_point> reported_lost;    // named lost by an abort, and when
   std::map<uint64_t, StepWait> waiting;                 // step -> pending requests (R2)
   std::map<uint64_t, Attempt> attempts;                 // quorum id -> attempt
   std::map<uint64_t, uint64_t> current;                 // step -> quorum id of its latest attempt
@@ -156,6 +157,7 @@ struct Coordinator::Impl {
   void abort_attempt(Attempt& a, const PeerId* except, const std::vector<PeerId>& lost, const std::string& reason) {
     a.aborted = true;
     a.verdict = Abort{a.quorum.quorum_id, a.quorum.step, lost, reason};
+    for (const auto& p : lost) reported_lost[p] = Clock::now();
     ++counters.attempts_aborted;
     log::warn("coord", "quorum {:016x} (step {}, {} peers) aborted: {}; lost: {}", a.quorum.quorum_id, a.quorum.step,
               a.quorum.members.size(), reason, describe_peers(lost));
@@ -402,10 +404,20 @@ struct Coordinator::Impl {
   // peers seen but not registered, i.e. members after a restart; during the startup grace also
   // every allowed peer not heard from yet), minus those that left, those reported lost (R5),
   // and those already waiting for another step.
+  // A peer an abort named lost is not waited for by later steps either, until it is heard from
+  // again (a live member heartbeats every heartbeat interval; a dead one never does), so a
+  // killed member stalls only its own step, not the next ones until its heartbeat timeout.
+  bool silent_since_reported_lost(const PeerId& p) const {
+    auto it = reported_lost.find(p);
+    if (it == reported_lost.end()) return false;
+    auto seen = server.last_seen(p);
+    return !seen || *seen <= it->second;
+  }
+
   std::set<PeerId> expected_for(uint64_t step, const StepWait& w, const std::set<PeerId>& candidates) const {
     std::set<PeerId> out;
     for (const auto& p : candidates) {
-      if (left.count(p) || w.excused.count(p)) continue;
+      if (left.count(p) || w.excused.count(p) || silent_since_reported_lost(p)) continue;
       bool elsewhere = false;
       for (const auto& [other, ow] : waiting)
         if (other != step && ow.requests.count(p)) elsewhere = true;
