@@ -116,7 +116,7 @@ class CastState final : public StateBase {
 };
 
 template <typename F>
-class CastCodec final : public Codec {
+class CastCodec final : public ApplyingCodec {
  public:
   CodecId id() const noexcept override { return F::kId; }
   std::string describe() const override { return std::string(codec_name(F::kId)); }
@@ -160,14 +160,6 @@ class CastCodec final : public Codec {
     return bytes;
   }
 
-  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const override {
-    apply(payload, out, false, stream);
-  }
-  void decode_accumulate(std::span<const uint8_t> payload, BufferView out,
-                         CudaStream stream) const override {
-    apply(payload, out, true, stream);
-  }
-
  private:
   [[noreturn]] void corrupt(size_t index, size_t n) const {
     throw CorruptError(fmt::format("{} payload: element {} of {} is Inf or NaN (encoders clamp and "
@@ -175,7 +167,7 @@ class CastCodec final : public Codec {
   }
 
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
-             CudaStream stream) const {
+             CudaStream stream) const override {
     check_fp32(fmt::format("{} {}", name(), accumulate ? "decode_accumulate" : "decode"), "output",
                out, out.count);
     read_header_for(payload, id(), out.count);

@@ -104,6 +104,21 @@ class Residual {
   kc::DeviceBuffer buffer_;
 };
 
+// Base of the codecs whose decode and decode_accumulate are one routine with an accumulate flag.
+class ApplyingCodec : public Codec {
+ public:
+  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const final {
+    apply(payload, out, false, stream);
+  }
+  void decode_accumulate(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const final {
+    apply(payload, out, true, stream);
+  }
+
+ protected:
+  // Checks the whole payload, then writes (or, with accumulate, adds) it into out.
+  virtual void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate, CudaStream stream) const = 0;
+};
+
 }  // namespace meshtrain::compress::detail
 
 namespace meshtrain::compress::detail {

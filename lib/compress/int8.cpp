@@ -131,7 +131,7 @@ MT_VECTOR_CLONES void dequantize_loop(const uint8_t* scales, const uint8_t* q, s
   }
 }
 
-class Int8Codec final : public Codec {
+class Int8Codec final : public ApplyingCodec {
  public:
   explicit Int8Codec(const Int8Options& o) : o_(o) {
     if (o.block_size < 1 || o.block_size > kMaxInt8Block)
@@ -189,14 +189,6 @@ class Int8Codec final : public Codec {
     return bytes;
   }
 
-  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const override {
-    apply(payload, out, false, stream);
-  }
-  void decode_accumulate(std::span<const uint8_t> payload, BufferView out,
-                         CudaStream stream) const override {
-    apply(payload, out, true, stream);
-  }
-
  private:
   Header header(size_t count) const {
     return Header{CodecId::Int8, static_cast<uint8_t>(o_.rounding == Rounding::Stochastic), count,
@@ -205,7 +197,7 @@ class Int8Codec final : public Codec {
 
   // The payload's own block size is authoritative (it is self-describing).
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
-             CudaStream stream) const {
+             CudaStream stream) const override {
     check_fp32(accumulate ? "int8 decode_accumulate" : "int8 decode", "output", out, out.count);
     const Header h = read_header_for(payload, id(), out.count);
     const size_t n = out.count, block = h.param_a, blocks = (n + block - 1) / block;

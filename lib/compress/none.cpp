@@ -12,7 +12,7 @@ class NoneState final : public StateBase {
   explicit NoneState(TensorSpec spec) : StateBase(CodecId::None, std::move(spec)) {}
 };
 
-class NoneCodec final : public Codec {
+class NoneCodec final : public ApplyingCodec {
  public:
   CodecId id() const noexcept override { return CodecId::None; }
   std::string describe() const override { return "none"; }
@@ -45,16 +45,8 @@ class NoneCodec final : public Codec {
     return bytes;
   }
 
-  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const override {
-    apply(payload, out, false, stream);
-  }
-  void decode_accumulate(std::span<const uint8_t> payload, BufferView out,
-                         CudaStream stream) const override {
-    apply(payload, out, true, stream);
-  }
-
  private:
-  void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate, CudaStream stream) const {
+  void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate, CudaStream stream) const override {
     check_fp32(accumulate ? "none decode_accumulate" : "none decode", "output", out, out.count);
     read_header_for(payload, id(), out.count);
     const uint8_t* body = payload.data() + kPayloadHeaderBytes;

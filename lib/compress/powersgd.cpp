@@ -85,7 +85,7 @@ class PowerSgdState final : public StateBase {
   std::vector<float> q_;
 };
 
-class PowerSgdCodec final : public Codec {
+class PowerSgdCodec final : public ApplyingCodec {
  public:
   explicit PowerSgdCodec(const PowerSgdOptions& o) : o_(o) {
     if (o.rank < 1 || o.rank > kMaxPowerSgdRank)
@@ -132,14 +132,6 @@ class PowerSgdCodec final : public Codec {
     write_header(out, header(n, sh));
     s.record(bytes);
     return bytes;
-  }
-
-  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const override {
-    apply(payload, out, false, stream);
-  }
-  void decode_accumulate(std::span<const uint8_t> payload, BufferView out,
-                         CudaStream stream) const override {
-    apply(payload, out, true, stream);
   }
 
  private:
@@ -215,7 +207,7 @@ class PowerSgdCodec final : public Codec {
   }
 
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
-             CudaStream stream) const {
+             CudaStream stream) const override {
     check_fp32(accumulate ? "powersgd decode_accumulate" : "powersgd decode", "output", out, out.count);
     const Header h = read_header_for(payload, id(), out.count);
     const size_t n = out.count;

@@ -87,7 +87,7 @@ class TopKState final : public StateBase {
   Residual residual_;
 };
 
-class TopKCodec final : public Codec {
+class TopKCodec final : public ApplyingCodec {
  public:
   explicit TopKCodec(const TopKOptions& o) : o_(o) {
     if (!(o.fraction > 0.0 && o.fraction <= 1.0))
@@ -131,14 +131,6 @@ class TopKCodec final : public Codec {
     write_header(out, Header{id(), 0, n, k, 0});
     s.record(bytes);
     return bytes;
-  }
-
-  void decode(std::span<const uint8_t> payload, BufferView out, CudaStream stream) const override {
-    apply(payload, out, false, stream);
-  }
-  void decode_accumulate(std::span<const uint8_t> payload, BufferView out,
-                         CudaStream stream) const override {
-    apply(payload, out, true, stream);
   }
 
  private:
@@ -229,7 +221,7 @@ class TopKCodec final : public Codec {
   }
 
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
-             CudaStream stream) const {
+             CudaStream stream) const override {
     check_fp32(accumulate ? "topk decode_accumulate" : "topk decode", "output", out, out.count);
     const Header h = read_header_for(payload, id(), out.count);
     const size_t n = out.count, k = h.param_a;
