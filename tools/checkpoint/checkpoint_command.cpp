@@ -8,6 +8,7 @@
 
 #include <fmt/ranges.h>
 
+#include "checkpoint/internal.h"  // lib/checkpoint: format_bytes
 #include "checkpoint/json.h"  // lib/checkpoint: the JSON writer the manifests use
 #include "meshtrain/checkpoint.h"
 
@@ -58,17 +59,6 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
-std::string human_bytes(uint64_t bytes) {
-  if (bytes < 1024) return fmt::format("{} B", bytes);
-  const char* units[] = {"KiB", "MiB", "GiB", "TiB", "PiB"};
-  double v = static_cast<double>(bytes);
-  int u = -1;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  return fmt::format("{:.2f} {}", v, units[u]);
-}
 
 std::string utc(int64_t unix_ms) {
   std::time_t t = static_cast<std::time_t>(unix_ms / 1000);
@@ -129,8 +119,8 @@ int inspect(const Args& a) {
   out += fmt::format("format       {}\n", m.format_version);
   out += fmt::format("saved        {} by {} writer{} (save id {})\n", utc(m.created_unix_ms), m.world_size,
                      m.world_size == 1 ? "" : "s", m.save_id);
-  out += fmt::format("state        {} ({} bytes) in {} tensors, hashed in blocks of {}\n", human_bytes(m.total_bytes),
-                     m.total_bytes, m.tensors.size(), human_bytes(m.block_bytes));
+  out += fmt::format("state        {} ({} bytes) in {} tensors, hashed in blocks of {}\n", checkpoint::detail::format_bytes(m.total_bytes),
+                     m.total_bytes, m.tensors.size(), checkpoint::detail::format_bytes(m.block_bytes));
   for (const auto& [k, v] : m.metadata) out += fmt::format("metadata     {} = {}\n", k, v);
   for (const auto& [k, v] : m.blobs) out += fmt::format("blob         {} ({} bytes)\n", k, v.size());
 
@@ -190,7 +180,7 @@ int verify(const Args& a) {
   for (const auto& ch : checks) failed += ch.ok ? 0 : 1;
   if (ok) {
     out += fmt::format("{}: all {} shards verified ({}, step {})\n", c->dir().string(), checks.size(),
-                       human_bytes(c->manifest().total_bytes), c->manifest().step);
+                       checkpoint::detail::format_bytes(c->manifest().total_bytes), c->manifest().step);
   } else {
     out += fmt::format("{}: {} of {} shards failed verification\n", c->dir().string(), failed, checks.size());
   }
