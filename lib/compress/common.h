@@ -104,6 +104,28 @@ class Residual {
   kc::DeviceBuffer buffer_;
 };
 
+// A codec state with an optional error-feedback residual (int8, top-k).
+class ResidualState : public StateBase {
+ public:
+  ResidualState(CodecId codec, TensorSpec spec, bool error_feedback) : StateBase(codec, std::move(spec)) {
+    if (error_feedback) residual_ = Residual(count(), this->spec().device, this->spec().device_index);
+    has_residual_ = error_feedback;
+  }
+  std::vector<float> residual() const override {
+    return has_residual_ ? residual_.to_host() : std::vector<float>{};
+  }
+  void reset() override {
+    StateBase::reset();
+    if (has_residual_) residual_.zero();
+  }
+  // Null without error feedback.
+  float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+
+ private:
+  bool has_residual_ = false;
+  Residual residual_;
+};
+
 // Base of the codecs whose decode and decode_accumulate are one routine with an accumulate flag.
 class ApplyingCodec : public Codec {
  public:

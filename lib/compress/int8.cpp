@@ -21,26 +21,11 @@ using namespace detail;
 constexpr size_t kChunk = 4096;
 constexpr float kMaxScale = std::numeric_limits<float>::max() / math::kInt8Max;
 
-class Int8State final : public StateBase {
+class Int8State final : public ResidualState {
  public:
-  Int8State(TensorSpec spec, bool error_feedback) : StateBase(CodecId::Int8, std::move(spec)) {
-    if (error_feedback) residual_ = Residual(count(), this->spec().device, this->spec().device_index);
-    has_residual_ = error_feedback;
-  }
-  std::vector<float> residual() const override {
-    return has_residual_ ? residual_.to_host() : std::vector<float>{};
-  }
-  void reset() override {
-    StateBase::reset();
-    if (has_residual_) residual_.zero();
-  }
-  float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+  Int8State(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::Int8, std::move(spec), error_feedback) {}
 
   kc::DeviceBuffer staging;
-
- private:
-  bool has_residual_ = false;
-  Residual residual_;
 };
 
 // The loops, compiled per CPU level (MT_VECTOR_CLONES).

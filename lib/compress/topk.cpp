@@ -63,28 +63,13 @@ uint64_t topk_k(double fraction, size_t n) {
   return static_cast<uint64_t>(k);
 }
 
-class TopKState final : public StateBase {
+class TopKState final : public ResidualState {
  public:
-  TopKState(TensorSpec spec, bool error_feedback) : StateBase(CodecId::TopK, std::move(spec)) {
-    if (error_feedback) residual_ = Residual(count(), this->spec().device, this->spec().device_index);
-    has_residual_ = error_feedback;
-  }
-  std::vector<float> residual() const override {
-    return has_residual_ ? residual_.to_host() : std::vector<float>{};
-  }
-  void reset() override {
-    StateBase::reset();
-    if (has_residual_) residual_.zero();
-  }
-  float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+  TopKState(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::TopK, std::move(spec), error_feedback) {}
 
   std::vector<float> scratch;   // CPU without error feedback: v (a copy of the gradient)
   kc::DeviceBuffer d_scratch;   // CUDA without error feedback: v
   kc::DeviceBuffer d_out;       // CUDA: indices then values
-
- private:
-  bool has_residual_ = false;
-  Residual residual_;
 };
 
 class TopKCodec final : public ApplyingCodec {
