@@ -4,8 +4,8 @@
 #include <string>
 #include <string_view>
 
-#include <meshtrain/core.h>
-#include <meshtrain/crypto.h>
+// The umbrella header: also proves every installed public header compiles on its own.
+#include <meshtrain/meshtrain.h>
 
 int main() {
   namespace crypto = meshtrain::crypto;
