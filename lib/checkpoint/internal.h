@@ -16,6 +16,10 @@
 
 #include "meshtrain/checkpoint.h"
 
+namespace meshtrain::checkpoint::json {
+class Writer;
+}
+
 namespace meshtrain::checkpoint::detail {
 
 namespace fs = std::filesystem;
@@ -71,6 +75,9 @@ std::string sidecar_file_name(uint32_t rank, uint32_t world_size);
 std::string digest_hex(const crypto::Digest& d);
 crypto::Digest digest_of_blocks(const std::vector<crypto::Digest>& blocks);
 std::string format_bytes(uint64_t bytes);  // "1.50 GiB"
+// The manifest's "tensors" array (name, dtype, shape, offset, bytes), for the manifest and for
+// `meshtrain checkpoint inspect --json`.
+void write_tensors_json(json::Writer& w, const std::vector<TensorInfo>& tensors);
 
 // ---- the global byte stream -----------------------------------------------------------------
 

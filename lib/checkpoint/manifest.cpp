@@ -106,6 +106,16 @@ void write_shard_fields(json::Writer& w, const ShardInfo& s) {
 
 }  // namespace
 
+void detail::write_tensors_json(json::Writer& w, const std::vector<TensorInfo>& tensors) {
+  w.key("tensors").begin_array();
+  for (const auto& t : tensors) {
+    w.begin_object(true).key("name").value(t.name).key("dtype").value(dtype_name(t.dtype)).key("shape").begin_array();
+    for (int64_t d : t.shape) w.value(d);
+    w.end_array().key("offset").value(t.offset).key("bytes").value(t.bytes).end_object();
+  }
+  w.end_array();
+}
+
 std::string manifest_to_json(const Manifest& m) {
   json::Writer w;
   w.begin_object();
@@ -128,13 +138,7 @@ std::string manifest_to_json(const Manifest& m) {
     w.key("base64").value(json::base64_encode(v.data(), v.size())).end_object();
   }
   w.end_object();
-  w.key("tensors").begin_array();
-  for (const auto& t : m.tensors) {
-    w.begin_object(true).key("name").value(t.name).key("dtype").value(dtype_name(t.dtype)).key("shape").begin_array();
-    for (int64_t d : t.shape) w.value(d);
-    w.end_array().key("offset").value(t.offset).key("bytes").value(t.bytes).end_object();
-  }
-  w.end_array();
+  detail::write_tensors_json(w, m.tensors);
   w.key("shards").begin_array();
   for (const auto& s : m.shards) {
     w.begin_object();

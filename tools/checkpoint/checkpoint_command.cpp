@@ -8,7 +8,7 @@
 
 #include <fmt/ranges.h>
 
-#include "checkpoint/internal.h"  // lib/checkpoint: format_bytes
+#include "checkpoint/internal.h"  // lib/checkpoint: format_bytes, write_tensors_json
 #include "checkpoint/json.h"  // lib/checkpoint: the JSON writer the manifests use
 #include "meshtrain/checkpoint.h"
 
@@ -95,13 +95,7 @@ int inspect(const Args& a) {
     w.key("blobs").begin_object();
     for (const auto& [k, v] : m.blobs) w.key(k).begin_object(true).key("bytes").value(uint64_t{v.size()}).end_object();
     w.end_object();
-    w.key("tensors").begin_array();
-    for (const auto& t : m.tensors) {
-      w.begin_object(true).key("name").value(t.name).key("dtype").value(dtype_name(t.dtype)).key("shape").begin_array();
-      for (auto d : t.shape) w.value(d);
-      w.end_array().key("offset").value(t.offset).key("bytes").value(t.bytes).end_object();
-    }
-    w.end_array();
+    checkpoint::detail::write_tensors_json(w, m.tensors);
     w.key("shards").begin_array();
     for (const auto& s : m.shards) {
       w.begin_object(true).key("rank").value(s.rank).key("file").value(s.file).key("begin").value(s.range.begin);
