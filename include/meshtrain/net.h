@@ -103,6 +103,11 @@ struct ControlOptions {
   std::chrono::milliseconds heartbeat_timeout{5000};
   // How long close waits to flush unsent messages.
   std::chrono::milliseconds linger{200};
+  // Server only. false: only keys on the allow-list complete the handshake. true: any key may
+  // connect (for services that authenticate each request, like the market, or that admit with a
+  // join token); each message's claimed sender must still be the Ed25519 key whose X25519 form
+  // the connection authenticated with, so a peer can speak only for its own key.
+  bool admit_any_key = false;
 };
 
 // A bound ROUTER socket: many authenticated clients, each addressed by its PeerId.
@@ -122,6 +127,8 @@ class ControlServer {
 
   // Admits another key from now on (e.g. a joiner with a valid join token).
   void allow(const PeerId& peer);
+  // Whether `peer` is on the allow-list (with admit_any_key, unlisted peers connect too).
+  bool allowed(const PeerId& peer) const;
 
   // Waits for the next valid message from any allowed peer. Returns nullopt when the deadline
   // passes. Invalid messages are logged, counted in stats() and skipped. Heartbeats update

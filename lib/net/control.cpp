@@ -10,12 +10,17 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
+#include <string_view>
 #include <thread>
 
 #include "net/codec.h"
 
 namespace meshtrain::net {
 namespace {
+
+// ZAP user id of a connection whose key is not on the allow-list (admit_any_key servers).
+constexpr std::string_view kUnlistedPrefix = "unlisted:";
 
 [[noreturn]] void throw_zmq(const std::string& what) {
   throw InternalError(fmt::format("{}: {}", what, zmq_strerror(zmq_errno())));
@@ -174,6 +179,7 @@ struct ControlServer::Impl {
 
   mutable std::mutex mutex;  // guards the members below (shared with the ZAP thread)
   std::map<crypto::X25519Key, PeerId> curve_to_peer;
+  std::set<PeerId> listed;
   RejectStats stats;
 
   std::map<PeerId, crypto::Bytes> routes;
@@ -183,6 +189,7 @@ struct ControlServer::Impl {
     crypto::X25519Key curve = crypto::ed25519_to_x25519_public(peer);
     std::lock_guard lock(mutex);
     curve_to_peer[curve] = peer;
+    listed.insert(peer);
   }
 
   // ZAP (RFC 27) handler: answers the ZeroMQ library's authentication requests for the router.
@@ -208,6 +215,11 @@ struct ControlServer::Impl {
           status = "200";
           status_text = "OK";
           user_id = it->second.hex();
+        } else if (options.admit_any_key) {
+          // The sender is bound to this key per message in recv().
+          status = "200";
+          status_text = "OK";
+          user_id = std::string(kUnlistedPrefix) + crypto::to_hex(curve);
         } else {
           status_text = "key not on the allow-list";
           ++stats.refused_identity;
@@ -276,6 +288,11 @@ std::string ControlServer::endpoint() const {
 const PeerId& ControlServer::id() const { return impl_->self.public_key(); }
 void ControlServer::allow(const PeerId& peer) { impl_->allow(peer); }
 
+bool ControlServer::allowed(const PeerId& peer) const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->listed.count(peer) != 0;
+}
+
 RejectStats ControlServer::stats() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->stats;
@@ -291,13 +308,27 @@ std::optional<Message> ControlServer::recv(Deadline deadline, const CancelToken*
     }
     const char* user = frames.size() > 1 ? zmq_msg_gets(&frames[1]->msg, "User-Id") : nullptr;
     if (!user) continue;  // cannot happen with CURVE: every admitted connection has a user id
-    PeerId from = PeerId::from_hex(user, "ZAP user id");
-    std::string source = fmt::format("peer {}", from.fingerprint());
+    std::string_view user_id(user);
+    std::optional<crypto::X25519Key> unlisted_curve;
+    PeerId from;
+    if (user_id.starts_with(kUnlistedPrefix)) {
+      unlisted_curve = crypto::X25519Key{};
+      crypto::Bytes raw = crypto::from_hex(user_id.substr(kUnlistedPrefix.size()), "ZAP user id");
+      std::memcpy(unlisted_curve->data(), raw.data(), unlisted_curve->size());
+    } else {
+      from = PeerId::from_hex(user, "ZAP user id");
+    }
+    std::string source = unlisted_curve ? fmt::format("unlisted peer (Curve key {})",
+                                                      crypto::to_hex(*unlisted_curve).substr(0, 16))
+                                        : fmt::format("peer {}", from.fingerprint());
     Message m;
     bool ok;
     {
       std::lock_guard lock(impl_->mutex);
       ok = parse_message(frames, 1, extra, impl_->options.limits, source, impl_->stats, m);
+      // An unlisted connection speaks for the Ed25519 key whose X25519 form it authenticated with.
+      if (ok && unlisted_curve && crypto::ed25519_to_x25519_public(m.header.sender) == *unlisted_curve)
+        from = m.header.sender;
       if (ok && m.header.sender != from) {
         ++impl_->stats.wrong_sender;
         log::warn("net", "control message from {} dropped: header claims sender {}", source,

@@ -103,6 +103,36 @@ TEST(Control, UnlistedClientIsRefusedAndLogged) {
   EXPECT_EQ(got->header.type, 302);
 }
 
+TEST(Control, AdmitAnyKeyServerBindsEachMessageToItsConnectionKey) {
+  auto server_id = crypto::Identity::generate();
+  auto listed = crypto::Identity::generate();
+  auto stranger = crypto::Identity::generate();
+  auto victim = crypto::Identity::generate();
+  ControlOptions options;
+  options.admit_any_key = true;
+  ControlServer server(server_id, {listed.public_key()}, "tcp://127.0.0.1:0", options);
+  ControlClient client(stranger, server_id.public_key(), server.endpoint());
+  client.send(typed(300));
+  auto got = server.recv(Deadline::after(5s));
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->header.sender, stranger.public_key());
+  EXPECT_FALSE(server.allowed(stranger.public_key()));
+  EXPECT_TRUE(server.allowed(listed.public_key()));
+  // Replies reach the unlisted peer.
+  server.send(stranger.public_key(), typed(301));
+  EXPECT_EQ(client.recv(Deadline::after(5s)).header.type, 301);
+  // An unlisted connection cannot speak for another key, listed or not.
+  RawDealer raw(stranger, server_id.public_key(), server.endpoint());
+  raw.send({header_bytes(victim.public_key(), 0)});
+  raw.send({header_bytes(listed.public_key(), 0)});
+  raw.send({header_bytes(stranger.public_key(), 0, 777)});
+  got = server.recv(Deadline::after(5s));
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->header.type, 777);
+  EXPECT_EQ(server.stats().wrong_sender, 2u);
+  EXPECT_EQ(server.stats().refused_identity, 0u);
+}
+
 TEST(Control, ClientWithWrongServerKeyCannotConnect) {
   auto server_id = crypto::Identity::generate();
   auto impostor = crypto::Identity::generate();
