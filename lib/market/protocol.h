@@ -25,6 +25,10 @@ enum class MessageType : uint16_t {
   JobAttachAck = 1029,     // provider daemon -> renter; payload: encode(JobAttachAck)
 };
 
+// `domain` || `body`: what every market signature covers, so a signature made for one purpose
+// (request, voucher, hardware report) never verifies for another.
+std::vector<uint8_t> with_domain(std::string_view domain, crypto::ByteSpan body);
+
 inline constexpr std::string_view kRequestDomain = "meshtrain-market-request-v1";
 inline constexpr size_t kMaxRequestBytes = 64 << 10;
 inline constexpr size_t kMaxReplyBytes = 8 << 20;
