@@ -6,6 +6,7 @@
 
 #include "checkpoint/checkpoint_command.h"
 #include "demo/demo.h"
+#include "market/market_command.h"
 #include "meshtrain/core.h"
 
 using namespace meshtrain;
@@ -22,6 +23,7 @@ const Command kCommands[] = {
     {"demo", tools::demo_command, "run a local data-parallel job with a failure and a join (see --help)"},
     {"demo-worker", tools::demo_worker_command, ""},
     {"checkpoint", tools::checkpoint_command, "inspect, verify or list checkpoints (see --help)"},
+    {"market", tools::market_command, "offers, orders, leases, balances, rent, close, cost (see --help)"},
 };
 
 void usage(FILE* out) {

@@ -312,6 +312,14 @@ class MarketClient {
   Voucher pay_step(Id lease_id, uint64_t step, std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
   // Closes the lease with the latest voucher settled.
   Lease release(Id lease_id, CloseReason reason = CloseReason::RenterDone);
+  // Tells the provider's daemon where its worker joins the job. Throws MarketError(reason) when
+  // the daemon refuses, PeerLostError naming the provider when it does not answer in `timeout`.
+  void attach_job(Id lease_id, const std::string& coordinator_endpoint, const AccountId& coordinator_key,
+                  const std::string& join_token = {},
+                  std::chrono::milliseconds timeout = std::chrono::milliseconds(5000));
+  // Forgets a lease the market already closed (e.g. by the provider or by expiry).
+  void forget(Id lease_id);
+  std::vector<Lease> leases() const;  // the leases this client holds (as last seen)
 
   std::optional<Voucher> latest_voucher(Id lease_id) const;
   Spend spend() const;
