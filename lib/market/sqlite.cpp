@@ -106,6 +106,8 @@ Statement& Statement::bind_null(int index) {
   return *this;
 }
 
+int Statement::parameter_count() const { return sqlite3_bind_parameter_count(stmt_); }
+
 bool Statement::step() {
   int rc = sqlite3_step(stmt_);
   if (rc == SQLITE_ROW) return true;

@@ -44,6 +44,7 @@ class Statement {
   Statement& bind(int index, std::string_view text);
   Statement& bind_blob(int index, crypto::ByteSpan bytes);
   Statement& bind_null(int index);
+  int parameter_count() const;
 
   // Runs one step: true when a row is ready, false when the statement is done.
   bool step();
