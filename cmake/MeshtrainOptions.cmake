@@ -36,3 +36,33 @@ if(NOT MESHTRAIN_CUDA STREQUAL "OFF")
   endif()
 endif()
 message(STATUS "meshtrain: CUDA kernels ${MESHTRAIN_HAVE_CUDA}")
+
+# The torch glue (lib/torch, target meshtrain_torch) is the only code that includes torch
+# headers; meshtrain itself never links torch.
+if(NOT MESHTRAIN_TORCH MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "MESHTRAIN_TORCH must be AUTO, ON or OFF, not '${MESHTRAIN_TORCH}'")
+endif()
+# Torch's config sets variables meant for its own build (CMAKE_CUDA_STANDARD to the C++
+# standard, CUDA flags, ...), which must not reach meshtrain's C++17 CUDA code: find it inside
+# a function, whose variables stay local. Its imported targets are directory-scoped and remain.
+function(_meshtrain_find_torch)
+  find_package(Torch QUIET)
+  set(MESHTRAIN_HAVE_TORCH ${Torch_FOUND} PARENT_SCOPE)
+  set(MESHTRAIN_TORCH_VERSION "${Torch_VERSION}" PARENT_SCOPE)
+endfunction()
+set(MESHTRAIN_HAVE_TORCH OFF)
+if(NOT MESHTRAIN_TORCH STREQUAL "OFF")
+  _meshtrain_find_torch()
+  if(NOT MESHTRAIN_HAVE_TORCH)
+    set(MESHTRAIN_HAVE_TORCH OFF)
+    if(MESHTRAIN_TORCH STREQUAL "ON")
+      message(FATAL_ERROR "MESHTRAIN_TORCH=ON but find_package(Torch) failed: install libtorch-dev, or point "
+                          "CMAKE_PREFIX_PATH at a torch 2.x (python -c 'import torch;print(torch.utils.cmake_prefix_path)')")
+    endif()
+  endif()
+endif()
+if(MESHTRAIN_HAVE_TORCH)
+  message(STATUS "meshtrain: torch glue ON (torch ${MESHTRAIN_TORCH_VERSION}, ${Torch_DIR})")
+else()
+  message(STATUS "meshtrain: torch glue OFF")
+endif()

@@ -1,0 +1,138 @@
+// meshtrain torch glue (library meshtrain_torch, CMake target meshtrain::torch): torch tensors
+// as BufferViews, and a torch::nn::Module with its torch::optim::Optimizer saved into a
+// checkpoint::State and restored from a checkpoint, exactly enough that a resumed run continues
+// bit-identically (parameters, buffers, optimizer moments and step counters, optimizer options,
+// torch's RNG states).
+//
+// Built only when torch is found (MESHTRAIN_TORCH, README "Build options"); everything else in
+// meshtrain is torch-free. This header declares the torch types it uses instead of including
+// torch, so including it costs nothing; the caller's own torch headers complete them.
+//
+// Names in the state (docs/checkpoints.md "Torch glue"):
+//   model/<name>                  a parameter or buffer, by its Module::named_parameters() /
+//                                 named_buffers() name ("fc1.weight", "bn.running_mean")
+//   optimizer/<param>/<field>     the optimizer's state of parameter <param> (a model/ name
+//                                 without the prefix): "exp_avg", "momentum_buffer", ... and
+//                                 "step" (an int64 scalar) for optimizers that count steps
+//   metadata torch.optimizer, torch.optimizer.groups, torch.optimizer.group<i>.<option>,
+//            torch.optimizer.group<i>.params (the group's parameter names, one per line)
+//   blobs    torch.rng.cpu, torch.rng.cuda<i>
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "meshtrain/checkpoint.h"
+#include "meshtrain/core.h"
+
+namespace at {
+class Tensor;
+}
+namespace torch::nn {
+class Module;
+}
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace meshtrain::torch_glue {
+
+inline constexpr std::string_view kModulePrefix = "model/";
+inline constexpr std::string_view kOptimizerPrefix = "optimizer/";
+inline constexpr std::string_view kCpuRngBlob = "torch.rng.cpu";
+
+// ---------------------------------------------------------------------------------------------
+// Tensors and buffers. dtypes: torch Float, Half, BFloat16, Long, Byte, Int are meshtrain
+// Float32, Float16, BFloat16, Int64, UInt8, Int32; others (Double, Bool, complex, ...) are an
+// InvalidArgumentError naming the tensor.
+
+DType dtype_of(const at::Tensor& tensor, std::string_view name);
+
+// The memory of a defined, contiguous tensor (CPU or CUDA: device and device_index say which).
+// Throws InvalidArgumentError "<name>: ..." when it is undefined, not contiguous, or of an
+// unsupported dtype. Borrows: valid while the tensor's storage lives and is not reallocated.
+BufferView to_buffer_view(const at::Tensor& tensor, std::string_view name);
+
+// A tensor over the view's memory (no copy; the memory must outlive the tensor and its uses).
+// Throws InvalidArgumentError when the product of `shape` is not view.count.
+at::Tensor from_buffer_view(const BufferView& view, std::span<const int64_t> shape);
+
+// A checkpoint tensor of a contiguous CPU tensor (borrowed, as to_buffer_view).
+checkpoint::TensorView to_tensor_view(const at::Tensor& tensor, std::string name);
+
+// ---------------------------------------------------------------------------------------------
+// Saving: a snapshot of the training state at a step boundary.
+
+struct SnapshotOptions {
+  // torch's default CPU generator, and each CUDA device's default generator when CUDA is
+  // available, as blobs.
+  bool rng = true;
+  // CPU tensors are borrowed by default: the state points into the module's and optimizer's
+  // own tensors, so hand it to checkpoint::save() or CheckpointWriter::save_async() (which
+  // copies it) before the next optimizer step. true copies them here instead.
+  bool copy_cpu_tensors = false;
+};
+
+// Optimizers supported: SGD (momentum_buffer), Adam and AdamW (step, exp_avg, exp_avg_sq,
+// max_exp_avg_sq), Adagrad (step, sum), RMSprop (step, square_avg, momentum_buffer, grad_avg);
+// others (LBFGS, user optimizers) are an InvalidArgumentError naming them.
+class Snapshot {
+ public:
+  Snapshot();
+  ~Snapshot();
+  Snapshot(Snapshot&&) noexcept;
+  Snapshot& operator=(Snapshot&&) noexcept;
+
+  // Add the data cursor, user metadata and other blobs here before saving.
+  checkpoint::State& state() { return state_; }
+  const checkpoint::State& state() const { return state_; }
+
+ private:
+  friend Snapshot snapshot(const torch::nn::Module&, const torch::optim::Optimizer*, uint64_t,
+                           const SnapshotOptions&);
+  checkpoint::State state_;
+  struct Held;
+  std::unique_ptr<Held> held_;  // host copies the state's views point into
+};
+
+// The state of `module` (parameters and buffers, recursively) and of `optimizer` (may be null;
+// every parameter it optimizes must be a parameter of `module`) as of now, at `step`. CUDA
+// tensors are copied into pinned host memory here (one device synchronization), so the
+// snapshot stays valid while training continues on the GPU; non-contiguous tensors are copied.
+// Throws InvalidArgumentError naming the tensor, parameter or optimizer at fault.
+Snapshot snapshot(const torch::nn::Module& module, const torch::optim::Optimizer* optimizer, uint64_t step,
+                  const SnapshotOptions& options = {});
+
+// ---------------------------------------------------------------------------------------------
+// Restoring into an existing module and optimizer, built as for the saved run (same
+// architecture and parameter dtypes, the same optimizer type and parameter groups).
+
+struct RestoreOptions {
+  bool rng = true;  // restore torch's generators from the blobs (when the checkpoint has them)
+  // Tensors under model/ or optimizer/ that the module or optimizer has no place for are an
+  // error (false: ignored, e.g. to load a checkpoint's trunk into a smaller model).
+  bool strict = true;
+};
+
+// Restores from a checkpoint: every parameter and buffer of the module must be in it with the
+// same dtype and shape, and the optimizer's type and groups must match. Everything is checked,
+// read and verified into host memory before the module or optimizer is touched, so a failure
+// (InvalidArgumentError naming the tensor: missing, wrong shape or dtype, unexpected;
+// CorruptError naming the shard) leaves them as they were. The optimizer's per-parameter state
+// is replaced by the checkpoint's (a parameter without state there has none afterwards) and its
+// group options (lr, betas, ...) are set from the checkpoint. Tensors land on the device of the
+// module's tensors. Returns the checkpoint's step.
+uint64_t restore(const checkpoint::Checkpoint& checkpoint, torch::nn::Module& module,
+                 torch::optim::Optimizer* optimizer, const RestoreOptions& options = {});
+
+// The same from loaded pieces of one checkpoint: the ranges that readers 0..n-1 of n loaded
+// (Checkpoint::load(r, n), gathered), one full LoadedState, or a state received from a peer
+// (checkpoint::receive_state). The pieces must come from the same save and together hold every
+// tensor restored (InvalidArgumentError naming a tensor no piece holds in full).
+uint64_t restore(std::span<const checkpoint::LoadedState> pieces, torch::nn::Module& module,
+                 torch::optim::Optimizer* optimizer, const RestoreOptions& options = {});
+
+}  // namespace meshtrain::torch_glue

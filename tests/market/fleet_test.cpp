@@ -1,0 +1,253 @@
+// The renter's side end to end, with every process real: one meshtrain-market (SQLite ledger)
+// and three meshtrain-provider daemons on loopback. A Fleet keeps two providers leased and pays
+// them every step; one provider is SIGKILLed mid-lease, the fleet closes its lease as failed and
+// rents the third; at the end every amount reconciles exactly.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <thread>
+
+#include "market/protocol.h"
+#include "meshtrain/market.h"
+#include "support/child_process.h"
+#include "support/temp_dir.h"
+
+using namespace meshtrain;
+using namespace meshtrain::market;
+using namespace std::chrono_literals;
+using test_support::ChildProcess;
+using test_support::TempDir;
+
+namespace {
+
+struct Endpoint {
+  std::string endpoint;
+  AccountId key;
+};
+
+// Waits for a daemon's --print-endpoint-file (endpoint on line 1, public key on line 2).
+Endpoint wait_endpoint(const std::filesystem::path& file, ChildProcess& child, std::string_view who) {
+  auto until = std::chrono::steady_clock::now() + 20s;
+  while (std::chrono::steady_clock::now() < until) {
+    std::ifstream in(file);
+    std::string endpoint, key;
+    if (in >> endpoint >> key && key.size() == 64) return {endpoint, AccountId::from_hex(key, "endpoint file")};
+    if (child.wait(0ms)) throw std::runtime_error(std::string(who) + " exited before printing its endpoint");
+    std::this_thread::sleep_for(20ms);
+  }
+  throw std::runtime_error(std::string(who) + " printed no endpoint within 20 s");
+}
+
+class MarketWorld {
+ public:
+  MarketWorld() {
+    market_ = std::make_unique<ChildProcess>(
+        std::vector<std::string>{MESHTRAIN_MARKET_BINARY, "--db", (dir_ / "market.db").string(), "--key",
+                                 (dir_ / "market.pem").string(), "--bind", "tcp://127.0.0.1:0", "--faucet-limit",
+                                 "100000000", "--alive-window-ms", "3000", "--print-endpoint-file",
+                                 (dir_ / "market.endpoint").string()},
+        (dir_ / "market.log").string());
+    market_endpoint_ = wait_endpoint(dir_ / "market.endpoint", *market_, "meshtrain-market");
+  }
+
+  // Starts provider `index` (price per step `price`); restarting keeps its key and database.
+  Endpoint start_provider(size_t index, Amount price) {
+    std::string name = "provider" + std::to_string(index);
+    std::filesystem::remove(dir_ / (name + ".endpoint"));
+    auto child = std::make_unique<ChildProcess>(
+        std::vector<std::string>{MESHTRAIN_PROVIDER_BINARY, "--market", market_endpoint_.endpoint, "--market-key",
+                                 market_endpoint_.key.hex(), "--key", (dir_ / (name + ".pem")).string(), "--bind",
+                                 "tcp://127.0.0.1:0", "--db", (dir_ / (name + ".db")).string(), "--gpu",
+                                 "L4-24GB:1:24:8.9", "--trust-config", "--price-per-step", std::to_string(price),
+                                 "--region", "test", "--redeem-interval-ms", "500", "--unpaid-grace-ms", "60000",
+                                 "--print-endpoint-file", (dir_ / (name + ".endpoint")).string()},
+        (dir_ / (name + ".log")).string());
+    Endpoint e = wait_endpoint(dir_ / (name + ".endpoint"), *child, name);
+    if (providers_.size() <= index) providers_.resize(index + 1);
+    providers_[index] = std::move(child);
+    return e;
+  }
+
+  ChildProcess& provider(size_t index) { return *providers_.at(index); }
+  const Endpoint& market() const { return market_endpoint_; }
+  const std::filesystem::path& dir() const { return dir_.path(); }
+
+  // The daemons' logs, for a failing test's output.
+  std::string logs() const {
+    std::string out;
+    for (const auto& entry : std::filesystem::directory_iterator(dir_.path()))
+      if (entry.path().extension() == ".log") {
+        std::ifstream in(entry.path());
+        std::string text((std::istreambuf_iterator<char>(in)), {});
+        if (text.size() > 4000) text = "..." + text.substr(text.size() - 4000);
+        out += "--- " + entry.path().filename().string() + "\n" + text;
+      }
+    return out;
+  }
+
+ private:
+  TempDir dir_;
+  std::unique_ptr<ChildProcess> market_;
+  Endpoint market_endpoint_;
+  std::vector<std::unique_ptr<ChildProcess>> providers_;
+};
+
+// Waits until discover() with `filter` sees `count` offers.
+OfferPage wait_offers(MarketBackend& backend, const OfferFilter& filter, size_t count) {
+  auto until = std::chrono::steady_clock::now() + 15s;
+  OfferPage page;
+  while (std::chrono::steady_clock::now() < until) {
+    page = backend.discover(filter);
+    if (page.offers.size() >= count) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  return page;
+}
+
+}  // namespace
+
+TEST(MarketFleet, PaysEveryStepAndReplacesAKilledProvider) {
+  MarketWorld world;
+  const Amount prices[] = {100, 110, 120};
+  std::vector<Endpoint> providers;
+  for (size_t i = 0; i < 3; ++i) providers.push_back(world.start_provider(i, prices[i]));
+
+  auto renter = crypto::Identity::generate();
+  auto backend = connect_devnet(renter, world.market().key, world.market().endpoint);
+  const Amount minted = 1'000'000;
+  EXPECT_EQ(backend->mint(renter.public_key(), minted).balance, minted);
+
+  // Discovery: all three by model, cheapest first; the price filter keeps one.
+  OfferFilter filter;
+  filter.gpu_model = "L4-24GB";
+  OfferPage page = wait_offers(*backend, filter, 3);
+  ASSERT_EQ(page.offers.size(), 3u) << world.logs();
+  EXPECT_EQ(page.offers[0].spec.price_per_step, 100u);
+  EXPECT_EQ(page.offers[2].spec.price_per_step, 120u);
+  for (const Offer& o : page.offers) {
+    EXPECT_EQ(o.spec.gpu.vram_gib, 24u);
+    EXPECT_NO_THROW(o.spec.hardware.verify(o.provider));
+  }
+  OfferFilter cheap = filter;
+  cheap.max_price_per_step = 105;
+  EXPECT_EQ(backend->discover(cheap).offers.size(), 1u);
+  OfferFilter nothing = filter;
+  nothing.min_vram_gib = 80;
+  EXPECT_TRUE(backend->discover(nothing).offers.empty());
+
+  Budget budget;
+  budget.spend_limit = 40'000;
+  budget.escrow_per_lease = 15'000;
+  budget.max_price_per_step = 200;
+  MarketClient client(renter, *backend, budget);
+  std::vector<FleetEvent> events;
+  FleetOptions options;
+  options.size = 2;
+  options.filter = filter;
+  options.rent_wait = 4s;
+  options.heartbeat_timeout = 2500ms;
+  options.on_event = [&](const FleetEvent& e) { events.push_back(e); };
+  Fleet fleet(client, *backend, options);
+  fleet.fill();
+  auto held = fleet.leases();
+  ASSERT_EQ(held.size(), 2u) << world.logs();
+  std::set<Amount> held_prices;
+  for (const Lease& l : held) held_prices.insert(l.price_per_step);
+  EXPECT_EQ(held_prices, (std::set<Amount>{100, 110}));  // the two cheapest bids won
+
+  // 100 paid steps; the cheapest provider dies at step 40.
+  AccountId killed = providers[0].key;
+  Id killed_lease = 0;
+  for (const Lease& l : held)
+    if (l.provider == killed) killed_lease = l.id;
+  ASSERT_NE(killed_lease, 0u);
+  std::optional<Voucher> killed_latest;
+  for (uint64_t step = 1; step <= 100; ++step) {
+    if (step == 40) {
+      killed_latest = client.latest_voucher(killed_lease);
+      world.provider(0).signal(SIGKILL);
+      world.provider(0).wait(5s);
+    }
+    fleet.pay_step(step);
+  }
+  // The fleet noticed, closed the lease as failed and rented the third provider.
+  bool failed_seen = false, replaced_seen = false;
+  for (const auto& e : events) {
+    failed_seen |= e.kind == FleetEvent::Kind::ProviderFailed && e.provider == killed;
+    replaced_seen |= e.kind == FleetEvent::Kind::Replaced && e.provider == providers[2].key;
+  }
+  EXPECT_TRUE(failed_seen) << world.logs();
+  EXPECT_TRUE(replaced_seen) << world.logs();
+  held = fleet.leases();
+  ASSERT_EQ(held.size(), 2u);
+  for (const Lease& l : held) EXPECT_NE(l.provider, killed);
+
+  Lease dead = backend->lease(killed_lease);
+  EXPECT_EQ(dead.state, LeaseState::Closed);
+  EXPECT_EQ(dead.close_reason, CloseReason::ProviderFailed);
+  ASSERT_TRUE(killed_latest);
+  // It was paid for the steps paid before it died (plus at most the voucher signed while it was
+  // dying, which it may hold), never more.
+  EXPECT_GE(dead.paid, killed_latest->cumulative_amount);
+  EXPECT_LE(dead.paid, killed_latest->cumulative_amount + 100);
+  EXPECT_EQ(backend->reputation(killed).leases_abandoned, 1u);
+
+  Spend spend = client.spend();
+  fleet.release_all();
+  EXPECT_TRUE(fleet.leases().empty());
+
+  // The killed provider comes back on the same database: its lease is closed, so it can redeem
+  // nothing more, and its earnings stay what it was paid.
+  Amount dead_earned = backend->account(killed).earned;
+  world.start_provider(0, prices[0]);
+  std::this_thread::sleep_for(1500ms);  // a few redeem intervals
+  EXPECT_EQ(backend->account(killed).earned, dead_earned);
+
+  // Reconciliation: what the renter signed is what it spent is what the providers earned.
+  Account r = backend->account(renter.public_key());
+  Amount earned = 0;
+  for (const Endpoint& p : providers) earned += backend->account(p.key).earned;
+  EXPECT_EQ(r.spent, spend.total) << world.logs();
+  EXPECT_EQ(earned, r.spent);
+  EXPECT_EQ(r.escrowed, 0u);
+  EXPECT_EQ(r.balance + r.spent, minted);
+  EXPECT_LE(spend.total, budget.spend_limit);
+  LeaseQuery mine;
+  mine.renter = renter.public_key();
+  Amount paid = 0;
+  for (const Lease& l : backend->leases(mine)) {
+    EXPECT_EQ(l.state, LeaseState::Closed);
+    EXPECT_EQ(l.paid, l.paid_step * l.price_per_step);
+    paid += l.paid;
+  }
+  EXPECT_EQ(paid, r.spent);
+}
+
+TEST(MarketFleet, SpendLimitIsNeverExceeded) {
+  MarketWorld world;
+  Endpoint p = world.start_provider(0, 100);
+  auto renter = crypto::Identity::generate();
+  auto backend = connect_devnet(renter, world.market().key, world.market().endpoint);
+  backend->mint(renter.public_key(), 100'000);
+  OfferFilter filter;
+  ASSERT_EQ(wait_offers(*backend, filter, 1).offers.size(), 1u) << world.logs();
+  Budget budget;
+  budget.spend_limit = 1'050;  // ten steps and a half
+  budget.escrow_per_lease = 10'000;
+  MarketClient client(renter, *backend, budget);
+  auto leases = client.rent(1, filter, 4s);
+  ASSERT_EQ(leases.size(), 1u) << world.logs();
+  for (uint64_t step = 1; step <= 10; ++step) client.pay_step(leases[0].id, step);
+  try {
+    client.pay_step(leases[0].id, 11);
+    FAIL() << "the eleventh step went over the spend limit";
+  } catch (const MarketError& e) {
+    EXPECT_EQ(e.reason(), "spend_limit");
+  }
+  EXPECT_THROW(client.pay_step(leases[0].id, 10), InvalidArgumentError);  // already paid
+  EXPECT_EQ(client.spend().total, 1'000u);
+  Lease closed = client.release(leases[0].id);
+  EXPECT_EQ(closed.paid, 1'000u);
+  EXPECT_EQ(backend->account(p.key).earned, 1'000u);
+  EXPECT_EQ(backend->account(renter.public_key()).balance, 99'000u);
+}
