@@ -79,7 +79,6 @@ struct CodecStats {
 class CodecState {
  public:
   virtual ~CodecState();
-  CodecState(const CodecState&) = delete;
   CodecState& operator=(const CodecState&) = delete;
 
   CodecId codec() const noexcept { return codec_; }
@@ -92,9 +91,14 @@ class CodecState {
   virtual std::vector<float> residual() const;
   // Forgets the residual (zero) and restarts warm starts and counters; keeps the tensor spec.
   virtual void reset();
+  // An independent copy of everything later encodes depend on (residual, Q, encode counter,
+  // stats; not scratch buffers), on the same device: a snapshot to roll an encode back to, as
+  // the compressed all-reduce does for a step that is retried. Blocks on a device copy.
+  virtual std::unique_ptr<CodecState> clone() const = 0;
 
  protected:
   CodecState(CodecId codec, TensorSpec spec);
+  CodecState(const CodecState&) = default;  // for clone()
   CodecStats& mutable_stats() noexcept { return stats_; }
 
  private:

@@ -112,6 +112,8 @@ MT_VECTOR_CLONES size_t decode_loop(const uint8_t* body, size_t n, float* out, b
 class CastState final : public StateBase {
  public:
   CastState(CodecId id, TensorSpec spec) : StateBase(id, std::move(spec)) {}
+  CastState(const CastState& other) : StateBase(other) {}  // without the staging buffer
+  std::unique_ptr<CodecState> clone() const override { return std::make_unique<CastState>(*this); }
   kc::DeviceBuffer staging;  // CUDA tensors: the encoded body before it is copied to the host
 };
 

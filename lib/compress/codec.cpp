@@ -266,6 +266,17 @@ Residual::Residual(size_t count, DeviceKind device, int device_index)
   }
 }
 
+Residual::Residual(const Residual& other) : count_(other.count_), device_(other.device_), host_(other.host_) {
+  if (device_ != DeviceKind::Cuda) return;
+  const int device = other.buffer_.device();
+  buffer_ = cuda_call("copying an error-feedback residual", [&] {
+    kc::DeviceBuffer b(count_ * sizeof(float), device);
+    kc::copy_async(b.data(), other.buffer_.data(), count_ * sizeof(float), device, nullptr);
+    kc::synchronize(device, nullptr);
+    return b;
+  });
+}
+
 std::vector<float> Residual::to_host() const {
   if (device_ != DeviceKind::Cuda) return host_;
   std::vector<float> out(count_);

@@ -93,6 +93,9 @@ class Residual {
  public:
   Residual() = default;
   Residual(size_t count, DeviceKind device, int device_index);
+  Residual(const Residual& other);  // a deep copy (device to device for CUDA)
+  Residual(Residual&&) noexcept = default;
+  Residual& operator=(Residual&&) noexcept = default;
   float* data() { return device_ == DeviceKind::Cuda ? buffer_.as<float>() : host_.data(); }
   std::vector<float> to_host() const;
   void zero();

@@ -24,6 +24,8 @@ constexpr float kMaxScale = std::numeric_limits<float>::max() / math::kInt8Max;
 class Int8State final : public ResidualState {
  public:
   Int8State(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::Int8, std::move(spec), error_feedback) {}
+  Int8State(const Int8State& other) : ResidualState(other) {}  // without the scratch
+  std::unique_ptr<CodecState> clone() const override { return std::make_unique<Int8State>(*this); }
 
   kc::DeviceBuffer staging;
 };

@@ -10,6 +10,7 @@ using namespace detail;
 class NoneState final : public StateBase {
  public:
   explicit NoneState(TensorSpec spec) : StateBase(CodecId::None, std::move(spec)) {}
+  std::unique_ptr<CodecState> clone() const override { return std::make_unique<NoneState>(*this); }
 };
 
 class NoneCodec final : public ApplyingCodec {

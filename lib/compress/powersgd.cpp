@@ -54,6 +54,11 @@ class PowerSgdState final : public StateBase {
     if (has_residual_) residual_.assign(count(), 0.0f);
     init_q();
   }
+  // Without the scratch buffers.
+  PowerSgdState(const PowerSgdState& other)
+      : StateBase(other), shape_(other.shape_), seed_(other.seed_), has_residual_(other.has_residual_),
+        residual_(other.residual_), q_(other.q_) {}
+  std::unique_ptr<CodecState> clone() const override { return std::make_unique<PowerSgdState>(*this); }
   std::vector<float> residual() const override { return has_residual_ ? residual_ : std::vector<float>{}; }
   void reset() override {
     StateBase::reset();

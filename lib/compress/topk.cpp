@@ -66,6 +66,8 @@ uint64_t topk_k(double fraction, size_t n) {
 class TopKState final : public ResidualState {
  public:
   TopKState(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::TopK, std::move(spec), error_feedback) {}
+  TopKState(const TopKState& other) : ResidualState(other) {}  // without the scratch
+  std::unique_ptr<CodecState> clone() const override { return std::make_unique<TopKState>(*this); }
 
   std::vector<float> scratch;   // CPU without error feedback: v (a copy of the gradient)
   kc::DeviceBuffer d_scratch;   // CUDA without error feedback: v
