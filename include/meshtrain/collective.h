@@ -12,9 +12,11 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "meshtrain/compress.h"
 #include "meshtrain/coord.h"
 #include "meshtrain/core.h"
 #include "meshtrain/crypto.h"
@@ -70,6 +72,75 @@ struct StepResult {
   uint32_t attempts = 0;
 };
 
+// ---- compressed all-reduce (docs/compression.md, "The compressed all-reduce")
+//
+// Each member encodes its chunk c of the gradient with its own error-feedback state and the
+// encoded chunk travels, relayed unchanged along the ring, to chunk c's owner (rank c). The
+// owner decode_accumulates the n payloads in rank order in fp32, divides for Avg, re-encodes
+// the reduced chunk with an owner-side state, and the owners' payloads are all-gathered;
+// every member decodes the same bytes, so results are bit-identical on every member.
+
+// How a top-k all-reduce moves its payloads.
+enum class SparseGather : uint8_t {
+  Auto,       // the all-gather where it moves no more bytes than the owner path (2 members)
+  Owner,      // through chunk owners (a second top-k selection at the owner)
+  AllGather,  // every member's whole-tensor payload to everyone; no second selection
+};
+
+struct CompressedOptions {
+  SparseGather sparse_gather = SparseGather::Auto;
+  // Test hook: sees (and may change) this member's payload for the chunk of `owner_rank` (or,
+  // for the all-gather path, owner_rank = this member's rank) before it is sent.
+  std::function<void(uint32_t owner_rank, std::span<uint8_t> payload)> payload_hook;
+};
+
+// What one compressed all-reduce moved: payload bytes this member sent and received (frame
+// headers and AEAD tags not counted), and the uncompressed fp32 bytes of the buffer.
+struct CompressedTraffic {
+  uint64_t sent_bytes = 0;
+  uint64_t received_bytes = 0;
+  uint64_t gradient_bytes = 0;
+  bool sparse_all_gather = false;  // the top-k all-gather path was taken
+};
+
+// The error-feedback state of one gradient buffer in the compressed all-reduce, kept by the
+// caller across steps (one per buffer, used with one codec configuration):
+// - member side: one codec state per chunk of the current partition (n chunks for n
+//   members). When the quorum size changes the partition changes; the old residual is then
+//   added to the next gradient (carried, not lost) and fresh per-chunk states start.
+// - owner side: the state of the re-encode of the chunk this member owns; it starts fresh
+//   when the member's rank or the quorum size changes (that residual is dropped).
+// An operation works on copies; they replace the kept states only when the operation (or,
+// in reduce_step, the coordinator's Commit) succeeds, so a failed or retried attempt never
+// feeds a residual twice.
+class CompressedState {
+ public:
+  explicit CompressedState(CompressedOptions options = {});
+  ~CompressedState();
+  CompressedState(CompressedState&&) noexcept;
+  CompressedState& operator=(CompressedState&&) noexcept;
+
+  const CompressedOptions& options() const;
+  // The member-side residual over the whole buffer (chunks concatenated, plus any carried
+  // residual); empty before the first operation or for codecs without error feedback.
+  std::vector<float> member_residual() const;
+  // The owner-side residual of the chunk this member owned in the latest operation.
+  std::vector<float> owner_residual() const;
+  // Of the latest successful operation.
+  const CompressedTraffic& traffic() const;
+  // Forgets every residual.
+  void reset();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  friend class Communicator;
+};
+
+struct StepAttempt;  // lib/collective/step_attempt.h
+struct RingContext;  // lib/collective/ring.h
+
 // One job member. Owns a control connection to the coordinator (with a background thread that
 // heartbeats and receives quorums and aborts) and a bulk listener for its ring neighbours.
 // Operations are called from one thread.
@@ -106,10 +177,33 @@ class Communicator {
   // from the gradients as they were on entry. Gives up after max_attempts (rethrows).
   StepResult reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts = 5);
 
+  // The compressed all-reduce of an fp32 CPU buffer with `codec` (none, fp16, bf16, int8,
+  // topk; powersgd is refused with InvalidArgumentError: it needs the two-phase P/Q
+  // all-reduce, not built yet). Every member must use the same codec configuration (payload
+  // sizes that disagree fail the operation with a ProtocolError). Avg divides by the number of
+  // contributing members; a non-contributing member sends an encoded zero and keeps no
+  // residual. On success `state` advances; on any error it is as before the call and `buffer`
+  // is unspecified. A gradient with NaN or Inf is refused (InvalidArgumentError naming the
+  // element) before anything is sent. A payload a peer's decoder rejects fails the operation
+  // with PeerLostError naming that peer. Throws PeerLostError / TimeoutError like allreduce.
+  void allreduce_compressed(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
+
+  // reduce_step through the compressed all-reduce: each attempt starts from the gradients and
+  // the state as they were on entry; the state advances only when the coordinator commits.
+  StepResult reduce_step(uint64_t step, BufferView gradients, const compress::Codec& codec, CompressedState& state,
+                         uint32_t max_attempts = 5);
+
   // Tells the coordinator this member leaves (best effort).
   void leave();
 
  private:
+  // One compressed all-reduce whose state changes stay pending in `state` (compressed.cpp).
+  void compressed_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
+  // Runs `body` as one ring operation of the current quorum (failures become PeerLostError).
+  void run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body);
+  // The step loop shared by both reduce_step overloads.
+  StepResult run_step(uint64_t step, StepAttempt& attempt, uint32_t max_attempts);
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

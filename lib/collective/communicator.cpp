@@ -12,6 +12,7 @@
 
 #include "collective/half.h"
 #include "collective/ring.h"
+#include "collective/step_attempt.h"
 #include "meshtrain/collective.h"
 
 namespace meshtrain::collective {
@@ -476,24 +477,41 @@ void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
   std::memcpy(out.data, work.data() + s.my_rank * out.count, out.bytes());
 }
 
+void Communicator::run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body) {
+  impl_->run_op(what, body);
+}
+
 StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts) {
+  struct PlainAttempt final : StepAttempt {
+    Communicator& comm;
+    BufferView gradients;
+    std::vector<uint8_t> original;
+    PlainAttempt(Communicator& c, BufferView g)
+        : comm(c), gradients(g), original(static_cast<uint8_t*>(g.data), static_cast<uint8_t*>(g.data) + g.bytes()) {}
+    void run() override {
+      rollback();
+      comm.allreduce(gradients, ReduceOp::Avg);
+    }
+    void rollback() override { std::memcpy(gradients.data, original.data(), original.size()); }
+  } attempt(*this, gradients);
+  return run_step(step, attempt, max_attempts);
+}
+
+StepResult Communicator::run_step(uint64_t step, StepAttempt& attempt, uint32_t max_attempts) {
   auto& s = *impl_;
-  std::vector<uint8_t> original(static_cast<uint8_t*>(gradients.data),
-                                static_cast<uint8_t*>(gradients.data) + gradients.bytes());
   struct Checking {
     bool& flag;
     explicit Checking(bool& f) : flag(f) { flag = true; }
     ~Checking() { flag = false; }
   } checking(s.checking_gradients);
   StepResult result;
-  for (uint32_t attempt = 1;; ++attempt) {
-    result.attempts = attempt;
+  for (uint32_t number = 1;; ++number) {
+    result.attempts = number;
     // Use a quorum the caller already obtained for this step (e.g. to broadcast state first).
     if (!s.current || s.current->step != step || s.failed_quorum != 0) next_quorum(step);
     const coord::Quorum q = *s.current;
     try {
-      std::memcpy(gradients.data, original.data(), original.size());
-      allreduce(gradients, ReduceOp::Avg);
+      attempt.run();
       // All or nothing: apply only when every member of the attempt finished it.
       std::optional<coord::Abort> abort;
       Deadline deadline = Deadline::after(s.options.op_timeout);
@@ -513,16 +531,18 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32
                             fmt::format("quorum {:x} (step {}) aborted after the reduction: {}", q.quorum_id, step,
                                         abort->reason));
       }
+      attempt.commit();
       result.quorum = q;
       for (const auto& m : q.members)
         if (m.contributes) result.contributors.push_back(m.id);
       return result;
     } catch (const PeerLostError& e) {
-      log::warn("collective", "step {} attempt {}: {}", step, attempt, e.what());
-      if (attempt >= max_attempts) {
-        std::memcpy(gradients.data, original.data(), original.size());
-        throw;
-      }
+      log::warn("collective", "step {} attempt {}: {}", step, number, e.what());
+      attempt.rollback();
+      if (number >= max_attempts) throw;
+    } catch (...) {
+      attempt.rollback();
+      throw;
     }
   }
 }

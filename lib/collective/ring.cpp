@@ -11,7 +11,7 @@
 namespace meshtrain::collective {
 namespace {
 
-enum Phase : uint32_t { kReduceScatter = 0, kAllGather = 1, kBroadcast = 2 };
+enum Phase : uint32_t { kReduceScatter = 0, kAllGather = 1, kBroadcast = 2, kGatherToOwners = 3 };
 
 // tag = phase (2 bits) | ring step (14 bits) | piece index (16 bits)
 constexpr size_t kMaxPieces = 1u << 16;
@@ -27,6 +27,7 @@ const char* phase_name(Phase p) {
     case kReduceScatter: return "reduce_scatter";
     case kAllGather: return "all_gather";
     case kBroadcast: return "broadcast";
+    case kGatherToOwners: return "reduce_scatter";  // the compressed all-reduce's first phase
   }
   return "?";
 }
@@ -286,6 +287,69 @@ void ring_allgather_blocks(RingContext& ctx, uint8_t* data, size_t block_bytes) 
   check_ring(ctx);
   Layout layout = block_layout(block_bytes, 1, ctx.quorum.members.size(), ctx.chunk_bytes);
   all_gather_phase(ctx, data, layout);
+}
+
+void ring_gather_to_owners(RingContext& ctx, const std::vector<std::span<const uint8_t>>& blocks,
+                           std::vector<std::vector<uint8_t>>& gathered) {
+  check_ring(ctx);
+  const size_t n = ctx.quorum.members.size();
+  const int64_t r = ctx.rank;
+  if (blocks.size() != n)
+    throw InvalidArgumentError(fmt::format("gather to owners: {} blocks for a quorum of {}", blocks.size(), n));
+  gathered.assign(n, {});
+  gathered[r].assign(blocks[r].begin(), blocks[r].end());
+  if (n == 1) return;
+  // A bundle is a run of whole blocks of one chunk. At ring step k, rank r sends the bundle of
+  // chunk r-k-1: its own block, then the k blocks it received for that chunk at step k-1 (from
+  // ranks r-1, ..., r-k). Received block i of a bundle therefore comes from rank r-1-i. Pieces
+  // never straddle blocks, so a received piece can be forwarded as soon as it is in.
+  size_t largest = 0;
+  for (const auto& b : blocks) largest = std::max(largest, b.size());
+  const size_t per_block_limit = kMaxPieces / n;  // a bundle's piece index fits the tag
+  const size_t piece_bytes = std::max({ctx.chunk_bytes, (largest + per_block_limit - 1) / per_block_limit, size_t{1}});
+  auto pieces_of = [&](size_t bytes) { return (bytes + piece_bytes - 1) / piece_bytes; };
+  // Bundles the sender thread may still be reading: they outlive with_sender, which drains it.
+  std::deque<std::vector<uint8_t>> sent;
+  with_sender(ctx, [&](Sender& sender) {
+    std::vector<uint8_t> relay;  // the bundle received at the previous step (k blocks)
+    std::vector<uint8_t> buf;
+    for (size_t k = 0; k + 1 < n; ++k) {
+      if (ctx.fault_hook) ctx.fault_hook(phase_name(kGatherToOwners), k);
+      const size_t send_chunk = mod(r - int64_t(k) - 1, n);
+      const size_t block = blocks[send_chunk].size();
+      const size_t per_block = pieces_of(block);
+      // Blocks 1..k of this bundle are `relay` (received at step k-1 for the same chunk).
+      const std::vector<uint8_t>& sending = sent.emplace_back(std::move(relay));
+      for (size_t j = 0; j < per_block; ++j)
+        sender.send(make_tag(kGatherToOwners, k, j), blocks[send_chunk].data() + j * piece_bytes,
+                    std::min(piece_bytes, block - j * piece_bytes));
+      for (size_t i = 0; i < k; ++i)
+        for (size_t j = 0; j < per_block; ++j)
+          sender.send(make_tag(kGatherToOwners, k, (i + 1) * per_block + j), sending.data() + i * block + j * piece_bytes,
+                      std::min(piece_bytes, block - j * piece_bytes));
+      // Receive the bundle of chunk r-k-2 (k+1 blocks); at the last step that is our own chunk.
+      const size_t recv_chunk = mod(r - int64_t(k) - 2, n);
+      const size_t rblock = blocks[recv_chunk].size();
+      const size_t rper = pieces_of(rblock);
+      const bool last = k + 2 == n;
+      if (!last) relay.assign((k + 1) * rblock, 0);
+      for (size_t i = 0; i <= k; ++i) {
+        uint8_t* dst;
+        if (last) {
+          auto& slot = gathered[mod(r - 1 - int64_t(i), n)];
+          slot.resize(rblock);
+          dst = slot.data();
+        } else {
+          dst = relay.data() + i * rblock;
+        }
+        for (size_t j = 0; j < rper; ++j) {
+          const size_t size = std::min(piece_bytes, rblock - j * piece_bytes);
+          receive_piece(ctx, make_tag(kGatherToOwners, k, i * rper + j), size, buf);
+          std::memcpy(dst + j * piece_bytes, buf.data(), size);
+        }
+      }
+    }
+  });
 }
 
 void ring_broadcast(RingContext& ctx, uint8_t* data, size_t bytes, uint32_t root) {

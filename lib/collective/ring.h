@@ -5,7 +5,9 @@
 #pragma once
 
 #include <functional>
+#include <span>
 #include <string_view>
+#include <vector>
 
 #include "meshtrain/collective.h"
 
@@ -38,6 +40,13 @@ void ring_allreduce(RingContext& ctx, float* data, size_t count, float divisor);
 void ring_reduce_scatter_blocks(RingContext& ctx, float* data, size_t block_count, float divisor);
 // data holds n blocks of block_bytes; block `rank` is filled; afterwards every block is.
 void ring_allgather_blocks(RingContext& ctx, uint8_t* data, size_t block_bytes);
+// blocks[c] is this member's block for the member of rank c (every member's blocks[c] has the
+// same size). Afterwards gathered[j] holds rank j's block for this member's rank, for every j
+// (this member's own included). Blocks are relayed along the ring unchanged, never combined:
+// with n members, this member sends sum over k < n-1 of (k+1) blocks. The ring fault hook
+// sees phase "reduce_scatter" at each ring step.
+void ring_gather_to_owners(RingContext& ctx, const std::vector<std::span<const uint8_t>>& blocks,
+                           std::vector<std::vector<uint8_t>>& gathered);
 // root's bytes to everyone, along the ring.
 void ring_broadcast(RingContext& ctx, uint8_t* data, size_t bytes, uint32_t root);
 

@@ -1,0 +1,327 @@
+// The compressed all-reduce (docs/compression.md, "The compressed all-reduce"): encode once per
+// attempt, relay the encoded chunks to their owners, owner decode_accumulates in rank order in
+// fp32 and re-encodes, all-gather of the owners' payloads, everyone decodes the same bytes.
+// Top-k can instead all-gather every member's whole-tensor payload.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "collective/ring.h"
+#include "collective/step_attempt.h"
+#include "meshtrain/collective.h"
+
+namespace meshtrain::collective {
+namespace {
+
+using compress::Codec;
+using compress::CodecState;
+
+size_t chunk_begin(size_t count, size_t chunks, size_t c) { return count * c / chunks; }
+size_t chunk_size(size_t count, size_t chunks, size_t c) {
+  return chunk_begin(count, chunks, c + 1) - chunk_begin(count, chunks, c);
+}
+
+// A member's error feedback for one partition of the buffer into `chunks` chunks.
+struct MemberSide {
+  size_t chunks = 0;  // 0: nothing encoded yet
+  std::vector<std::unique_ptr<CodecState>> states;
+  std::vector<float> carry;  // the residual of an earlier partition, added to the next gradient
+
+  MemberSide copy() const {
+    MemberSide m;
+    m.chunks = chunks;
+    for (const auto& s : states) m.states.push_back(s->clone());
+    m.carry = carry;
+    return m;
+  }
+  // The whole-buffer residual (empty when there is none).
+  std::vector<float> residual(size_t count) const {
+    std::vector<float> out;
+    for (const auto& s : states) {
+      std::vector<float> r = s->residual();
+      out.insert(out.end(), r.begin(), r.end());
+    }
+    if (out.size() != count) out.clear();  // codec without error feedback
+    if (!carry.empty()) {
+      if (out.empty()) out.assign(count, 0.0f);
+      for (size_t i = 0; i < count; ++i) out[i] += carry[i];
+    }
+    return out;
+  }
+  // The same error feedback over `n` chunks: fresh states, the old residual carried.
+  MemberSide repartitioned(const Codec& codec, size_t count, size_t n) const {
+    if (chunks == n) return copy();
+    MemberSide m;
+    m.chunks = n;
+    m.carry = residual(count);
+    for (size_t c = 0; c < n; ++c) m.states.push_back(codec.make_state(compress::TensorSpec::flat(chunk_size(count, n, c))));
+    return m;
+  }
+};
+
+// The owner's re-encode state of chunk `rank` of `chunks`.
+struct OwnerSide {
+  size_t chunks = 0;
+  uint32_t rank = 0;
+  std::unique_ptr<CodecState> state;
+};
+
+bool is_codec_error(const Error& e) {
+  return e.code() == ErrorCode::Protocol || e.code() == ErrorCode::Corrupt;
+}
+
+}  // namespace
+
+struct CompressedState::Impl {
+  CompressedOptions options;
+  std::string codec_config;  // describe() of the codec it is bound to; empty before first use
+  size_t count = 0;
+  MemberSide member;
+  OwnerSide owner;
+  CompressedTraffic traffic;
+  // Changes of the running attempt; they replace the above in commit().
+  std::optional<MemberSide> pending_member;
+  std::optional<OwnerSide> pending_owner;
+  CompressedTraffic pending_traffic;
+
+  void bind(const Codec& codec, size_t n) {
+    std::string config = codec.describe();
+    if (codec_config.empty()) {
+      codec_config = config;
+      count = n;
+    } else if (codec_config != config || count != n) {
+      throw InvalidArgumentError(fmt::format("CompressedState is bound to {} over {} elements; used with {} over {}",
+                                             codec_config, count, config, n));
+    }
+  }
+  void commit() {
+    if (pending_member) member = std::move(*pending_member);
+    if (pending_owner) owner = std::move(*pending_owner);
+    traffic = pending_traffic;
+    discard();
+  }
+  void discard() {
+    pending_member.reset();
+    pending_owner.reset();
+  }
+};
+
+CompressedState::CompressedState(CompressedOptions options) : impl_(std::make_unique<Impl>()) {
+  impl_->options = std::move(options);
+}
+CompressedState::~CompressedState() = default;
+CompressedState::CompressedState(CompressedState&&) noexcept = default;
+CompressedState& CompressedState::operator=(CompressedState&&) noexcept = default;
+const CompressedOptions& CompressedState::options() const { return impl_->options; }
+std::vector<float> CompressedState::member_residual() const { return impl_->member.residual(impl_->count); }
+std::vector<float> CompressedState::owner_residual() const {
+  return impl_->owner.state ? impl_->owner.state->residual() : std::vector<float>{};
+}
+const CompressedTraffic& CompressedState::traffic() const { return impl_->traffic; }
+void CompressedState::reset() {
+  impl_->member = MemberSide{};
+  impl_->owner = OwnerSide{};
+  impl_->discard();
+}
+
+namespace {
+
+// Encodes `data` (count floats) as `chunks` payloads with `states`; checks the exact sizes the
+// ring frames are cut to.
+std::vector<std::vector<uint8_t>> encode_chunks(const Codec& codec, const float* data, size_t count, size_t chunks,
+                                                std::vector<std::unique_ptr<CodecState>>& states) {
+  std::vector<std::vector<uint8_t>> out(chunks);
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t size = chunk_size(count, chunks, c);
+    out[c].resize(codec.encoded_bytes(size));
+    BufferView chunk{const_cast<float*>(data) + chunk_begin(count, chunks, c), size, DType::Float32};
+    size_t written = codec.encode(chunk, *states[c], out[c]);
+    if (written != out[c].size())
+      throw InternalError(fmt::format("{} wrote {} bytes where encoded_bytes said {}; the compressed all-reduce needs "
+                                      "exact sizes", codec.describe(), written, out[c].size()));
+  }
+  return out;
+}
+
+// Runs a decode of `member`'s payload; a payload the codec rejects fails the operation naming
+// the member (reported like a lost peer, so the coordinator's Abort names it too).
+template <typename F>
+void decode_from(const coord::Member& member, std::string_view what, F&& decode) {
+  try {
+    decode();
+  } catch (const Error& e) {
+    if (!is_codec_error(e)) throw;
+    const std::string who = member.id.fingerprint();
+    throw PeerLostError(who, fmt::format("peer {} (rank {}) sent a bad {} payload: {}", who, member.rank, what,
+                                         e.what()));
+  }
+}
+
+}  // namespace
+
+void Communicator::allreduce_compressed(BufferView buffer, const compress::Codec& codec, CompressedState& state,
+                                        ReduceOp op) {
+  compressed_attempt(buffer, codec, state, op);
+  state.impl_->commit();
+}
+
+void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state,
+                                      ReduceOp op) {
+  if (buffer.device != DeviceKind::Cpu || buffer.dtype != DType::Float32)
+    throw InvalidArgumentError(fmt::format("allreduce_compressed: needs a float32 CPU buffer, got {} on {}",
+                                           dtype_name(buffer.dtype),
+                                           buffer.device == DeviceKind::Cpu ? "the CPU" : "a CUDA device"));
+  if (codec.id() == compress::CodecId::PowerSgd)
+    throw InvalidArgumentError("allreduce_compressed: powersgd is not supported yet (a sum of rank-r payloads is not "
+                               "rank r: it needs the two-phase P/Q all-reduce of docs/compression.md)");
+  CompressedState::Impl& st = *state.impl_;
+  st.discard();
+  st.bind(codec, buffer.count);
+  const coord::Quorum& q = quorum();
+  const size_t n = q.members.size();
+  const uint32_t r = rank();
+  const size_t count = buffer.count;
+  float* data = static_cast<float*>(buffer.data);
+  const bool contributes = q.member(id()).contributes;
+  const float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(q.contributors(), 1)) : 1.0f;
+  if (contributes)
+    for (size_t i = 0; i < count; ++i)
+      if (!std::isfinite(data[i]))
+        throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count, data[i]));
+
+  // Top-k: all-gather the whole-tensor payloads where that moves no more bytes than the owner
+  // path (whose relay costs about n(n-1)/2 chunk payloads plus the owners' all-gather).
+  bool all_gather = false;
+  if (codec.id() == compress::CodecId::TopK) {
+    const double whole = static_cast<double>(codec.encoded_bytes(count));
+    const double chunk = static_cast<double>(codec.encoded_bytes(chunk_size(count, n, 0)));
+    switch (st.options.sparse_gather) {
+      case SparseGather::AllGather: all_gather = true; break;
+      case SparseGather::Owner: all_gather = false; break;
+      case SparseGather::Auto: all_gather = (n - 1) * whole <= (n - 1) * chunk * (n / 2.0 + 1.0); break;
+    }
+  }
+  const size_t chunks = all_gather ? 1 : n;
+
+  try {
+    // Member side: encode this attempt's payloads from the committed state's copy.
+    std::vector<std::vector<uint8_t>> payloads;
+    if (contributes) {
+      st.pending_member = st.member.repartitioned(codec, count, chunks);
+      MemberSide& m = *st.pending_member;
+      std::vector<float> work;
+      const float* source = data;
+      if (!m.carry.empty()) {
+        work.assign(data, data + count);
+        for (size_t i = 0; i < count; ++i) work[i] += m.carry[i];
+        source = work.data();
+        m.carry.clear();
+      }
+      payloads = encode_chunks(codec, source, count, chunks, m.states);
+    } else {
+      // A joiner adds an encoded zero and keeps no residual.
+      std::vector<float> zeros(count, 0.0f);
+      std::vector<std::unique_ptr<CodecState>> scratch;
+      for (size_t c = 0; c < chunks; ++c)
+        scratch.push_back(codec.make_state(compress::TensorSpec::flat(chunk_size(count, chunks, c))));
+      payloads = encode_chunks(codec, zeros.data(), count, chunks, scratch);
+    }
+    if (st.options.payload_hook)
+      for (size_t c = 0; c < chunks; ++c)
+        st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
+
+    CompressedTraffic traffic;
+    traffic.gradient_bytes = count * sizeof(float);
+    traffic.sparse_all_gather = all_gather;
+    if (all_gather) {
+      const size_t block = payloads[0].size();
+      std::vector<uint8_t> everyone(n * block);
+      std::memcpy(everyone.data() + r * block, payloads[0].data(), block);
+      run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
+        ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
+        ring_allgather_blocks(ctx, everyone.data(), block);
+        std::fill(data, data + count, 0.0f);
+        for (size_t j = 0; j < n; ++j)
+          decode_from(q.members[j], codec.name(), [&] {
+            codec.decode_accumulate(std::span<const uint8_t>(everyone.data() + j * block, block), buffer);
+          });
+        if (divisor != 1.0f)
+          for (size_t i = 0; i < count; ++i) data[i] /= divisor;
+      });
+      traffic.sent_bytes = traffic.received_bytes = (n - 1) * block;
+    } else {
+      // Owner side: the re-encode state of chunk r, fresh when ownership moved.
+      if (st.owner.state && st.owner.chunks == n && st.owner.rank == r) {
+        st.pending_owner = OwnerSide{n, r, st.owner.state->clone()};
+      } else {
+        st.pending_owner = OwnerSide{n, r, codec.make_state(compress::TensorSpec::flat(chunk_size(count, n, r)))};
+      }
+      std::vector<size_t> sizes(n);
+      size_t block = 0;
+      for (size_t c = 0; c < n; ++c) block = std::max(block, sizes[c] = payloads[c].size());
+      std::vector<std::span<const uint8_t>> blocks(payloads.begin(), payloads.end());
+      std::vector<uint8_t> owners(n * block, 0);  // payload of chunk c at c * block, padded
+      run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
+        ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
+        std::vector<std::vector<uint8_t>> gathered;
+        ring_gather_to_owners(ctx, blocks, gathered);
+        const size_t own = chunk_size(count, n, r);
+        std::vector<float> sum(own, 0.0f);
+        BufferView sum_view{sum.data(), own, DType::Float32};
+        for (size_t j = 0; j < n; ++j)  // rank order: the same sum on any rerun
+          decode_from(q.members[j], fmt::format("{} chunk {}", codec.name(), r),
+                      [&] { codec.decode_accumulate(gathered[j], sum_view); });
+        if (divisor != 1.0f)
+          for (float& x : sum) x /= divisor;
+        std::vector<std::unique_ptr<CodecState>> owner_states;
+        owner_states.push_back(std::move(st.pending_owner->state));
+        std::vector<std::vector<uint8_t>> reduced = encode_chunks(codec, sum.data(), own, 1, owner_states);
+        st.pending_owner->state = std::move(owner_states[0]);
+        std::memcpy(owners.data() + r * block, reduced[0].data(), reduced[0].size());
+        ring_allgather_blocks(ctx, owners.data(), block);
+        for (size_t c = 0; c < n; ++c)
+          decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
+            codec.decode(std::span<const uint8_t>(owners.data() + c * block, sizes[c]),
+                         BufferView{data + chunk_begin(count, n, c), chunk_size(count, n, c), DType::Float32});
+          });
+      });
+      for (size_t k = 0; k + 1 < n; ++k) {
+        traffic.sent_bytes += (k + 1) * sizes[(r + 2 * n - k - 1) % n];
+        traffic.received_bytes += (k + 1) * sizes[(r + 2 * n - k - 2) % n];
+      }
+      traffic.sent_bytes += (n - 1) * block;
+      traffic.received_bytes += (n - 1) * block;
+    }
+    st.pending_traffic = traffic;
+  } catch (...) {
+    st.discard();
+    throw;
+  }
+}
+
+StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, const compress::Codec& codec,
+                                     CompressedState& state, uint32_t max_attempts) {
+  struct CompressedAttempt final : StepAttempt {
+    Communicator& comm;
+    BufferView gradients;
+    const compress::Codec& codec;
+    CompressedState& state;
+    std::vector<uint8_t> original;
+    CompressedAttempt(Communicator& c, BufferView g, const compress::Codec& k, CompressedState& s)
+        : comm(c), gradients(g), codec(k), state(s),
+          original(static_cast<uint8_t*>(g.data), static_cast<uint8_t*>(g.data) + g.bytes()) {}
+    void run() override {
+      std::memcpy(gradients.data, original.data(), original.size());
+      comm.compressed_attempt(gradients, codec, state, ReduceOp::Avg);
+    }
+    void rollback() override {
+      state.impl_->discard();
+      std::memcpy(gradients.data, original.data(), original.size());
+    }
+    void commit() override { state.impl_->commit(); }
+  } attempt(*this, gradients, codec, state);
+  return run_step(step, attempt, max_attempts);
+}
+
+}  // namespace meshtrain::collective
