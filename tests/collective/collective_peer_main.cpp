@@ -6,21 +6,32 @@
 //                   --out FILE --seed N --count N --steps N [--start-step S] [--join]
 //                   [--die-at STEP --die-phase reduce_scatter|all_gather --die-ring-step K]
 //                   [--sleep-at STEP --sleep-ms MS] [--step-delay-ms MS]
+//                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]]
+//                   [--problem random|lsq] [--max-attempts N]
+//
+// --codec: the compressed all-reduce (reduce_step with a codec). --corrupt-at: at that step
+// this member's payload for the next rank's chunk gets 0xff in its first body bytes.
+// --problem lsq: the gradient is that of the least-squares shard of member `seed`
+// (collective/least_squares.h), at the current parameters.
 //
 // Output (--out): one line per step:
 //   step S quorum QID attempts A members M contributors HEX,HEX,... result SHA params SHA
 // and "missed S next N" for a missed step; the averaged gradient of step S is written raw to
-// OUT.S.bin so the test can compare it with a float64 reference.
+// OUT.S.bin so the test can compare it with a float64 reference. With --codec, the member
+// residual before and after step S goes to OUT.S.before.bin and OUT.S.after.bin. The final
+// parameters go to OUT.params.bin; an error that ends the run goes to OUT.error.
 #include <signal.h>
 
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "support/flags.h"
 #include "meshtrain/collective.h"
 #include "collective/gradient.h"
+#include "collective/least_squares.h"
 
 using namespace meshtrain;
 using namespace std::chrono_literals;
@@ -31,6 +42,17 @@ uint64_t current_step = 0;
 
 std::string digest(const void* p, size_t n) {
   return crypto::to_hex(crypto::sha256(crypto::ByteSpan(static_cast<const uint8_t*>(p), n)));
+}
+
+void write_floats(const std::string& path, const std::vector<float>& v) {
+  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+}
+
+collective::SparseGather parse_sparse_gather(const std::string& s) {
+  if (s == "auto") return collective::SparseGather::Auto;
+  if (s == "owner") return collective::SparseGather::Owner;
+  if (s == "allgather") return collective::SparseGather::AllGather;
+  throw InvalidArgumentError("--sparse-gather " + s + " (auto, owner, allgather)");
 }
 
 int run(std::map<std::string, std::string>& a) {
@@ -59,8 +81,24 @@ int run(std::map<std::string, std::string>& a) {
   const uint64_t sleep_at = a.count("--sleep-at") ? std::stoull(a.at("--sleep-at")) : 0;
   const int delay_ms = a.count("--step-delay-ms") ? std::stoi(a.at("--step-delay-ms")) : 0;
   std::ofstream out(a.at("--out"), std::ios::app);
-
+  const uint32_t max_attempts = a.count("--max-attempts") ? std::stoul(a.at("--max-attempts")) : 5;
+  const bool least_squares = a.count("--problem") && a.at("--problem") == "lsq";
+  std::optional<test_support::LeastSquaresShard> shard;
+  if (least_squares) shard.emplace(static_cast<int>(seed));
+  std::unique_ptr<compress::Codec> codec;
+  collective::CompressedOptions compressed;
+  if (a.count("--codec")) codec = compress::make_codec(a.at("--codec"));
+  if (a.count("--sparse-gather")) compressed.sparse_gather = parse_sparse_gather(a.at("--sparse-gather"));
+  const uint64_t corrupt_at = a.count("--corrupt-at") ? std::stoull(a.at("--corrupt-at")) : 0;
   collective::Communicator comm(self, o);
+  if (corrupt_at)
+    compressed.payload_hook = [&](uint32_t owner, std::span<uint8_t> payload) {
+      const size_t n = comm.quorum().members.size();
+      if (current_step != corrupt_at || owner != (comm.rank() + 1) % n) return;
+      for (size_t i = compress::kPayloadHeaderBytes; i < std::min(payload.size(), compress::kPayloadHeaderBytes + 4); ++i)
+        payload[i] = 0xff;
+    };
+  collective::CompressedState compressed_state(compressed);
   std::vector<float> params(count, 0.0f);
   bool has_state = !a.count("--join");
   while (step < end) {
@@ -80,18 +118,27 @@ int run(std::map<std::string, std::string>& a) {
       comm.broadcast(BufferView{params.data(), params.size(), DType::Float32}, q->state_source_rank);
       has_state = true;
     }
-    std::vector<float> g = test_support::gradient(seed, step, count);
-    collective::StepResult r = comm.reduce_step(step, BufferView{g.data(), g.size(), DType::Float32});
+    std::vector<float> g = least_squares ? shard->gradient_at(params) : test_support::gradient(seed, step, count);
+    const std::string prefix = a.at("--out") + "." + std::to_string(step);
+    BufferView view{g.data(), g.size(), DType::Float32};
+    collective::StepResult r;
+    if (codec) {
+      write_floats(prefix + ".before.bin", compressed_state.member_residual());
+      r = comm.reduce_step(step, view, *codec, compressed_state, max_attempts);
+      write_floats(prefix + ".after.bin", compressed_state.member_residual());
+    } else {
+      r = comm.reduce_step(step, view, max_attempts);
+    }
     for (size_t i = 0; i < count; ++i) params[i] -= 0.5f * g[i];
     std::string contributors;
     for (const auto& c : r.contributors) contributors += (contributors.empty() ? "" : ",") + c.hex();
-    std::ofstream(a.at("--out") + "." + std::to_string(step) + ".bin", std::ios::binary)
-        .write(reinterpret_cast<const char*>(g.data()), g.size() * sizeof(float));
+    write_floats(prefix + ".bin", g);
     out << "step " << step << " quorum " << r.quorum.quorum_id << " attempts " << r.attempts << " members "
         << r.quorum.members.size() << " contributors " << (contributors.empty() ? "-" : contributors) << " result "
         << digest(g.data(), g.size() * 4) << " params " << digest(params.data(), params.size() * 4) << std::endl;
     ++step;
   }
+  write_floats(a.at("--out") + ".params.bin", params);
   comm.leave();
   return 0;
 }
@@ -107,6 +154,7 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const Error& e) {
     std::fprintf(stderr, "collective_peer: %s error: %s\n", error_code_name(e.code()).data(), e.what());
+    if (args.count("--out")) std::ofstream(args.at("--out") + ".error") << e.what() << std::endl;
     return 4;
   }
 }

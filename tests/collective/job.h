@@ -127,6 +127,9 @@ class Job {
     return out;
   }
 
+  // Peer i's file `suffix` next to its output ("" is the output itself, ".2.after.bin", ...).
+  std::string output_path(int i, const std::string& suffix = "") const { return out_path(i) + suffix; }
+
   static uint64_t seed(int i) { return 1000 + static_cast<uint64_t>(i); }
   const std::string& key(int i) const { return keys_.at(i); }
   int index_of(const std::string& key) const {
