@@ -285,7 +285,7 @@ std::unique_ptr<MarketBackend> connect_devnet(const crypto::Identity& self, cons
 struct Budget {
   Amount spend_limit = 0;         // total of all vouchers this client may ever sign (never exceeded)
   Amount escrow_per_lease = 0;
-  Amount max_price_per_step = 0;
+  Amount max_price_per_step = 0;  // 0: up to escrow_per_lease (a dearer step could not be paid once)
   uint64_t lease_duration_s = 3600;
 };
 

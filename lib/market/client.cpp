@@ -96,6 +96,7 @@ struct MarketClient::Impl {
 MarketClient::MarketClient(const crypto::Identity& self, MarketBackend& backend, Budget budget)
     : impl_(std::make_unique<Impl>(self, backend, budget)) {
   if (budget.spend_limit == 0) throw InvalidArgumentError("market client: budget.spend_limit must be above 0");
+  if (budget.escrow_per_lease == 0) throw InvalidArgumentError("market client: budget.escrow_per_lease must be above 0");
 }
 
 MarketClient::~MarketClient() = default;
@@ -113,7 +114,8 @@ std::vector<Lease> MarketClient::rent(uint32_t count, const OfferFilter& filter,
   OrderSpec spec;
   spec.filter = filter;
   spec.count = count;
-  spec.max_price_per_step = impl_->budget.max_price_per_step;
+  spec.max_price_per_step =
+      impl_->budget.max_price_per_step != 0 ? impl_->budget.max_price_per_step : impl_->budget.escrow_per_lease;
   if (filter.max_price_per_step != 0 && (spec.max_price_per_step == 0 || filter.max_price_per_step < spec.max_price_per_step))
     spec.max_price_per_step = filter.max_price_per_step;
   spec.escrow_per_lease = impl_->budget.escrow_per_lease;
