@@ -5,6 +5,7 @@
 // quorum). Its lease is closed as ProviderFailed with the latest voucher settled, so it is paid
 // exactly for the steps it was paid for, and a replacement is rented within the same budget.
 #include <algorithm>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -27,6 +28,9 @@ struct Fleet::Impl {
   FleetOptions options;
   std::set<AccountId> failed;  // reported or detected, not yet handled
   std::set<AccountId> avoid;   // providers that failed before: not rented again by this fleet
+  // When each lease was last checked at the market: at most every heartbeat_timeout / 4, so a
+  // fast step loop does not query the market every step.
+  std::map<Id, Clock::time_point> checked;
   bool budget_exhausted = false;
 
   void emit(FleetEvent::Kind kind, const Lease& lease, std::string detail) {
@@ -106,16 +110,22 @@ std::vector<Lease> Fleet::pay_step(uint64_t step) {
       continue;
     }
     // The market's view: closed by the provider or by expiry, or the provider went silent.
-    Lease now = impl_->backend.lease(held.id);
-    if (now.state != LeaseState::Open) {
-      impl_->client.forget(held.id);
-      impl_->emit(FleetEvent::Kind::Released, now, fmt::format("closed at the market ({})", close_reason_name(now.close_reason)));
-      continue;
-    }
-    TimeMs silent_ms = now_ms() - now.provider_last_heartbeat_ms;
-    if (now.provider_last_heartbeat_ms == 0 || silent_ms > impl_->options.heartbeat_timeout.count()) {
-      failures.push_back({held, fmt::format("no heartbeat at the market for {} ms", silent_ms)});
-      continue;
+    auto& last = impl_->checked[held.id];
+    if (Clock::now() - last >= impl_->options.heartbeat_timeout / 4) {
+      last = Clock::now();
+      Lease now = impl_->backend.lease(held.id);
+      if (now.state != LeaseState::Open) {
+        impl_->client.forget(held.id);
+        impl_->checked.erase(held.id);
+        impl_->emit(FleetEvent::Kind::Released, now,
+                    fmt::format("closed at the market ({})", close_reason_name(now.close_reason)));
+        continue;
+      }
+      TimeMs silent_ms = now_ms() - now.provider_last_heartbeat_ms;
+      if (now.provider_last_heartbeat_ms == 0 || silent_ms > impl_->options.heartbeat_timeout.count()) {
+        failures.push_back({held, fmt::format("no heartbeat at the market for {} ms", silent_ms)});
+        continue;
+      }
     }
     try {
       impl_->client.pay_step(held.id, step);

@@ -1,0 +1,113 @@
+// pay_step_bench: what paying every training step costs the renter.
+//
+// Starts a real meshtrain-market and one real meshtrain-provider on loopback, rents the
+// provider, then times MarketClient::pay_step (sign the voucher, deliver it, the daemon checks
+// the signature and the amount, stores it durably in SQLite, acknowledges) over many steps.
+// Prints one JSON object per line: latency median / p99 and the overhead as a fraction of a
+// reference step time (default 100 ms; the target in issue 6 is under 1%).
+//
+//   pay_step_bench [--steps N] [--step-ms MS] [--warmup N]
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "checkpoint/json.h"
+#include "meshtrain/market.h"
+#include "support/child_process.h"
+
+using namespace meshtrain;
+using namespace meshtrain::market;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::pair<std::string, AccountId> wait_endpoint(const fs::path& file, std::string_view who) {
+  for (int i = 0; i < 1000; ++i) {
+    std::ifstream in(file);
+    std::string endpoint, key;
+    if (in >> endpoint >> key && key.size() == 64) return {endpoint, AccountId::from_hex(key)};
+    std::this_thread::sleep_for(20ms);
+  }
+  throw TimeoutError(fmt::format("{} printed no endpoint to {} within 20 s", who, file.string()));
+}
+
+uint64_t arg(int argc, char** argv, std::string_view name, uint64_t fallback) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (argv[i] == name) return std::stoull(argv[i + 1]);
+  return fallback;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const uint64_t steps = arg(argc, argv, "--steps", 2000);
+  const uint64_t warmup = arg(argc, argv, "--warmup", 50);
+  const double step_ms = static_cast<double>(arg(argc, argv, "--step-ms", 100));
+  fs::path dir = fs::temp_directory_path() / fmt::format("meshtrain-pay-bench-{}", ::getpid());
+  fs::create_directories(dir);
+  try {
+    test_support::ChildProcess market({MESHTRAIN_MARKET_BINARY, "--db", (dir / "market.db").string(), "--key",
+                  (dir / "market.pem").string(), "--bind", "tcp://127.0.0.1:0", "--faucet-limit", "1000000000000",
+                  "--print-endpoint-file", (dir / "market.endpoint").string()},
+                 (dir / "market.log").string());
+    auto [market_endpoint, market_key] = wait_endpoint(dir / "market.endpoint", "meshtrain-market");
+    test_support::ChildProcess provider({MESHTRAIN_PROVIDER_BINARY, "--market", market_endpoint, "--market-key",
+                    market_key.hex(), "--key", (dir / "provider.pem").string(), "--bind", "tcp://127.0.0.1:0",
+                    "--db", (dir / "provider.db").string(), "--gpu", "L4-24GB:1:24:8.9", "--trust-config",
+                    "--price-per-step", "10", "--redeem-interval-ms", "5000", "--print-endpoint-file",
+                    (dir / "provider.endpoint").string()},
+                   (dir / "provider.log").string());
+    wait_endpoint(dir / "provider.endpoint", "meshtrain-provider");
+
+    auto renter = crypto::Identity::generate();
+    auto backend = connect_devnet(renter, market_key, market_endpoint);
+    backend->mint(renter.public_key(), 1'000'000'000);
+    Budget budget;
+    budget.spend_limit = 1'000'000'000;
+    budget.escrow_per_lease = 100'000'000;
+    MarketClient client(renter, *backend, budget);
+    std::vector<Lease> leases;
+    for (int attempt = 0; attempt < 10 && leases.empty(); ++attempt) leases = client.rent(1, {}, 3s);
+    if (leases.empty()) throw TimeoutError("no provider bid within 30 s");
+    Id lease = leases[0].id;
+
+    std::vector<double> micros;
+    micros.reserve(steps);
+    for (uint64_t step = 1; step <= warmup + steps; ++step) {
+      auto t0 = std::chrono::steady_clock::now();
+      client.pay_step(lease, step);
+      auto t1 = std::chrono::steady_clock::now();
+      if (step > warmup) micros.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    }
+    client.release(lease);
+    std::sort(micros.begin(), micros.end());
+    double median = micros[micros.size() / 2];
+    double p99 = micros[std::min(micros.size() - 1, micros.size() * 99 / 100)];
+    double total_s = 0;
+    for (double m : micros) total_s += m / 1e6;
+    checkpoint::json::Writer w(false);
+    w.begin_object()
+        .key("bench").value("pay_step")
+        .key("steps").value(steps)
+        .key("median_us").value(median)
+        .key("p99_us").value(p99)
+        .key("vouchers_per_s").value(static_cast<double>(steps) / total_s)
+        .key("reference_step_ms").value(step_ms)
+        .key("overhead_fraction").value(median / (step_ms * 1000.0))
+        .key("target_fraction").value(0.01)
+        .key("device").value("cpu")
+        .end_object();
+    std::printf("%s\n", w.take().c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "pay_step_bench: %s (logs in %s)\n", e.what(), dir.c_str());
+    return 1;
+  }
+  fs::remove_all(dir);
+  return 0;
+}
