@@ -145,6 +145,27 @@ TEST_P(RoundTrip, EncodingIsDeterministic) {
   }
 }
 
+// A clone is a snapshot: encoding from it repeats the original's bytes and residual, and the
+// two states no longer share anything (the compressed all-reduce's retry relies on this).
+TEST_P(RoundTrip, CloneReplaysTheSameEncodeAndIsIndependent) {
+  const Case& c = GetParam();
+  auto codec = make_codec(c.spec);
+  TensorSpec spec{c.shape};
+  auto state = codec->make_state(spec);
+  encode(*codec, random_gradient(spec.count(), 70), *state);  // some residual, Q, counter
+  auto snapshot = state->clone();
+  EXPECT_EQ(snapshot->residual(), state->residual());
+  EXPECT_EQ(snapshot->stats().encodes, state->stats().encodes);
+  auto grad = random_gradient(spec.count(), 71);
+  auto first = encode(*codec, grad, *state);
+  EXPECT_EQ(encode(*codec, grad, *snapshot), first) << "the clone encodes differently";
+  EXPECT_EQ(snapshot->residual(), state->residual());
+  // Advancing one leaves the other as it was.
+  auto before = snapshot->residual();
+  encode(*codec, random_gradient(spec.count(), 72), *state);
+  EXPECT_EQ(snapshot->residual(), before);
+}
+
 INSTANTIATE_TEST_SUITE_P(Codecs, RoundTrip, ::testing::ValuesIn(round_trip_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            std::string name = test_name(info.param.spec);
