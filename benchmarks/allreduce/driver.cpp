@@ -16,6 +16,7 @@
 
 #include "child.h"
 #include "json.h"
+#include "meshtrain/compress.h"
 #include "meshtrain/crypto.h"
 #include "netns.h"
 
@@ -95,6 +96,9 @@ struct WorkerResult {
   std::string verify_note;
   std::vector<double> seconds;
   std::vector<int64_t> start_ns, end_ns, attempts, members;
+  int64_t wire_sent_bytes = -1;  // --codec: payload bytes this worker sent in its last iteration
+  int64_t wire_received_bytes = -1;
+  bool sparse_all_gather = false;
 };
 
 struct JobResult {
@@ -117,6 +121,11 @@ WorkerResult parse_worker(const std::string& who, const std::vector<std::string>
       r.end_ns = integer_array(o, "end_ns");
       r.attempts = integer_array(o, "attempts");
       r.members = integer_array(o, "members");
+      if (o.count("wire_sent_bytes")) {
+        r.wire_sent_bytes = field(o, "wire_sent_bytes").integer("wire_sent_bytes");
+        r.wire_received_bytes = field(o, "wire_received_bytes").integer("wire_received_bytes");
+        r.sparse_all_gather = field(o, "sparse_all_gather").boolean("sparse_all_gather");
+      }
       for (size_t n : {r.seconds.size(), r.start_ns.size(), r.end_ns.size(), r.attempts.size(), r.members.size()})
         if (n != iterations)
           throw std::runtime_error(fmt::format("{} values where {} iterations were run", n, iterations));
@@ -201,6 +210,7 @@ JobResult run_job(const AllreduceOptions& o, const Machine& m, const NetnsHosts*
       argv.push_back(std::to_string(o.wan->delay.count()));
     }
     if (o.reduce_step) argv.push_back("--reduce-step");
+    if (o.codec) argv.insert(argv.end(), {"--codec", *o.codec, "--sparse-gather", o.sparse_gather});
     if (o.fault) {
       for (std::string s : {std::string("--fault-phase"), o.fault->phase, std::string("--fault-iteration"),
                             std::to_string(o.fault_iteration()), std::string("--fault-ring-step"),
@@ -438,9 +448,9 @@ int run_allreduce(const AllreduceOptions& o) {
   for (bool plain : {true, false}) {
     if ((plain && !o.plain) || (!plain && !o.encrypted)) continue;
     const std::string security = security_name(plain);
-    progress("meshtrain {}: {} peers, {} bytes, {}, {} stream(s), chunk {} bytes, warmup {} + repeats {}{}{}",
+    progress("meshtrain {}: {} peers, {} bytes, {}, {} stream(s), chunk {} bytes, warmup {} + repeats {}{}{}{}",
              o.reduce_step ? "reduce_step" : "allreduce", o.peers, o.bytes, security, o.streams, o.chunk_bytes, o.warmup, o.repeats, o.wan ? ", wan " + o.wan->text : "",
-             o.fault ? ", fault " + o.fault->text : "");
+             o.fault ? ", fault " + o.fault->text : "", o.codec ? ", codec " + *o.codec : "");
     JobResult r = run_job(o, m, net.get(), plain);
     bool verified = true;
     std::string note;
@@ -502,6 +512,24 @@ int run_allreduce(const AllreduceOptions& o) {
           .add("resume_seconds", (next_done_ns - *r.death_ns) / 1e9)
           .add("resume_bound_seconds", bound + reduction_after)
           .add("iteration_seconds", iteration_times(r, o.warmup, o.warmup + o.repeats));
+    }
+    {
+      // Effective bandwidth: uncompressed gradient bytes per second. Wire: payload bytes one
+      // member sends per all-reduce (the largest over members; the plain ring's is computed).
+      const double plain_wire = static_cast<double>(o.bytes) * allreduce_bus_factor(o.peers);
+      int64_t wire = -1;
+      bool sparse_all_gather = false;
+      for (const auto& w : r.workers) {
+        wire = std::max(wire, w.wire_sent_bytes);
+        sparse_all_gather = sparse_all_gather || w.sparse_all_gather;
+      }
+      j.add("codec", o.codec ? compress::make_codec(*o.codec)->describe() : std::string("plain"));
+      if (o.codec && compress::make_codec(*o.codec)->id() == compress::CodecId::TopK)
+        j.add("sparse_gather", o.sparse_gather).add("sparse_all_gather", sparse_all_gather);
+      const double wire_bytes = o.codec ? static_cast<double>(wire) : plain_wire;
+      j.add("effective_Mbps", static_cast<double>(o.bytes) * 8 / seconds / 1e6)
+          .add("wire_sent_bytes", static_cast<int64_t>(std::llround(wire_bytes)))
+          .add("wire_vs_plain", wire_bytes / plain_wire);
     }
     if (o.wan) {
       double busbw = static_cast<double>(o.bytes) / seconds / 1e9 * allreduce_bus_factor(o.peers);

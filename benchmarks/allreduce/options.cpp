@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "meshtrain/compress.h"
+
 namespace meshtrain::bench {
 
 namespace {
@@ -171,6 +173,17 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
     } else if (arg == "--reduce-step") {
       flag();
       o.reduce_step = true;
+    } else if (arg == "--codec") {
+      o.codec = value();
+      try {
+        compress::make_codec(*o.codec);
+      } catch (const InvalidArgumentError& e) {
+        throw UsageError(fmt::format("--codec: {}", e.what()));
+      }
+    } else if (arg == "--sparse-gather") {
+      o.sparse_gather = value();
+      if (o.sparse_gather != "auto" && o.sparse_gather != "owner" && o.sparse_gather != "allgather")
+        throw UsageError(fmt::format("--sparse-gather: '{}' (auto, owner, allgather)", o.sparse_gather));
     } else if (arg == "--timeout-s") {
       o.timeout_s = static_cast<int>(parse_int(arg, value(), 1, 24 * 3600));
     } else if (arg == "--heartbeat-timeout-ms") {

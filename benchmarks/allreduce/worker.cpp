@@ -6,7 +6,7 @@
 //                  --bytes B --warmup W --repeats R --streams S --chunk-bytes C
 //                  --security plain|encrypted --host ADDR [--relay-delay-us D]
 //                  [--op-timeout-ms MS] [--reduce-step] [--fault-phase P --fault-iteration K
-//                  --fault-ring-step S --death-file FILE]
+//                  --fault-ring-step S --death-file FILE] [--codec SPEC --sparse-gather MODE]
 //   Without --reduce-step and --fault-phase: next_quorum(1) once, then W + R iterations of
 //     barrier; fill(index + 1); barrier; t0; allreduce(Sum); t1; check
 //   where the barrier is an all-reduce of 16 floats per member (it completes on a member only
@@ -17,6 +17,8 @@
 //   loop's step as it sees it); with --fault-phase the worker that is the victim (has --death-file) writes
 //   CLOCK_MONOTONIC nanoseconds to FILE and raises SIGKILL at ring step S of phase P of
 //   iteration K.
+//   With --codec: allreduce_compressed / reduce_step with that codec instead (and "wire_sent_bytes",
+//   "wire_received_bytes": the payload bytes of the last iteration, "sparse_all_gather").
 //   Prints one JSON line on stdout: {"index", "rank", "peers", "verified", "seconds": [...],
 //   "start_ns": [...], "end_ns": [...], "attempts": [...], "members": [...]}, then waits for
 //   EOF on stdin (the driver's "everyone reported") before exiting.
@@ -51,6 +53,7 @@
 
 #include "json.h"
 #include "meshtrain/collective.h"
+#include "meshtrain/compress.h"
 #include "meshtrain/coord.h"
 #include "relay.h"
 #include <netdb.h>
@@ -226,6 +229,17 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
   }
 
   const std::map<std::string, int> indices = member_indices(members_path);
+  std::unique_ptr<compress::Codec> codec;
+  collective::CompressedOptions compressed;
+  if (a.count("--codec")) codec = compress::make_codec(a.at("--codec"));
+  if (a.count("--sparse-gather")) {
+    const std::string& mode = a.at("--sparse-gather");
+    compressed.sparse_gather = mode == "owner"       ? collective::SparseGather::Owner
+                               : mode == "allgather" ? collective::SparseGather::AllGather
+                                                     : collective::SparseGather::Auto;
+  }
+  collective::CompressedState compressed_state(compressed);
+  const bool sparse = codec && codec->id() == compress::CodecId::TopK;
   collective::Communicator comm(self, o);
   const size_t count = bytes / sizeof(float);
   std::vector<float> buffer(count);
@@ -237,9 +251,31 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
   size_t quorum_size = 0;
   const float mine = static_cast<float>(index + 1);
   auto check = [&](float expected, int iteration) {
+    if (sparse) {
+      // Top-k sends a few entries (plus earlier residuals): check the result is sparse, finite
+      // and positive where set (every member's input is positive), not its values.
+      size_t nonzero = 0;
+      for (float x : buffer) {
+        if (x == 0.0f) continue;
+        ++nonzero;
+        if (!(x > 0.0f && std::isfinite(x))) {
+          if (verified) verify_note = fmt::format("iteration {}: top-k result holds {}", iteration, x);
+          verified = false;
+          return;
+        }
+      }
+      if (nonzero == 0 || nonzero > count / 2) {
+        if (verified) verify_note = fmt::format("iteration {}: top-k result has {} of {} entries set", iteration,
+                                                nonzero, count);
+        verified = false;
+      }
+      return;
+    }
+    // Lossy dense codecs: small integers are exact in fp16/bf16; int8 rounds within 1%.
+    const float tolerance = codec && codec->id() != compress::CodecId::None ? 1e-2f : 1e-5f;
     for (size_t i : {size_t{0}, count / 2, count - 1}) {
       float got = buffer[i];
-      if (std::fabs(got - expected) > 1e-5f * std::fabs(expected)) {
+      if (std::fabs(got - expected) > tolerance * std::fabs(expected)) {
         if (verified)
           verify_note = fmt::format("iteration {}: element {} is {} where {} was expected", iteration, i, got, expected);
         verified = false;
@@ -266,7 +302,11 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
       std::fill(buffer.begin(), buffer.end(), mine);
       comm.allreduce(barrier_view, collective::ReduceOp::Sum);
       int64_t t0 = monotonic_ns();
-      comm.allreduce(view, collective::ReduceOp::Sum);
+      if (codec) {
+        comm.allreduce_compressed(view, *codec, compressed_state, collective::ReduceOp::Sum);
+      } else {
+        comm.allreduce(view, collective::ReduceOp::Sum);
+      }
       int64_t t1 = monotonic_ns();
       seconds.push_back((t1 - t0) / 1e9);
       start_ns.push_back(t0);
@@ -280,8 +320,9 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
       std::fill(buffer.begin(), buffer.end(), mine);
       g_iteration.store(it);
       int64_t t0 = monotonic_ns();
-      collective::StepResult r =
-          comm.reduce_step(static_cast<uint64_t>(it + 1), BufferView{buffer.data(), buffer.size(), DType::Float32});
+      const BufferView view{buffer.data(), buffer.size(), DType::Float32};
+      collective::StepResult r = codec ? comm.reduce_step(static_cast<uint64_t>(it + 1), view, *codec, compressed_state)
+                                       : comm.reduce_step(static_cast<uint64_t>(it + 1), view);
       int64_t t1 = monotonic_ns();
       rank = comm.rank();
       quorum_size = r.quorum.members.size();
@@ -304,6 +345,10 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
   if (!verified) line.add("verify_note", verify_note);
   line.add("seconds", seconds).add("start_ns", start_ns).add("end_ns", end_ns).add("attempts", attempts).add("members",
                                                                                                              members);
+  if (codec)
+    line.add("wire_sent_bytes", compressed_state.traffic().sent_bytes)
+        .add("wire_received_bytes", compressed_state.traffic().received_bytes)
+        .add("sparse_all_gather", compressed_state.traffic().sparse_all_gather);
   std::printf("%s\n", line.str().c_str());
   std::fflush(stdout);
   // Stay in the job until the driver has every worker's result (it closes our stdin): a worker
