@@ -11,7 +11,8 @@
 // Codecs: none (fp32 with a header), fp16, bf16, int8 blockwise, top-k, PowerSGD. Each has a
 // CPU implementation (the reference, and the path without a GPU) and, for buffers with
 // device == Cuda in a build with CUDA, kernels that run on the caller's CUDA stream. See
-// docs/compression.md for the payload format, error bounds and the compressed all-reduce seam.
+// docs/compression.md for the payload format, error bounds and the compressed all-reduce
+// (Communicator::allreduce_compressed in meshtrain/collective.h).
 //
 // Thread-safety: a Codec is immutable after construction and its const methods may be called
 // from any number of threads at once. A CodecState is used by one thread at a time.
