@@ -45,12 +45,15 @@ CREATE TABLE offers (
   hardware_signature BLOB NOT NULL,
   active INTEGER NOT NULL,
   busy_lease INTEGER NOT NULL DEFAULT 0,
-  created_ms INTEGER NOT NULL
+  created_ms INTEGER NOT NULL,
+  -- A copy of provider_stats.last_heartbeat_ms, so the alive filter needs no join per offer.
+  provider_heartbeat_ms INTEGER NOT NULL DEFAULT 0
 );
 -- Discovery walks these in sort order over the offers that can be leased now.
 CREATE INDEX offers_free_by_price ON offers(price_per_step, id) WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_free_by_latency ON offers(latency_hint_ms, id) WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_free_by_model ON offers(gpu_model, price_per_step, id) WHERE active = 1 AND busy_lease = 0;
+CREATE INDEX offers_free_by_heartbeat ON offers(provider_heartbeat_ms) WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_by_provider ON offers(provider, id);
 
 CREATE TABLE orders (
@@ -712,7 +715,7 @@ struct Ledger::Impl {
     db.cached(
           "INSERT INTO offers(provider, gpu_model, gpu_count, vram_gib, cuda_capability, price_per_step, "
           "price_per_hour_idle, region, endpoint, latency_hint_ms, hardware_text, hardware_signature, active, "
-          "created_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1,?)")
+          "created_ms, provider_heartbeat_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1,?,?)")
         .bind_blob(1, sender.bytes)
         .bind(2, s.gpu.model)
         .bind(3, s.gpu.count)
@@ -726,6 +729,7 @@ struct Ledger::Impl {
         .bind(11, s.hardware.text)
         .bind_blob(12, s.hardware.signature)
         .bind(13, now)
+        .bind(14, stats_of(sender).last_heartbeat_ms)
         .run();
     Id id = static_cast<Id>(db.last_insert_id());
     event(now, "offer", &sender, 0, s.price_per_step, fmt::format("offer {} {}x{}", id, s.gpu.count, s.gpu.model));
@@ -1022,6 +1026,10 @@ struct Ledger::Impl {
         .bind(3, s.covered_ms)
         .bind_blob(4, sender.bytes)
         .run();
+    db.cached("UPDATE offers SET provider_heartbeat_ms = ? WHERE provider = ? AND active = 1")
+        .bind(1, s.last_heartbeat_ms)
+        .bind_blob(2, sender.bytes)
+        .run();
     return std::monostate{};
   }
 
@@ -1049,11 +1057,19 @@ struct Ledger::Impl {
     if (f.min_gpu_count) add("o.gpu_count >=", int64_t{f.min_gpu_count});
     if (f.max_price_per_step) add("o.price_per_step <=", db_amount(f.max_price_per_step));
     if (!f.region.empty()) add("o.region =", f.region);
-    if (f.alive_only) add("ifnull(s.last_heartbeat_ms, 0) >=", int64_t{alive_since(now)});
-    if (f.min_reputation > 0) add(std::string(kScoreExpr) + " >=", f.min_reputation);
-    std::string order_by = f.sort == OfferSort::Price     ? "o.price_per_step, o.id"
-                           : f.sort == OfferSort::Latency ? "o.latency_hint_ms, o.id"
-                                                          : fmt::format("{} DESC, o.id", kScoreExpr);
+    if (f.alive_only) add("o.provider_heartbeat_ms >=", int64_t{alive_since(now)});
+    // The score depends on the provider only: computed once per provider, not once per offer.
+    bool scored = f.sort == OfferSort::Reputation || f.min_reputation > 0;
+    std::string with, join;
+    if (scored) {
+      with = fmt::format("WITH scores AS MATERIALIZED (SELECT s.provider, {} AS score FROM provider_stats s) ", kScoreExpr);
+      join = "LEFT JOIN scores sc ON sc.provider = o.provider ";
+    }
+    if (f.min_reputation > 0) add("ifnull(sc.score, 0) >=", f.min_reputation);
+    const char* sort_key = f.sort == OfferSort::Price     ? "o.price_per_step"
+                           : f.sort == OfferSort::Latency ? "o.latency_hint_ms"
+                                                          : "ifnull(sc.score, 0)";
+    const char* direction = f.sort == OfferSort::Reputation ? "DESC" : "ASC";
     auto bind_all = [&](sqlite::Statement& st) {
       // ?1 and ?2 feed the score; a statement without a score or filter has no parameters.
       if (st.parameter_count() >= 2) st.bind(1, now).bind(2, static_cast<int64_t>(options.heartbeat_gap.count()));
@@ -1066,13 +1082,17 @@ struct Ledger::Impl {
         }, p.value);
     };
     OfferPage page;
-    auto& count = db.cached(
-        fmt::format("SELECT count(*) FROM offers o LEFT JOIN provider_stats s ON s.provider = o.provider {}", where));
+    auto& count = db.cached(fmt::format("{}SELECT count(*) FROM offers o {}{}", with, join, where));
     bind_all(count);
     count.step();
     page.total = static_cast<uint64_t>(count.int64(0));
     if (f.page_token >= page.total) return page;
-    auto& st = db.cached(fmt::format("{}{} ORDER BY {} LIMIT ?{} OFFSET ?{}", kOfferSelect, where, order_by, next, next + 1));
+    // Sort narrow (key, id) rows, then read the page's offers: sorting whole offer rows (reports
+    // and all) costs far more than the few rows a page returns.
+    auto& st = db.cached(fmt::format(
+        "{}{} JOIN (SELECT o.id AS page_id, {} AS page_key FROM offers o {}{} ORDER BY page_key {}, o.id LIMIT ?{} "
+        "OFFSET ?{}) p ON p.page_id = o.id ORDER BY p.page_key {}, o.id",
+        with, kOfferSelect, sort_key, join, where, direction, next, next + 1, direction));
     bind_all(st);
     st.bind(next, f.limit).bind(next + 1, static_cast<int64_t>(f.page_token));
     while (st.step()) page.offers.push_back(read_offer(st, now, options.heartbeat_gap).offer);

@@ -26,9 +26,10 @@ namespace {
 net::ControlOptions control_options() {
   net::ControlOptions options;
   options.admit_any_key = true;
-  // Larger than any request may be, so an oversized one still gets an error reply naming the
-  // limit; anything beyond this the transport drops and counts by itself.
-  options.limits.max_control_payload_bytes = 4 * protocol::kMaxRequestBytes;
+  // The limit applies both ways: large enough for the largest reply, so a request above its own
+  // limit (kMaxRequestBytes) still gets an error reply; beyond this the transport drops and
+  // counts it by itself.
+  options.limits.max_control_payload_bytes = protocol::kMaxReplyBytes;
   return options;
 }
 
@@ -116,8 +117,17 @@ struct MarketServer::Impl {
     header.op_seq = message.header.op_seq;
     try {
       auto bytes = protocol::encode(reply);
+      if (bytes.size() > protocol::kMaxReplyBytes) {
+        // Only lists grow this large (1000 offers with long texts): ask for smaller pages.
+        log::warn("market", "reply {} to {} is {} bytes, over the limit {}", message.header.op_seq,
+                  message.header.sender.fingerprint(), bytes.size(), protocol::kMaxReplyBytes);
+        bytes = protocol::encode(protocol::error_reply(MarketError(
+            "reply_too_large", fmt::format("the reply would be {} bytes, more than the limit {}: use a smaller limit",
+                                           bytes.size(), protocol::kMaxReplyBytes))));
+      }
       server.send(message.header.sender, header, bytes);
-    } catch (const PeerLostError& e) {
+    } catch (const Error& e) {
+      // The client left (PeerLost) or the reply could not be sent: the server carries on.
       ++stats.dropped;
       log::info("market", "reply {} to {} not delivered: {}", message.header.op_seq,
                 message.header.sender.fingerprint(), e.what());
