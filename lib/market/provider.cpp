@@ -107,7 +107,8 @@ struct Provider::Impl {
     spec.price_per_step = settings.price_per_step;
     spec.price_per_hour_idle = settings.price_per_hour_idle;
     spec.region = settings.region;
-    spec.endpoint = settings.advertise_endpoint.empty() ? server.endpoint() : settings.advertise_endpoint;
+    bound_endpoint = server.endpoint();
+    spec.endpoint = settings.advertise_endpoint.empty() ? bound_endpoint : settings.advertise_endpoint;
     spec.latency_hint_ms = settings.latency_hint_ms;
     spec.hardware = HardwareReport::sign(self, hardware.report_json);
     digest = spec_digest(spec);
@@ -155,6 +156,7 @@ struct Provider::Impl {
   Amount redeemed_total = 0;
 
   net::ControlServer server;  // declared last: its thread (serve) uses the members above
+  std::string bound_endpoint;  // server.endpoint(), read here because the server is single-threaded
 
   // Runs `f(backend)` holding the market lock.
   template <typename F>
@@ -682,7 +684,7 @@ struct Provider::Impl {
   ProviderStatus status() const {
     std::lock_guard lock(mutex);
     ProviderStatus s;
-    s.endpoint = server.endpoint();
+    s.endpoint = bound_endpoint;
     s.provider = self.public_key();
     s.offer_id = offer_id;
     s.market_up = market_up;
@@ -746,7 +748,7 @@ Provider::Provider(const crypto::Identity& self, MarketBackend& backend, Provide
 
 Provider::~Provider() { impl_->stop_all_workers(); }
 
-std::string Provider::endpoint() const { return impl_->server.endpoint(); }
+std::string Provider::endpoint() const { return impl_->bound_endpoint; }
 const OfferSpec& Provider::offer_spec() const { return impl_->spec; }
 ProviderStatus Provider::status() const { return impl_->status(); }
 
