@@ -29,6 +29,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev         # unit tests
   libbenchmark-dev                  # Google Benchmark binaries
   libsqlite3-dev                    # market ledger
+  libtorch-dev                      # libtorch 1.13 (CPU): the optional torch glue, meshtrain_torch
   iproute2                          # network namespaces, veth and tc for link tests
   python3 python3-pytest
 )
