@@ -83,12 +83,14 @@ say "build: cmake --build $BUILD_DIR -j$JOBS"
 cmake --build "$BUILD_DIR" -j"$JOBS"
 say "built meshtrain in $BUILD_DIR"
 
-# The main job: a local demo on the embedded defaults (4 workers on loopback, one killed
-# mid-step, one joining). MESHTRAIN_SKIP_DEMO=1 only builds (CI runs the demo as a test).
+# The main job: a local demo on the embedded defaults: a devnet market and provider daemons on
+# loopback, 4 rented workers paid per step, one provider's host killed mid-step and replaced by
+# a standby that joins the job (`meshtrain demo` without --market: the same job without the
+# market). MESHTRAIN_SKIP_DEMO=1 only builds (CI runs both demos as tests too).
 if [[ "${MESHTRAIN_SKIP_DEMO:-0}" == "1" ]]; then
   say "MESHTRAIN_SKIP_DEMO=1: not running the demo"
 else
-  say "demo: $BUILD_DIR/tools/meshtrain demo"
-  "$BUILD_DIR/tools/meshtrain" demo
+  say "demo: $BUILD_DIR/tools/meshtrain demo --market"
+  "$BUILD_DIR/tools/meshtrain" demo --market
 fi
 say "run the tests with: bash scripts/test.sh"

@@ -343,6 +343,8 @@ struct FleetOptions {
   std::chrono::milliseconds rent_wait{3000};
   // A provider whose latest heartbeat at the market is older than this is failed.
   std::chrono::milliseconds heartbeat_timeout{3000};
+  // A provider's daemon that does not acknowledge a voucher within this has failed.
+  std::chrono::milliseconds voucher_timeout{2000};
   std::function<void(const FleetEvent&)> on_event;  // progress output; may be empty
 };
 

@@ -128,7 +128,7 @@ std::vector<Lease> Fleet::pay_step(uint64_t step) {
       }
     }
     try {
-      impl_->client.pay_step(held.id, step);
+      impl_->client.pay_step(held.id, step, impl_->options.voucher_timeout);
     } catch (const PeerLostError& e) {
       failures.push_back({held, e.what()});
     } catch (const MarketError& e) {

@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/flags.h"
+#include "demo/processes.h"
 #include "meshtrain/collective.h"
 
 namespace fs = std::filesystem;
@@ -40,49 +42,31 @@ options:
   --workers N      workers at the start (default 4, at least 2)
   --steps N        optimizer steps (default 40)
   --kill-at STEP   SIGKILL one worker during that step's all-gather (default 15; 0: never)
-  --join-at STEP   a new worker joins at that step (default 25; 0: never)
+  --join-at STEP   a new worker joins at that step (default 25; 0: never; not with --market,
+                   where the replacement provider's worker is the joiner)
   --dim N          model size (default 1024 parameters)
-  --step-ms MS     pause per step so the run can be followed (default 50)
+  --step-ms MS     pause per step so the run can be followed (default 50; 200 with --market)
   --plain          unencrypted bulk streams (default: AES-256-GCM)
+  --market         rent the workers' GPUs on a local devnet market and pay them per step
+                   (see below)
   --help           this text
+
+With --market the job runs on rented providers: a meshtrain-market (SQLite ledger) and N+1
+meshtrain-provider daemons start; the job owner rents N of them through a Fleet, tells each
+daemon where the job's coordinator is, and the daemons start the workers. Every step the owner
+pays each provider with a signed voucher. Instead of one worker dying, provider 1's host dies
+(its worker and its daemon are SIGKILLed at --kill-at); the fleet closes that lease as failed,
+rents the standby provider and attaches it, and its worker joins the job. At the end the ledger
+is reconciled: what the owner spent is exactly what the providers earned.
 )";
 
-using Flags = std::map<std::string, std::string>;
-
-Flags parse(int argc, char** argv, int first) {
-  Flags flags;
-  for (int i = first; i < argc; ++i) {
-    std::string key = argv[i];
-    if (key.rfind("--", 0) != 0) throw InvalidArgumentError(fmt::format("unexpected argument '{}'", key));
-    if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) {
-      flags[key] = argv[++i];
-    } else {
-      flags[key] = "";
-    }
-  }
-  return flags;
-}
-
-uint64_t number(const Flags& f, const std::string& key, uint64_t fallback) {
-  auto it = f.find(key);
-  if (it == f.end()) return fallback;
-  try {
-    size_t used = 0;
-    uint64_t v = std::stoull(it->second, &used);
-    if (used != it->second.size()) throw std::invalid_argument("trailing characters");
-    return v;
-  } catch (const std::exception&) {
-    throw InvalidArgumentError(fmt::format("{} expects a number, got '{}'", key, it->second));
-  }
-}
-
-std::string required(const Flags& f, const std::string& key) {
-  auto it = f.find(key);
-  if (it == f.end()) throw InvalidArgumentError(fmt::format("missing {}", key));
-  return it->second;
-}
-
-fs::path self_exe() { return fs::read_symlink("/proc/self/exe"); }
+const std::initializer_list<Flags::Spec> kDemoFlags = {
+    {"--workers"}, {"--steps"}, {"--kill-at"}, {"--join-at"}, {"--dim"}, {"--step-ms"}, {"--plain", false},
+    {"--market", false}};
+const std::initializer_list<Flags::Spec> kWorkerFlags = {
+    {"--index"}, {"--steps"}, {"--die-at"}, {"--step-ms"}, {"--start-step"}, {"--dim"}, {"--dir"},
+    {"--coordinator-endpoint"}, {"--coordinator"}, {"--plain", false}, {"--join", false}};
+constexpr uint64_t kMaxNumber = 1ull << 40;
 
 // The problem: y = X w* + noise, worker i holds rows [i*rows, (i+1)*rows) generated from seed i.
 struct Shard {
@@ -125,21 +109,21 @@ struct Shard {
 }  // namespace
 
 int demo_worker_command(int argc, char** argv) {
-  Flags f = parse(argc, argv, 2);
-  const uint64_t index = number(f, "--index", 0);
-  const uint64_t steps = number(f, "--steps", 40);
-  const uint64_t die_at = number(f, "--die-at", 0);
-  const uint64_t step_ms = number(f, "--step-ms", 50);
-  uint64_t step = number(f, "--start-step", 1);
-  const size_t dim = number(f, "--dim", 1024);
-  const fs::path dir = required(f, "--dir");
+  Flags f(argc, argv, 2, kWorkerFlags, "usage: meshtrain demo-worker (started by `meshtrain demo`)");
+  const uint64_t index = f.number("--index", 0, 0, 1 << 20);
+  const uint64_t steps = f.number("--steps", 40, 1, kMaxNumber);
+  const uint64_t die_at = f.number("--die-at", 0, 0, kMaxNumber);
+  const uint64_t step_ms = f.number("--step-ms", 50, 0, 3600000);
+  uint64_t step = f.number("--start-step", 1, 1, kMaxNumber);
+  const size_t dim = f.number("--dim", 1024, 1, 1 << 26);
+  const fs::path dir = f.required("--dir");
 
   auto self = crypto::Identity::load_pem(dir / fmt::format("worker{}.pem", index));
   collective::CommunicatorOptions o;
-  o.coordinator_endpoint = required(f, "--coordinator-endpoint");
-  o.coordinator = crypto::PeerId::from_hex(required(f, "--coordinator"));
+  o.coordinator_endpoint = f.required("--coordinator-endpoint");
+  o.coordinator = crypto::PeerId::from_hex(f.required("--coordinator"), "--coordinator");
   o.members = net::AllowList::load(dir / "members.txt");
-  if (f.count("--plain")) o.bulk.security = net::BulkSecurity::Plain;
+  if (f.has("--plain")) o.bulk.security = net::BulkSecurity::Plain;
   o.bulk.peer_timeout = 3s;
   uint64_t current = 0;
   if (die_at)
@@ -156,7 +140,7 @@ int demo_worker_command(int argc, char** argv) {
   Shard shard(index, dim);
   std::vector<float> w(dim, 0.0f);
   std::vector<float> grad(dim + 1);  // the last slot carries the loss, so it is averaged too
-  bool has_state = !f.count("--join");
+  bool has_state = !f.has("--join");
   std::ofstream progress(dir / fmt::format("worker{}.progress", index), std::ios::app);
   // x ~ N(0, 1/dim): the Hessian's largest eigenvalue is about 6/dim with twice as many rows
   // as parameters, so this step size converges without overshooting.
@@ -183,7 +167,7 @@ int demo_worker_command(int argc, char** argv) {
     grad[dim] = static_cast<float>(shard.loss_and_gradient(w, grad));
     collective::StepResult r = comm.reduce_step(step, BufferView{grad.data(), grad.size(), DType::Float32});
     for (size_t c = 0; c < dim; ++c) w[c] -= lr * grad[c];
-    progress << step << std::endl;
+    progress << step << " " << grad[dim] << std::endl;
     if (comm.rank() == 0)
       std::printf("step %3llu  loss %.6f  members %zu  contributors %zu  attempts %u\n",
                   static_cast<unsigned long long>(step), grad[dim], r.quorum.members.size(), r.contributors.size(),
@@ -198,69 +182,32 @@ int demo_worker_command(int argc, char** argv) {
   return 0;
 }
 
-namespace {
-
-struct Child {
-  pid_t pid = -1;
-  std::string name;
-  ~Child() {
-    if (pid > 0) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  }
-  int wait() {
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    pid = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-};
-
-// Starts args[0]; its stdout goes to `stdout_path` when given.
-std::unique_ptr<Child> spawn(const std::string& name, std::vector<std::string> args, const char* stdout_path = nullptr) {
-  auto child = std::make_unique<Child>();
-  child->name = name;
-  child->pid = ::fork();
-  if (child->pid < 0) throw_io_error("fork", errno);
-  if (child->pid == 0) {
-    if (stdout_path) {
-      int fd = ::open(stdout_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (fd >= 0) ::dup2(fd, STDOUT_FILENO);
-    }
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(argv[0], argv.data());
-    std::perror("execv");
-    _exit(127);
-  }
-  return child;
-}
-
-uint64_t last_step(const fs::path& progress) {
-  std::ifstream in(progress);
-  uint64_t step = 0, s;
-  while (in >> s) step = s;
-  return step;
-}
-
-}  // namespace
-
 int demo_command(int argc, char** argv) {
-  Flags f = parse(argc, argv, 2);
-  if (f.count("--help")) {
+  Flags f(argc, argv, 2, kDemoFlags, kUsage);
+  if (f.help()) {
     std::fputs(kUsage, stdout);
     return 0;
   }
-  const uint64_t workers = number(f, "--workers", 4);
-  const uint64_t steps = number(f, "--steps", 40);
-  const uint64_t kill_at = number(f, "--kill-at", 15);
-  const uint64_t join_at = number(f, "--join-at", 25);
-  const uint64_t dim = number(f, "--dim", 1024);
-  const uint64_t step_ms = number(f, "--step-ms", 50);
-  if (workers < 2) throw InvalidArgumentError("--workers must be at least 2");
-  if (kill_at > steps || join_at > steps) throw InvalidArgumentError("--kill-at and --join-at must be <= --steps");
+  if (!f.positional().empty()) f.fail(fmt::format("unexpected argument '{}'", f.positional()[0]));
+  DemoSettings settings;
+  settings.workers = f.number("--workers", 4, 2, 64);
+  settings.steps = f.number("--steps", 40, 1, kMaxNumber);
+  settings.kill_at = f.number("--kill-at", 15, 0, kMaxNumber);
+  settings.join_at = f.number("--join-at", 25, 0, kMaxNumber);
+  settings.dim = f.number("--dim", 1024, 1, 1 << 26);
+  // On the market the replacement of a failed provider takes about a second to rent and attach:
+  // slower steps leave it time to join before the job ends.
+  settings.step_ms = f.number("--step-ms", f.has("--market") ? 200 : 50, 0, 3600000);
+  settings.plain = f.has("--plain");
+  if (settings.kill_at > settings.steps || settings.join_at > settings.steps)
+    f.fail("--kill-at and --join-at must be <= --steps");
+  if (f.has("--market")) {
+    if (settings.kill_at && settings.kill_at + 10 > settings.steps)
+      f.fail("with --market, --kill-at must leave at least 10 steps for the replacement to join");
+    return market_demo(settings);
+  }
+  const uint64_t workers = settings.workers, steps = settings.steps, kill_at = settings.kill_at,
+                 join_at = settings.join_at, dim = settings.dim, step_ms = settings.step_ms;
 
   char pattern[] = "/tmp/meshtrain-demo-XXXXXX";
   if (!::mkdtemp(pattern)) throw_io_error("mkdtemp", errno);
@@ -291,7 +238,7 @@ int demo_command(int argc, char** argv) {
                               coordinator_exe.string()));
   std::printf("meshtrain demo: %llu workers, %llu steps, %llu parameters, %s bulk streams\n",
               static_cast<unsigned long long>(workers), static_cast<unsigned long long>(steps),
-              static_cast<unsigned long long>(dim), f.count("--plain") ? "plain" : "AES-256-GCM");
+              static_cast<unsigned long long>(dim), settings.plain ? "plain" : "AES-256-GCM");
   if (kill_at) std::printf("  worker 1 will be killed (SIGKILL) during step %llu\n", static_cast<unsigned long long>(kill_at));
   if (join_at)
     std::printf("  worker %llu will join at step %llu\n", static_cast<unsigned long long>(workers),
@@ -319,7 +266,7 @@ int demo_command(int argc, char** argv) {
                                   "--coordinator-endpoint", endpoint, "--coordinator", key, "--steps",
                                   std::to_string(steps), "--dim", std::to_string(dim), "--step-ms",
                                   std::to_string(step_ms)};
-    if (f.count("--plain")) a.push_back("--plain");
+    if (settings.plain) a.push_back("--plain");
     return a;
   };
   for (uint64_t i = 0; i < workers; ++i) {
@@ -334,7 +281,7 @@ int demo_command(int argc, char** argv) {
     // Start the joiner a few steps ahead so that it is waiting when the job reaches join_at.
     const fs::path progress = dir / "worker0.progress";
     auto until = Clock::now() + std::chrono::seconds(120);
-    while (last_step(progress) + 3 < join_at && Clock::now() < until) std::this_thread::sleep_for(20ms);
+    while (last_progress(progress).step + 3 < join_at && Clock::now() < until) std::this_thread::sleep_for(20ms);
     auto a = worker_args(workers);
     a.insert(a.end(), {"--join", "--start-step", std::to_string(join_at)});
     children.push_back(spawn(fmt::format("worker {}", workers), a));

@@ -1,0 +1,104 @@
+// What `meshtrain demo` and `meshtrain demo --market` share: their settings, child processes
+// that die with the demo, and reading the workers' progress files.
+#pragma once
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "meshtrain/core.h"
+
+namespace meshtrain::tools {
+
+struct DemoSettings {
+  uint64_t workers = 4;
+  uint64_t steps = 40;
+  uint64_t kill_at = 15;
+  uint64_t join_at = 25;
+  uint64_t dim = 1024;
+  uint64_t step_ms = 50;
+  bool plain = false;
+};
+
+// `meshtrain demo --market` (tools/demo/market_demo.cpp).
+int market_demo(const DemoSettings& settings);
+
+inline std::filesystem::path self_exe() { return std::filesystem::read_symlink("/proc/self/exe"); }
+
+// A child process, SIGKILLed and reaped when the object dies.
+struct Child {
+  pid_t pid = -1;
+  std::string name;
+  ~Child() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+  int wait() {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+};
+
+// Starts args[0]; its stdout (and stderr with `both`) goes to `output_path` when given.
+inline std::unique_ptr<Child> spawn(const std::string& name, std::vector<std::string> args,
+                                    const char* output_path = nullptr, bool both = false) {
+  auto child = std::make_unique<Child>();
+  child->name = name;
+  child->pid = ::fork();
+  if (child->pid < 0) throw_io_error("fork", errno);
+  if (child->pid == 0) {
+    if (output_path) {
+      int fd = ::open(output_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, STDOUT_FILENO);
+        if (both) ::dup2(fd, STDERR_FILENO);
+      }
+    }
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    std::perror("execv");
+    _exit(127);
+  }
+  return child;
+}
+
+struct Progress {
+  uint64_t step = 0;  // the last step the worker finished; 0: none yet
+  double loss = 0;
+};
+
+// A worker's progress file: one "STEP LOSS" line per finished step.
+inline std::vector<Progress> read_progress(const std::filesystem::path& progress) {
+  std::ifstream in(progress);
+  std::vector<Progress> steps;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    Progress p;
+    if (fields >> p.step >> p.loss) steps.push_back(p);
+  }
+  return steps;
+}
+
+inline Progress last_progress(const std::filesystem::path& progress) {
+  auto steps = read_progress(progress);
+  return steps.empty() ? Progress{} : steps.back();
+}
+
+}  // namespace meshtrain::tools
