@@ -278,7 +278,7 @@ TEST_F(ProviderDaemon, OffersBidsStoresAndRedeemsAcrossASigkill) {
 // A renter that stops paying: after the grace the provider closes the lease with the latest
 // voucher settled and stops the worker; the unspent escrow goes back to the renter->
 TEST_F(ProviderDaemon, ClosesTheLeaseOfARenterWhoStopsPaying) {
-  start(600s, 2000ms);
+  start(600s, 4000ms);
   std::optional<WorkerInfo> worker;
   Lease lease = rent_and_attach(worker);
   ASSERT_TRUE(worker);
