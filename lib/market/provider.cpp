@@ -476,7 +476,16 @@ struct Provider::Impl {
     OrderQuery q;
     q.open_only = true;
     q.matching_offer = offer;
-    for (const Order& o : market([&](MarketBackend& b) { return b.orders(q); })) {
+    std::vector<Order> open = market([&](MarketBackend& b) { return b.orders(q); });
+    {
+      // Forget orders that are no longer open, so the set stays as small as the order book.
+      std::lock_guard lock(mutex);
+      std::set<Id> still_open;
+      for (const Order& o : open)
+        if (orders_seen.count(o.id)) still_open.insert(o.id);
+      orders_seen.swap(still_open);
+    }
+    for (const Order& o : open) {
       {
         std::lock_guard lock(mutex);
         if (!orders_seen.insert(o.id).second) continue;
