@@ -49,11 +49,11 @@ CREATE TABLE offers (
   -- A copy of provider_stats.last_heartbeat_ms, so the alive filter needs no join per offer.
   provider_heartbeat_ms INTEGER NOT NULL DEFAULT 0
 );
--- Discovery walks these in sort order over the offers that can be leased now.
-CREATE INDEX offers_free_by_price ON offers(price_per_step, id) WHERE active = 1 AND busy_lease = 0;
-CREATE INDEX offers_free_by_latency ON offers(latency_hint_ms, id) WHERE active = 1 AND busy_lease = 0;
+-- Discovery walks these in sort order over the offers that can be leased now; the heartbeat
+-- column makes the default (alive only) query and its count index-only.
+CREATE INDEX offers_free_by_price ON offers(price_per_step, id, provider_heartbeat_ms) WHERE active = 1 AND busy_lease = 0;
+CREATE INDEX offers_free_by_latency ON offers(latency_hint_ms, id, provider_heartbeat_ms) WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_free_by_model ON offers(gpu_model, price_per_step, id) WHERE active = 1 AND busy_lease = 0;
-CREATE INDEX offers_free_by_heartbeat ON offers(provider_heartbeat_ms) WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_by_provider ON offers(provider, id);
 
 CREATE TABLE orders (
@@ -556,6 +556,7 @@ struct Ledger::Impl {
     db.exec("PRAGMA journal_mode = WAL");
     db.exec("PRAGMA synchronous = FULL");
     db.exec("PRAGMA foreign_keys = ON");
+    db.exec("PRAGMA cache_size = -65536");  // 64 MiB: a devnet ledger stays in memory
     int rc = sqlite3_create_function_v2(db.handle(), "reputation_score", 8, SQLITE_UTF8 | SQLITE_DETERMINISTIC,
                                         nullptr, sql_reputation_score, nullptr, nullptr, nullptr);
     if (rc != SQLITE_OK) db.fail(rc, "register reputation_score");
@@ -571,7 +572,18 @@ struct Ledger::Impl {
                                              path.string(), version, kSchemaVersion));
     }
     tx.commit();
+    refresh_statistics();
   }
+
+  // Table statistics let the planner tell a selective index from a scan (e.g. a region filter
+  // is cheaper as a scan than through the price index). Bounded work; run at open and now and
+  // then from the sweep.
+  void refresh_statistics() {
+    db.exec("PRAGMA analysis_limit = 1000");
+    db.exec("ANALYZE");
+    last_statistics = Clock::now();
+  }
+  Clock::time_point last_statistics;
 
   TimeMs alive_since(TimeMs now) const { return now - options.alive_window.count(); }
 
@@ -1258,6 +1270,7 @@ size_t Ledger::sweep(TimeMs now) {
   sqlite::Transaction tx(impl_->db);
   size_t n = impl_->expire_leases(now);
   tx.commit();
+  if (Clock::now() - impl_->last_statistics > std::chrono::minutes(1)) impl_->refresh_statistics();
   return n;
 }
 
