@@ -619,9 +619,11 @@ struct Provider::Impl {
         backoff = milliseconds(0);
       } catch (const std::exception& e) {
         std::lock_guard lock(mutex);
+        // Unreachable or refusing (e.g. an offer the market will not take): either way the
+        // next try waits, so a persistent failure does not turn into a busy loop of requests.
+        backoff = std::min(settings.max_backoff, std::max(settings.heartbeat_interval, backoff * 2));
+        next_market_try = now + backoff;
         if (market_unreachable(e)) {
-          backoff = std::min(settings.max_backoff, std::max(settings.heartbeat_interval, backoff * 2));
-          next_market_try = now + backoff;
           if (market_up || market_error.empty())
             log::warn(kLog, "market unreachable ({}); vouchers are still accepted and stored; retrying in {} ms",
                       e.what(), backoff.count());
@@ -630,7 +632,7 @@ struct Provider::Impl {
           market_up = false;
           market_ever_down = true;
         } else {
-          log::error(kLog, "market call failed: {}", e.what());
+          log::error(kLog, "market call failed: {}; retrying in {} ms", e.what(), backoff.count());
         }
         market_error = e.what();
       }
