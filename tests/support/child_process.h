@@ -1,8 +1,9 @@
 // A child process for multi-process tests: started with fork/exec, its stdout and stderr go to
-// the test's, and it is SIGKILLed and reaped when the object dies, so a failing test never
+// the test's (or to a file), and it is SIGKILLed and reaped when the object dies, so a failing test never
 // leaves processes behind. Children also get PR_SET_PDEATHSIG, so they die with the test.
 #pragma once
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -20,11 +21,19 @@ namespace meshtrain::test_support {
 
 class ChildProcess {
  public:
-  explicit ChildProcess(std::vector<std::string> argv) {
+  // output: when not empty, the child's stdout and stderr go to this file (created or truncated).
+  explicit ChildProcess(std::vector<std::string> argv, const std::string& output = {}) {
     pid_ = ::fork();
     if (pid_ < 0) throw std::runtime_error("fork failed");
     if (pid_ == 0) {
       ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (!output.empty()) {
+        int fd = ::open(output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0) _exit(126);
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+        ::close(fd);
+      }
       std::vector<char*> args;
       for (auto& a : argv) args.push_back(a.data());
       args.push_back(nullptr);
