@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "meshtrain/coord.h"
 
@@ -23,10 +24,10 @@ namespace {
 
 constexpr int kUsageError = 2;
 
-const char* const kUsage = R"(usage: meshtrain-coordinator --allow FILE [options]
+const char* const kUsage = R"(usage: meshtrain-coordinator (--allow FILE | --job-owner KEY | both) [options]
 
-Serves one training job: admits the members on the allow-list, tracks their heartbeats and
-hands out one quorum per optimizer step.
+Serves one training job: admits the members on the allow-list and the peers holding a join
+token of a job owner, tracks their heartbeats and hands out one quorum per optimizer step.
 
 options:
   --bind tcp://HOST:PORT       control endpoint to bind (default tcp://0.0.0.0:7400; port 0 picks one)
@@ -34,7 +35,10 @@ options:
                                0600 when the file does not exist. Without --key a throwaway
                                identity is used (members must learn its key from the output).
   --allow FILE                 allow-list of member keys: one 64-hex-digit Ed25519 public key per
-                               line, '#' starts a comment (required)
+                               line, '#' starts a comment
+  --job-owner KEY              admit peers that present a join token signed by KEY for this
+                               coordinator's key (`meshtrain token`); KEY is 64 hex digits or a
+                               file holding one key. May be repeated.
   --min-peers N                never form a quorum with fewer contributors (default 1)
   --quorum-timeout-ms MS       wait at most this long for stragglers after a step's first
                                request (default 10000)
@@ -58,6 +62,7 @@ struct Args {
   std::string bind = "tcp://0.0.0.0:7400";
   std::optional<fs::path> key;
   std::optional<fs::path> allow;
+  std::vector<std::string> job_owners;
   uint32_t min_peers = 1;
   long quorum_timeout_ms = 10000;
   long heartbeat_timeout_ms = 5000;
@@ -106,6 +111,8 @@ Args parse_args(int argc, char** argv) {
       a.key = value();
     } else if (arg == "--allow") {
       a.allow = value();
+    } else if (arg == "--job-owner") {
+      a.job_owners.push_back(value());
     } else if (arg == "--min-peers") {
       a.min_peers = static_cast<uint32_t>(parse_number(arg, value(), 1, 1 << 20));
     } else if (arg == "--quorum-timeout-ms") {
@@ -123,8 +130,8 @@ Args parse_args(int argc, char** argv) {
       throw UsageError{fmt::format("unknown argument '{}'", argv[i])};
     }
   }
-  if (!a.help && !a.allow)
-    throw UsageError{"--allow FILE is required: without an allow-list no member can connect"};
+  if (!a.help && !a.allow && a.job_owners.empty())
+    throw UsageError{"--allow FILE or --job-owner KEY is required: without either no member can connect"};
   return a;
 }
 
@@ -198,13 +205,20 @@ int main(int argc, char** argv) {
   try {
     coord::CoordinatorOptions options;
     try {
-      options.allowed = net::AllowList::load(*args.allow);
+      if (args.allow) options.allowed = net::AllowList::load(*args.allow);
     } catch (const InvalidArgumentError& e) {
       std::fprintf(stderr, "meshtrain-coordinator: --allow: %s\n", e.what());
       return kUsageError;
     }
-    if (options.allowed.peers().empty())
-      log::warn("coord", "the allow-list {} is empty: no member can connect", args.allow->string());
+    try {
+      for (const auto& owner : args.job_owners) options.job_owners.add(coord::read_public_key(owner, "--job-owner"));
+    } catch (const InvalidArgumentError& e) {
+      std::fprintf(stderr, "meshtrain-coordinator: %s\n", e.what());
+      return kUsageError;
+    }
+    if (options.allowed.peers().empty() && options.job_owners.peers().empty())
+      log::warn("coord", "the allow-list {} is empty and there is no job owner: no member can connect",
+                args.allow->string());
     crypto::Identity self = load_or_create_identity(args.key);
     options.bind_endpoint = args.bind;
     options.min_peers = args.min_peers;

@@ -7,6 +7,7 @@
 #include "checkpoint/checkpoint_command.h"
 #include "demo/demo.h"
 #include "market/market_command.h"
+#include "token/token_command.h"
 #include "meshtrain/core.h"
 
 using namespace meshtrain;
@@ -23,7 +24,9 @@ const Command kCommands[] = {
     {"demo", tools::demo_command, "run a local data-parallel job with a failure and a join (see --help)"},
     {"demo-worker", tools::demo_worker_command, ""},
     {"checkpoint", tools::checkpoint_command, "inspect, verify or list checkpoints (see --help)"},
+    {"token", tools::token_command, "mint or check a join token that admits one peer to a job (see --help)"},
     {"market", tools::market_command, "offers, orders, leases, balances, rent, close, cost (see --help)"},
+    {"key", tools::key_command, "create an Ed25519 identity, or print its public key (see --help)"},
 };
 
 void usage(FILE* out) {

@@ -41,7 +41,13 @@ class StepMissedError : public Error {
 struct CommunicatorOptions {
   std::string coordinator_endpoint;  // e.g. "tcp://127.0.0.1:7400"
   PeerId coordinator;                // the coordinator's Ed25519 key
-  net::AllowList members;            // keys allowed to open bulk streams to us (the job)
+  // Keys allowed to open bulk streams to us. The members of every quorum the coordinator hands
+  // out are added, so a member admitted by join token needs no entry here, nor on the others'.
+  net::AllowList members;
+  // A join token for this member's key, when it is not on the job's allow-list: sent with every
+  // QuorumRequest. A coordinator that refuses it makes next_quorum throw coord::JoinTokenError
+  // naming the problem.
+  std::optional<coord::JoinToken> join_token;
   std::string bind_host = "127.0.0.1";
   uint16_t bind_port = 0;            // 0: a free port
   std::string advertise_host;        // address others connect to; default bind_host

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "meshtrain/core.h"
@@ -32,6 +33,7 @@ enum class MessageKind : uint16_t {
                         //   (no payload; header.quorum_id and header.step name the attempt)
   Commit = 519,         // coordinator -> members: every member of the attempt is Done, apply it
                         //   (no payload; header.quorum_id and header.step)
+  Refused = 520,        // coordinator -> a peer it does not admit (payload: Refusal)
 };
 
 // "QuorumRequest", "Commit", ... or "type N" for a type that is not a coordinator message.
@@ -66,6 +68,7 @@ struct QuorumRequest {
   bool has_state = true;
   uint64_t failed_quorum_id = 0;
   std::vector<PeerId> lost;
+  crypto::Bytes join_token;  // JoinToken::encode() of a peer not on the allow-list; else empty
 };
 
 struct Rejoin {
@@ -81,20 +84,122 @@ struct Abort {
   std::string reason;
 };
 
+enum class JoinTokenProblem : uint8_t;
+
+// Why the coordinator does not admit a peer: a missing or invalid join token.
+struct Refusal {
+  JoinTokenProblem problem{};
+  std::string reason;  // JoinTokenError::detail
+};
+
 // Encoders produce the payload for the matching MessageKind; decoders apply Cap'n Proto limits
 // and field checks and throw ProtocolError naming `source` and the field at fault.
 std::vector<uint8_t> encode(const QuorumRequest& m);
 std::vector<uint8_t> encode(const Quorum& m);
 std::vector<uint8_t> encode(const Rejoin& m);
 std::vector<uint8_t> encode(const Abort& m);
+std::vector<uint8_t> encode(const Refusal& m);
 QuorumRequest decode_quorum_request(crypto::ByteSpan bytes, std::string_view source);
 Quorum decode_quorum(crypto::ByteSpan bytes, std::string_view source);
 Rejoin decode_rejoin(crypto::ByteSpan bytes, std::string_view source);
 Abort decode_abort(crypto::ByteSpan bytes, std::string_view source);
+Refusal decode_refusal(crypto::ByteSpan bytes, std::string_view source);
+
+// ---------------------------------------------------------------------------------------------
+// Join tokens: how a job owner admits a peer that is not on the job's allow-list.
+//
+// The owner signs, with its Ed25519 key, {version, the job (named by its coordinator's public
+// key), the one peer key admitted, issue time, expiry, label}. The peer hands the token to its
+// Communicator, which sends it with every QuorumRequest (so a restarted coordinator admits it
+// again); a coordinator with job owners checks it and admits the peer until the token expires.
+// The format and the rules are in docs/step-protocol.md ("Admission").
+
+inline constexpr uint8_t kJoinTokenVersion = 1;
+inline constexpr size_t kMaxJoinTokenLabelBytes = 64;
+// Binary form: version, owner, job, peer, issued, expires, label length, label, signature.
+inline constexpr size_t kMinJoinTokenBytes = 1 + 3 * 32 + 8 + 8 + 1 + crypto::kEd25519SignatureBytes;
+inline constexpr size_t kMaxJoinTokenBytes = kMinJoinTokenBytes + kMaxJoinTokenLabelBytes;
+// Text form: this prefix, then the binary form in lowercase hex.
+inline constexpr std::string_view kJoinTokenTextPrefix = "mtjoin-";
+inline constexpr size_t kMaxJoinTokenTextBytes = kJoinTokenTextPrefix.size() + 2 * kMaxJoinTokenBytes;
+// A token issued this far in the future of the checker's clock is still accepted (clock skew).
+inline constexpr std::chrono::seconds kJoinTokenClockSkew{300};
+
+// What is wrong with a token; every JoinTokenError names one.
+enum class JoinTokenProblem : uint8_t {
+  Missing,       // an unlisted peer sent no token
+  Malformed,     // not a token: bad prefix, length, hex, version or label
+  BadSignature,  // the signature does not verify under the token's owner key (tampered)
+  WrongOwner,    // signed by a key that is not one of this job's owners
+  WrongJob,      // issued for another job (coordinator key)
+  WrongPeer,     // issued for another peer key
+  Expired,       // past its expiry
+  NotYetValid,   // issued in the future (beyond kJoinTokenClockSkew)
+};
+// "missing", "malformed", "bad signature", "wrong owner", "wrong job", "wrong peer",
+// "expired", "not yet valid".
+std::string_view join_token_problem_name(JoinTokenProblem problem) noexcept;
+
+class JoinTokenError : public AuthError {
+ public:
+  // what() is "join token <problem>: <detail>".
+  JoinTokenError(JoinTokenProblem p, const std::string& detail);
+  JoinTokenProblem problem;
+  std::string detail;
+};
+
+struct JoinToken {
+  using TimePoint = std::chrono::system_clock::time_point;
+
+  uint8_t version = kJoinTokenVersion;
+  PeerId owner;  // the signer
+  PeerId job;    // the coordinator's public key
+  PeerId peer;   // the only key this token admits
+  TimePoint issued;   // whole seconds
+  TimePoint expires;  // whole seconds
+  std::string label;  // for logs: who and why; printable ASCII, at most kMaxJoinTokenLabelBytes
+  crypto::Signature signature{};
+
+  // Signs a token with the owner's key. Throws InvalidArgumentError for a label that is too
+  // long or not printable ASCII, or an expiry not after `issued_at`.
+  static JoinToken issue(const crypto::Identity& owner, const PeerId& job, const PeerId& peer, TimePoint expires,
+                         std::string label = {}, TimePoint issued_at = std::chrono::system_clock::now());
+
+  crypto::Bytes encode() const;
+  std::string to_text() const;
+  // Throw JoinTokenError(Malformed) naming `source` and the field at fault. They check the
+  // layout only; verify() checks what the token says.
+  static JoinToken decode(crypto::ByteSpan bytes, std::string_view source);
+  static JoinToken from_text(std::string_view text, std::string_view source);  // surrounding space ignored
+  // A token given on a command line: the text form itself, or a file holding it.
+  static JoinToken load(std::string_view text_or_path);
+
+  // The bytes the signature covers: a domain-separation string and every field but the signature.
+  crypto::Bytes signed_bytes() const;
+
+  // Checks, in this order, the signature, that the owner is one of `owners`, the job, the peer
+  // and the validity window at `now`. Throws JoinTokenError naming the problem, the token's
+  // label and the keys at fault.
+  void verify(const net::AllowList& owners, const PeerId& job_key, const PeerId& joining_peer,
+              TimePoint now = std::chrono::system_clock::now()) const;
+  // "label 'x' for peer F of job F signed by F, expires 2026-11-27T01:00:00Z"
+  std::string describe() const;
+};
+
+// A public key given on a command line: 64 hex digits, a file holding exactly one key in
+// allow-list syntax, or an identity PEM file (its public half). Throws InvalidArgumentError
+// naming `what` (IoError / AuthError for an unreadable file or a bad PEM).
+PeerId read_public_key(std::string_view hex_or_path, std::string_view what);
 
 struct CoordinatorOptions {
   std::string bind_endpoint = "tcp://127.0.0.1:7400";
   net::AllowList allowed;  // the job's members
+  // Keys whose join tokens admit peers that are not on `allowed`. Empty: tokens are refused and
+  // only `allowed` peers can connect. Otherwise any key may connect (admit_any_key is set on
+  // the control server), but only listed peers and peers whose QuorumRequest carries a valid
+  // token for their own key are admitted; everything else from other keys is refused and
+  // counted (CoordinatorStatus::refused).
+  net::AllowList job_owners;
   uint32_t min_peers = 1;  // a quorum never forms with fewer contributors
   // After the first request for a step, wait at most this long for the other live members;
   // then form the quorum without the stragglers.
@@ -116,6 +221,8 @@ struct CoordinatorStatus {
   uint64_t quorums_formed = 0;
   uint64_t attempts_aborted = 0;
   uint64_t members_dropped = 0;
+  uint64_t joins_admitted = 0;  // peers admitted with a join token (again after each expiry or restart)
+  uint64_t refused = 0;         // messages refused from peers that are not admitted
   std::string to_json() const;  // one line
   std::string to_text() const;  // one human-readable line
 };

@@ -63,9 +63,13 @@ struct ControlLink {
   // Wait for a quorum (with step == step and id != exclude_id) or a rejoin for `step`.
   // Returns false on deadline.
   bool wait_quorum(uint64_t step, uint64_t exclude_id, Deadline deadline, std::optional<coord::Quorum>& quorum,
-                   std::optional<coord::Rejoin>& rejoin) {
+                   std::optional<coord::Rejoin>& rejoin, std::optional<coord::Refusal>& refusal) {
     std::unique_lock lock(mutex_);
     return cv_.wait_until(lock, deadline.at(), [&] {
+      if (refusal_) {
+        refusal.swap(refusal_);
+        return true;
+      }
       for (auto it = quorums_.begin(); it != quorums_.end(); ++it)
         if (it->step == step && it->quorum_id != exclude_id) {
           quorum = *it;
@@ -170,6 +174,9 @@ struct ControlLink {
         case coord::MessageKind::Rejoin:
           rejoins_.push_back(coord::decode_rejoin(m.payload, source));
           break;
+        case coord::MessageKind::Refused:
+          refusal_ = coord::decode_refusal(m.payload, source);
+          break;
         case coord::MessageKind::Abort: {
           coord::Abort a = coord::decode_abort(m.payload, source);
           log::info("collective", "coordinator aborted quorum {:x} (step {}): {}; lost: {}", a.quorum_id, a.step,
@@ -203,6 +210,7 @@ struct ControlLink {
   std::deque<Outgoing> outbox_;
   std::deque<coord::Quorum> quorums_;
   std::vector<coord::Rejoin> rejoins_;
+  std::optional<coord::Refusal> refusal_;
   std::map<uint64_t, coord::Abort> aborts_;
   std::set<uint64_t> commits_;
   uint64_t watched_id_ = 0;
@@ -367,13 +375,15 @@ const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
   // the first one), so a lost message or a coordinator restart only costs a second.
   std::optional<coord::Quorum> q;
   std::optional<coord::Rejoin> rejoin;
+  std::optional<coord::Refusal> refusal;
+  if (s.options.join_token) request.join_token = s.options.join_token->encode();
   Deadline deadline = Deadline::after(s.options.quorum_timeout);
   for (;;) {
     s.link->send(coord::MessageKind::QuorumRequest, coord::encode(request), 0, step);
     request.failed_quorum_id = 0;
     request.lost.clear();
     if (s.link->wait_quorum(step, exclude, Deadline(std::min(deadline.at(), Clock::now() + kRepeatInterval)), q,
-                            rejoin))
+                            rejoin, refusal))
       break;
     if (deadline.expired())
       throw TimeoutError(fmt::format("no quorum for step {} from the coordinator {} within {} ms", step,
@@ -385,7 +395,14 @@ const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
                           fmt::format("missed step {} ({}); rejoin at step {} and take state first",
                                       rejoin->missed_step, rejoin->reason, rejoin->next_step));
   }
+  if (refusal)
+    throw coord::JoinTokenError(refusal->problem, fmt::format("coordinator {} refused {}: {}",
+                                                              s.options.coordinator.fingerprint(),
+                                                              id().fingerprint(), refusal->reason));
   const coord::Member& me = q->member(id());
+  // The authenticated coordinator vouches for its quorum: accept bulk streams from every
+  // member, also those admitted by join token and so on nobody's allow-list.
+  for (const auto& m : q->members) s.listener->allow(m.id);
   if (s.current && s.current->members.size() != q->members.size()) s.drop_channels();
   s.my_rank = me.rank;
   s.op_seq = 0;  // operations are numbered per quorum, the same on every member

@@ -41,9 +41,9 @@ uint64_t initial_quorum_id() {
 std::string CoordinatorStatus::to_json() const {
   return fmt::format(
       "{{\"members\":{},\"live_peers\":{},\"last_step\":{},\"last_quorum_id\":\"{:016x}\",\"last_quorum_size\":{},"
-      "\"quorums_formed\":{},\"attempts_aborted\":{},\"members_dropped\":{}}}",
+      "\"quorums_formed\":{},\"attempts_aborted\":{},\"members_dropped\":{},\"joins_admitted\":{},\"refused\":{}}}",
       members, live_peers, last_step, last_quorum_id, last_quorum_size, quorums_formed, attempts_aborted,
-      members_dropped);
+      members_dropped, joins_admitted, refused);
 }
 
 std::string CoordinatorStatus::to_text() const {
@@ -51,8 +51,11 @@ std::string CoordinatorStatus::to_text() const {
                            ? std::string("no quorum yet")
                            : fmt::format("step {} · quorum {} peers (id {:016x})", last_step, last_quorum_size,
                                          last_quorum_id);
-  return fmt::format("members {} · {} · formed {} · aborted {} · dropped {}", members, quorum, quorums_formed,
-                     attempts_aborted, members_dropped);
+  std::string admission = joins_admitted == 0 && refused == 0
+                              ? std::string()
+                              : fmt::format(" · admitted by token {} · refused {}", joins_admitted, refused);
+  return fmt::format("members {} · {} · formed {} · aborted {} · dropped {}{}", members, quorum, quorums_formed,
+                     attempts_aborted, members_dropped, admission);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -61,6 +64,11 @@ struct Coordinator::Impl {
   struct MemberInfo {
     std::string host;
     uint16_t port = 0;
+  };
+  // A peer not on the allow-list, admitted by a join token until the token expires.
+  struct TokenAdmission {
+    JoinToken::TimePoint expires;
+    std::string label;
   };
   // Requests waiting for the quorum of one step.
   struct StepWait {
@@ -88,6 +96,8 @@ struct Coordinator::Impl {
   std::map<PeerId, MemberInfo> members;                 // registered (R1)
   std::set<PeerId> left;                                // sent Leave: not waited for until they ask again
   std::map<PeerId, Clock::time_point> reported_lost;    // named lost by an abort, and when
+  std::map<PeerId, TokenAdmission> token_admitted;
+  std::map<PeerId, std::string> last_refusal;           // per peer: logged at warn level once per reason
   std::map<uint64_t, StepWait> waiting;                 // step -> pending requests (R2)
   std::map<uint64_t, Attempt> attempts;                 // quorum id -> attempt
   std::map<uint64_t, uint64_t> current;                 // step -> quorum id of its latest attempt
@@ -98,14 +108,26 @@ struct Coordinator::Impl {
   CoordinatorStatus snapshot;
   CoordinatorStatus counters;  // the poll thread's copy
 
+  // Peers with a join token connect before they are admitted, so with job owners the control
+  // server lets any key connect and admission is decided here, per message.
+  static CoordinatorOptions with_admission(CoordinatorOptions o) {
+    if (!o.job_owners.peers().empty()) o.control.admit_any_key = true;
+    return o;
+  }
+
   Impl(const crypto::Identity& self, CoordinatorOptions o)
-      : options(std::move(o)), server(self, options.allowed, options.bind_endpoint, options.control) {
+      : options(with_admission(std::move(o))), server(self, options.allowed, options.bind_endpoint, options.control) {
     if (options.min_peers == 0) options.min_peers = 1;
     endpoint = server.endpoint();
-    log::info("coord", "coordinator {} on {}: {} allowed peers, min_peers {}, quorum timeout {} ms, heartbeat "
+    log::info("coord", "coordinator {} on {}: {} allowed peers, {}, min_peers {}, quorum timeout {} ms, heartbeat "
               "timeout {} ms, startup grace {} ms",
-              self.public_key().fingerprint(), endpoint, options.allowed.peers().size(), options.min_peers,
-              options.quorum_timeout.count(), options.heartbeat_timeout.count(), options.startup_grace.count());
+              self.public_key().fingerprint(), endpoint, options.allowed.peers().size(),
+              options.job_owners.peers().empty()
+                  ? std::string("no join tokens")
+                  : fmt::format("join tokens of {}", describe_peers(std::vector<PeerId>(
+                                                         options.job_owners.peers().begin(), options.job_owners.peers().end()))),
+              options.min_peers, options.quorum_timeout.count(), options.heartbeat_timeout.count(),
+              options.startup_grace.count());
   }
 
   // --- sending --------------------------------------------------------------------------------
@@ -201,20 +223,91 @@ struct Coordinator::Impl {
     }
   }
 
+  // --- admission ------------------------------------------------------------------------------
+
+  // On the allow-list, or holding a join token that has not expired.
+  bool admitted(const PeerId& peer) const {
+    if (options.allowed.contains(peer)) return true;
+    auto it = token_admitted.find(peer);
+    return it != token_admitted.end() && std::chrono::system_clock::now() < it->second.expires;
+  }
+
+  // Counts, logs (at warn level once per peer and reason) and tells the peer why.
+  void refuse(const PeerId& peer, uint16_t kind, uint64_t step, const JoinTokenError& why) {
+    const std::string reason = why.what();
+    ++counters.refused;
+    if (last_refusal.size() > 4096) last_refusal.clear();  // bounded against floods of fresh keys
+    auto [it, fresh] = last_refusal.try_emplace(peer);
+    if (fresh || it->second != reason) {
+      log::warn("coord", "refused {} from {}: {}", message_kind_name(kind), fp(peer), reason);
+      it->second = reason;
+    } else {
+      log::debug("coord", "refused {} from {} again: {}", message_kind_name(kind), fp(peer), reason);
+    }
+    send_to(peer, MessageKind::Refused, 0, step, Refusal{why.problem, why.detail});
+  }
+
+  // Whether a QuorumRequest from `from` may register it: listed peers always, others with a
+  // valid join token for their own key (R9).
+  bool admit_requester(const PeerId& from, const QuorumRequest& r, const std::string& source) {
+    if (options.allowed.contains(from)) return true;
+    auto now = std::chrono::system_clock::now();
+    try {
+      if (r.join_token.empty()) {
+        if (admitted(from)) return true;  // admitted earlier by this coordinator, still valid
+        throw JoinTokenError(JoinTokenProblem::Missing,
+                             fmt::format("{} is not on the job's allow-list and sent no join token", source));
+      }
+      JoinToken token = JoinToken::decode(r.join_token, source);
+      token.verify(options.job_owners, server.id(), from, now);
+      auto previous = token_admitted.find(from);
+      bool fresh = previous == token_admitted.end() || now >= previous->second.expires;
+      token_admitted[from] = TokenAdmission{token.expires, token.label};
+      if (fresh) {
+        ++counters.joins_admitted;
+        last_refusal.erase(from);
+        server.allow(from);
+        log::info("coord", "peer {} admitted by join {}", fp(from), token.describe());
+      }
+      return true;
+    } catch (const JoinTokenError& e) {
+      token_admitted.erase(from);
+      refuse(from, static_cast<uint16_t>(MessageKind::QuorumRequest), r.step, e);
+      // A member whose token expired (or whose new one is invalid) leaves the job here.
+      if (members.count(from)) drop_member(from, e.what());
+      return false;
+    }
+  }
+
   // --- messages -------------------------------------------------------------------------------
 
   void handle(const net::Message& m) {
     const PeerId& from = m.header.sender;
     std::string source = fmt::format("peer {}", fp(from));
-    switch (static_cast<MessageKind>(m.header.type)) {
+    const auto kind = static_cast<MessageKind>(m.header.type);
+    // Only a QuorumRequest can admit a peer. A member whose token expired may still finish the
+    // step it is in (Done, Failure, Leave).
+    if (kind != MessageKind::QuorumRequest && !admitted(from) && !members.count(from)) {
+      refuse(from, m.header.type, m.header.step,
+             JoinTokenError(JoinTokenProblem::Missing,
+                            fmt::format("{} is not admitted to this job: its first message must be a QuorumRequest "
+                                        "from a key on the allow-list or with a valid join token", source)));
+      return;
+    }
+    switch (kind) {
       case MessageKind::QuorumRequest: {
         QuorumRequest r;
         try {
           r = decode_quorum_request(m.payload, source);
         } catch (const ProtocolError& e) {
+          if (!admitted(from)) {
+            refuse(from, m.header.type, m.header.step, JoinTokenError(JoinTokenProblem::Malformed, e.what()));
+            return;
+          }
           log::warn("coord", "ignored a quorum request: {}", e.what());
           return;
         }
+        if (!admit_requester(from, r, source)) return;
         on_request(from, r);
         return;
       }
@@ -243,6 +336,7 @@ struct Coordinator::Impl {
       case MessageKind::Rejoin:
       case MessageKind::Abort:
       case MessageKind::Commit:
+      case MessageKind::Refused:
         log::warn("coord", "ignored a {} message from {}: only the coordinator sends those",
                   message_kind_name(m.header.type), source);
         return;
@@ -428,9 +522,10 @@ struct Coordinator::Impl {
 
   void form_due(Clock::time_point now) {
     if (waiting.empty()) return;
-    auto live = server.peers_seen_within(options.heartbeat_timeout);
     bool in_grace = now - started < options.startup_grace;
-    std::set<PeerId> candidates(live.begin(), live.end());
+    std::set<PeerId> candidates;
+    for (const auto& p : server.peers_seen_within(options.heartbeat_timeout))
+      if (admitted(p)) candidates.insert(p);  // a connected key that was refused is nobody to wait for
     if (in_grace) {
       // A fresh job: give every member on the allow-list the grace to connect and ask, so the
       // first step does not form with whoever happened to start first.
@@ -531,7 +626,8 @@ struct Coordinator::Impl {
 
   void publish() {
     counters.members = members.size();
-    counters.live_peers = server.peers_seen_within(options.heartbeat_timeout).size();
+    auto live = server.peers_seen_within(options.heartbeat_timeout);
+    counters.live_peers = static_cast<size_t>(std::count_if(live.begin(), live.end(), [&](const PeerId& p) { return admitted(p); }));
     std::lock_guard lock(status_mutex);
     snapshot = counters;
   }

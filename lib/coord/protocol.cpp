@@ -73,6 +73,7 @@ std::string message_kind_name(uint16_t type) {
     case MessageKind::Failure: return "Failure";
     case MessageKind::Done: return "Done";
     case MessageKind::Commit: return "Commit";
+    case MessageKind::Refused: return "Refused";
   }
   return fmt::format("type {}", type);
 }
@@ -112,6 +113,7 @@ std::vector<uint8_t> encode(const QuorumRequest& m) {
   r.setHasState(m.has_state);
   r.setFailedQuorumId(m.failed_quorum_id);
   set_peers(r.initLost(m.lost.size()), m.lost);
+  if (!m.join_token.empty()) r.setJoinToken(capnp::Data::Reader(m.join_token.data(), m.join_token.size()));
   return to_bytes(b);
 }
 
@@ -151,6 +153,14 @@ std::vector<uint8_t> encode(const Abort& m) {
   return to_bytes(b);
 }
 
+std::vector<uint8_t> encode(const Refusal& m) {
+  capnp::MallocMessageBuilder b;
+  auto r = b.initRoot<wire::Refusal>();
+  r.setProblem(static_cast<uint8_t>(m.problem));
+  r.setReason(m.reason.c_str());
+  return to_bytes(b);
+}
+
 QuorumRequest decode_quorum_request(crypto::ByteSpan bytes, std::string_view source) {
   return read_message<wire::QuorumRequest>(bytes, "quorum request", source, [&](wire::QuorumRequest::Reader r) {
     QuorumRequest m;
@@ -160,6 +170,11 @@ QuorumRequest decode_quorum_request(crypto::ByteSpan bytes, std::string_view sou
     m.has_state = r.getHasState();
     m.failed_quorum_id = r.getFailedQuorumId();
     m.lost = peers_of(r.getLost(), "lost", source);
+    auto token = r.getJoinToken();
+    if (token.size() > kMaxJoinTokenBytes)
+      throw ProtocolError(fmt::format("{}: field 'joinToken' is {} bytes (limit {})", source, token.size(),
+                                      kMaxJoinTokenBytes));
+    m.join_token.assign(token.begin(), token.end());
     if (m.host.empty() || m.host.size() > 255 || m.port == 0)
       throw ProtocolError(fmt::format("{}: quorum request with bulk address '{}:{}'", source, m.host, m.port));
     return m;
@@ -202,6 +217,14 @@ Rejoin decode_rejoin(crypto::ByteSpan bytes, std::string_view source) {
 Abort decode_abort(crypto::ByteSpan bytes, std::string_view source) {
   return read_message<wire::Abort>(bytes, "abort", source, [&](wire::Abort::Reader a) {
     return Abort{a.getQuorumId(), a.getStep(), peers_of(a.getLost(), "lost", source), a.getReason().cStr()};
+  });
+}
+
+Refusal decode_refusal(crypto::ByteSpan bytes, std::string_view source) {
+  return read_message<wire::Refusal>(bytes, "refusal", source, [&](wire::Refusal::Reader r) {
+    if (r.getProblem() > static_cast<uint8_t>(JoinTokenProblem::NotYetValid))
+      throw ProtocolError(fmt::format("{}: refusal with unknown problem {}", source, r.getProblem()));
+    return Refusal{static_cast<JoinTokenProblem>(r.getProblem()), r.getReason().cStr()};
   });
 }
 

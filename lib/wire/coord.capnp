@@ -21,6 +21,7 @@ struct QuorumRequest {
   hasState @3 :Bool;          # false: a joiner (or a straggler) that needs the current state
   failedQuorumId @4 :UInt64;  # nonzero: the attempt with this quorum failed ...
   lost @5 :List(Data);        # ... because these peers were lost
+  joinToken @6 :Data;         # a peer not on the allow-list: its join token (binary form)
 }
 
 # Coordinator -> member: the quorum for a step.
@@ -44,4 +45,10 @@ struct Abort {
   step @1 :UInt64;
   lost @2 :List(Data);
   reason @3 :Text;
+}
+
+# Coordinator -> a peer it does not admit (no join token, or an invalid one).
+struct Refusal {
+  problem @0 :UInt8;      # coord::JoinTokenProblem
+  reason @1 :Text;
 }

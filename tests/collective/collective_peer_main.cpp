@@ -6,6 +6,7 @@
 //                   --out FILE --seed N --count N --steps N [--start-step S] [--join]
 //                   [--die-at STEP --die-phase reduce_scatter|all_gather --die-ring-step K]
 //                   [--sleep-at STEP --sleep-ms MS] [--step-delay-ms MS]
+//                   [--join-token TOKEN|FILE]  (a member admitted by join token)
 //                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]]
 //                   [--problem random|lsq] [--max-attempts N]
 //
@@ -61,6 +62,7 @@ int run(std::map<std::string, std::string>& a) {
   o.coordinator_endpoint = a.at("--coordinator-endpoint");
   o.coordinator = crypto::PeerId::from_hex(a.at("--coordinator"));
   o.members = net::AllowList::load(a.at("--members"));
+  if (a.count("--join-token")) o.join_token = coord::JoinToken::load(a.at("--join-token"));
   o.chunk_bytes = 64 << 10;  // several pieces per chunk even for small buffers
   o.quorum_timeout = 20s;
   o.op_timeout = 30s;

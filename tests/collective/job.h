@@ -1,7 +1,10 @@
 // A job on loopback for the collective tests: a real meshtrain-coordinator process and
 // collective_peer processes, with their keys, allow-list and output files in a temp dir.
+// Peers [0, peers) are on the allow-list; peers [peers, peers + outsiders) are not (they join
+// with a token of the job owner, owner.pem, when job_owner is set).
 #pragma once
 
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -39,6 +42,9 @@ class Job {
     int quorum_timeout_ms = 3000;
     int heartbeat_timeout_ms = 2000;
     int startup_grace_ms = 2000;  // lets every member announce itself before step 1 forms
+    int outsiders = 0;
+    bool job_owner = false;       // the coordinator admits join tokens signed by owner.pem
+    bool capture_output = false;  // peers' stdout and stderr go to log_path(i), not the test's
   };
 
   explicit Job(Options o) : options_(o) {
@@ -52,6 +58,16 @@ class Job {
       keys_.push_back(id.public_key().hex());
       members << keys_.back() << "\n";
     }
+    for (int i = o.peers; i < o.peers + o.outsiders; ++i) {
+      crypto::Identity id = crypto::Identity::generate();
+      id.save_pem(dir_ / pem_name(i));
+      keys_.push_back(id.public_key().hex());
+    }
+    if (o.job_owner) {
+      crypto::Identity owner = crypto::Identity::generate();
+      owner.save_pem(dir_ / "owner.pem");
+      owner_key_ = owner.public_key().hex();
+    }
   }
 
   // Starts (or restarts) the coordinator; port 0 the first time, the same port afterwards.
@@ -59,12 +75,14 @@ class Job {
     std::string endpoint_file = (dir_ / "endpoint.txt").string();
     std::filesystem::remove(endpoint_file);
     std::string bind = port_.empty() ? "tcp://127.0.0.1:0" : "tcp://127.0.0.1:" + port_;
-    coordinator_ = std::make_unique<ChildProcess>(std::vector<std::string>{
+    std::vector<std::string> args = {
         COORDINATOR_BINARY, "--bind", bind, "--key", (dir_ / "coordinator.pem").string(), "--allow",
         (dir_ / "members.txt").string(), "--min-peers", std::to_string(options_.min_peers), "--quorum-timeout-ms",
         std::to_string(options_.quorum_timeout_ms), "--heartbeat-timeout-ms",
         std::to_string(options_.heartbeat_timeout_ms), "--startup-grace-ms", std::to_string(options_.startup_grace_ms),
-        "--print-endpoint-file", endpoint_file});
+        "--print-endpoint-file", endpoint_file};
+    if (!owner_key_.empty()) args.insert(args.end(), {"--job-owner", owner_key_});
+    coordinator_ = std::make_unique<ChildProcess>(args);
     for (int i = 0; i < 500 && endpoint_.empty(); ++i) {
       std::ifstream in(endpoint_file);
       std::string endpoint, key;
@@ -90,7 +108,7 @@ class Job {
                                      std::to_string(seed(i)), "--count", std::to_string(count), "--steps",
                                      std::to_string(steps)};
     args.insert(args.end(), extra.begin(), extra.end());
-    peers_[i] = std::make_unique<ChildProcess>(args);
+    peers_[i] = std::make_unique<ChildProcess>(args, options_.capture_output ? log_path(i) : std::string());
     return *peers_[i];
   }
   ChildProcess& peer(int i) { return *peers_.at(i); }
@@ -130,6 +148,12 @@ class Job {
   // Peer i's file `suffix` next to its output ("" is the output itself, ".2.after.bin", ...).
   std::string output_path(int i, const std::string& suffix = "") const { return out_path(i) + suffix; }
 
+  // Peer i's stdout and stderr with capture_output.
+  std::string log_path(int i) const { return out_path(i) + ".log"; }
+  std::filesystem::path dir() const { return dir_.path(); }
+  const std::string& coordinator_key() const { return coordinator_key_; }
+  const std::string& owner_key() const { return owner_key_; }
+
   static uint64_t seed(int i) { return 1000 + static_cast<uint64_t>(i); }
   const std::string& key(int i) const { return keys_.at(i); }
   int index_of(const std::string& key) const {
@@ -145,6 +169,7 @@ class Job {
   Options options_;
   TempDir dir_;
   std::string coordinator_key_;
+  std::string owner_key_;
   std::vector<std::string> keys_;
   std::unique_ptr<ChildProcess> coordinator_;
   std::string endpoint_;

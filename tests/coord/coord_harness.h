@@ -148,6 +148,26 @@ class TestMember {
   std::thread thread_;
 };
 
+// A Coordinator serving on its own thread through run().
+class RunningCoordinator {
+ public:
+  RunningCoordinator(const crypto::Identity& self, CoordinatorOptions options)
+      : coordinator_(std::make_unique<Coordinator>(self, std::move(options))) {
+    thread_ = std::thread([this] { coordinator_->run(stop_); });
+  }
+  ~RunningCoordinator() {
+    stop_.cancel();
+    thread_.join();
+  }
+  Coordinator& operator*() { return *coordinator_; }
+  Coordinator* operator->() { return coordinator_.get(); }
+
+ private:
+  std::unique_ptr<Coordinator> coordinator_;
+  CancelToken stop_;
+  std::thread thread_;
+};
+
 // Waits until `pred` holds (checked every 10 ms) or `timeout` passes.
 template <typename Pred>
 bool eventually(Pred pred, std::chrono::milliseconds timeout = 5s) {

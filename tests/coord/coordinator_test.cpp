@@ -14,26 +14,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// A Coordinator serving on its own thread through run().
-class RunningCoordinator {
- public:
-  RunningCoordinator(const crypto::Identity& self, CoordinatorOptions options)
-      : coordinator_(std::make_unique<Coordinator>(self, std::move(options))) {
-    thread_ = std::thread([this] { coordinator_->run(stop_); });
-  }
-  ~RunningCoordinator() {
-    stop_.cancel();
-    thread_.join();
-  }
-  Coordinator& operator*() { return *coordinator_; }
-  Coordinator* operator->() { return coordinator_.get(); }
-
- private:
-  std::unique_ptr<Coordinator> coordinator_;
-  CancelToken stop_;
-  std::thread thread_;
-};
-
 class CoordinatorTest : public ::testing::Test {
  protected:
   CoordinatorOptions options() {
@@ -130,7 +110,8 @@ TEST(CoordinatorStatusFormat, JsonAndText) {
   s.attempts_aborted = 1;
   EXPECT_EQ(s.to_json(),
             "{\"members\":3,\"live_peers\":3,\"last_step\":5,\"last_quorum_id\":\"0000000000001a2b\","
-            "\"last_quorum_size\":3,\"quorums_formed\":6,\"attempts_aborted\":1,\"members_dropped\":0}");
+            "\"last_quorum_size\":3,\"quorums_formed\":6,\"attempts_aborted\":1,\"members_dropped\":0,"
+            "\"joins_admitted\":0,\"refused\":0}");
   EXPECT_EQ(s.to_text(),
             "members 3 · step 5 · quorum 3 peers (id 0000000000001a2b) · formed 6 · aborted 1 · dropped 0");
 }
