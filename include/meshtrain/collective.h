@@ -95,6 +95,9 @@ enum class SparseGather : uint8_t {
 
 struct CompressedOptions {
   SparseGather sparse_gather = SparseGather::Auto;
+  // The buffer's tensor shape (row-major), for PowerSGD, which views it as shape[0] x the
+  // rest. Empty: flat, which PowerSGD sends uncompressed.
+  std::vector<size_t> shape;
   // Test hook: sees (and may change) this member's payload for the chunk of `owner_rank` (or,
   // for the all-gather path, owner_rank = this member's rank) before it is sent.
   std::function<void(uint32_t owner_rank, std::span<uint8_t> payload)> payload_hook;
@@ -184,12 +187,13 @@ class Communicator {
   StepResult reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts = 5);
 
   // The compressed all-reduce of an fp32 CPU buffer with `codec` (none, fp16, bf16, int8,
-  // topk; powersgd is refused with InvalidArgumentError: it needs the two-phase P/Q
-  // all-reduce, not built yet). Every member must use the same codec configuration (payload
-  // sizes that disagree fail the operation with a ProtocolError). Avg divides by the number of
-  // contributing members; a non-contributing member sends an encoded zero and keeps no
-  // residual. On success `state` advances; on any error it is as before the call and `buffer`
-  // is unspecified. A gradient with NaN or Inf is refused (InvalidArgumentError naming the
+  // topk, powersgd). Every member must use the same codec configuration (payload sizes that
+  // disagree fail the operation with a ProtocolError). PowerSGD runs by linearity instead of
+  // through owners: two plain all-reduces, of P = M Q and of Q = M^T P (compress.h), with the
+  // buffer viewed as CompressedOptions::shape. Avg divides by the number of contributing
+  // members; a non-contributing member sends an encoded zero and keeps no residual. On
+  // success `state` advances; on any error it is as before the call and `buffer` is
+  // unspecified. A gradient with NaN or Inf is refused (InvalidArgumentError naming the
   // element) before anything is sent. A payload a peer's decoder rejects fails the operation
   // with PeerLostError naming that peer. Throws PeerLostError / TimeoutError like allreduce.
   void allreduce_compressed(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
@@ -205,6 +209,7 @@ class Communicator {
  private:
   // One compressed all-reduce whose state changes stay pending in `state` (compressed.cpp).
   void compressed_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
+  void powersgd_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state, float divisor);
   // Runs `body` as one ring operation of the current quorum (failures become PeerLostError).
   void run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body);
   // The step loop shared by both reduce_step overloads.

@@ -200,6 +200,26 @@ std::unique_ptr<Codec> make_powersgd_codec(const PowerSgdOptions& options = {});
 // the bad key or value.
 std::unique_ptr<Codec> make_codec(std::string_view spec);
 
+// ---- PowerSGD in an all-reduce, by linearity (docs/compression.md, "The compressed
+// all-reduce", 6). A sum of the members' rank-r payloads is not rank r, so an all-reduce runs
+// the power iteration on the members' average instead, with two plain fp32 all-reduces:
+//   powersgd_project:      M = grad + residual (kept in the state);  p = M Q      (rows x r)
+//   ... p is summed over the members ...
+//   powersgd_back_project: p is orthonormalised in place;            q = M^T p    (cols x r)
+//   ... q is averaged (or summed) over the members ...
+//   powersgd_finish:       out = p q^T;  residual = M - p q^T;  Q = q (the next warm start)
+// Members that start from the same Q and all-reduce the same p and q get the same bytes out.
+// A shape with rank 0 (1-D, or r(rows + cols) >= rows * cols) is not compressed: the caller
+// all-reduces the gradient itself and calls none of these. CPU buffers only; a state of
+// another codec is an InvalidArgumentError; the project step rejects NaN/Inf like encode.
+struct LowRankShape {
+  size_t rows = 0, cols = 0, rank = 0;  // rank 0: sent uncompressed
+};
+LowRankShape powersgd_shape(const CodecState& state);
+void powersgd_project(BufferView grad, CodecState& state, std::span<float> p);
+void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q);
+void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out);
+
 // ---- payloads
 // The header every payload starts with, as read by inspect_payload. 32 bytes, little-endian.
 struct PayloadInfo {

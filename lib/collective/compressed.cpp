@@ -172,9 +172,6 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     throw InvalidArgumentError(fmt::format("allreduce_compressed: needs a float32 CPU buffer, got {} on {}",
                                            dtype_name(buffer.dtype),
                                            buffer.device == DeviceKind::Cpu ? "the CPU" : "a CUDA device"));
-  if (codec.id() == compress::CodecId::PowerSgd)
-    throw InvalidArgumentError("allreduce_compressed: powersgd is not supported yet (a sum of rank-r payloads is not "
-                               "rank r: it needs the two-phase P/Q all-reduce of docs/compression.md)");
   CompressedState::Impl& st = *state.impl_;
   st.discard();
   st.bind(codec, buffer.count);
@@ -189,6 +186,10 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     for (size_t i = 0; i < count; ++i)
       if (!std::isfinite(data[i]))
         throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count, data[i]));
+  if (codec.id() == compress::CodecId::PowerSgd) {
+    powersgd_attempt(buffer, codec, state, divisor);
+    return;
+  }
 
   // Top-k: all-gather the whole-tensor payloads where that moves no more bytes than the owner
   // path (whose relay costs about n(n-1)/2 chunk payloads plus the owners' all-gather).
@@ -293,6 +294,58 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       traffic.sent_bytes += (n - 1) * block;
       traffic.received_bytes += (n - 1) * block;
     }
+    st.pending_traffic = traffic;
+  } catch (...) {
+    st.discard();
+    throw;
+  }
+}
+
+// PowerSGD by linearity: p = sum of M_i Q, orthonormalised; q = average of M_i^T p; out = p q^T
+// (compress.h, powersgd_project). Two plain ring all-reduces; no owner, no chunks.
+void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state,
+                                    float divisor) {
+  CompressedState::Impl& st = *state.impl_;
+  const size_t count = buffer.count, n = quorum().members.size();
+  float* data = static_cast<float*>(buffer.data);
+  const bool contributes = quorum().member(id()).contributes;
+  compress::TensorSpec spec{st.options.shape.empty() ? std::vector<size_t>{count} : st.options.shape};
+  if (spec.count() != count)
+    throw InvalidArgumentError(fmt::format("allreduce_compressed: CompressedOptions::shape holds {} elements, the "
+                                           "buffer {}", spec.count(), count));
+  auto ring_bytes = [n](size_t bytes) { return static_cast<uint64_t>(bytes * 2 * (n - 1) / n); };
+  try {
+    // A joiner adds zeros through a scratch state (its own keeps its residual; its Q may then
+    // lag the others', which weakens that step's approximation but not the result's identity).
+    MemberSide m;
+    m.chunks = 1;
+    m.states.push_back(contributes && !st.member.states.empty() ? st.member.states[0]->clone() : codec.make_state(spec));
+    compress::CodecState& s = *m.states[0];
+    const compress::LowRankShape shape = compress::powersgd_shape(s);
+    CompressedTraffic traffic;
+    traffic.gradient_bytes = count * sizeof(float);
+    if (shape.rank == 0) {  // sent uncompressed: a plain all-reduce
+      if (!contributes) std::fill(data, data + count, 0.0f);
+      run_ring_op("allreduce_compressed", [&](RingContext& ctx) { ring_allreduce(ctx, data, count, divisor); });
+      traffic.sent_bytes = traffic.received_bytes = ring_bytes(count * sizeof(float));
+    } else {
+      std::vector<float> zeros;
+      BufferView grad = buffer;
+      if (!contributes) {
+        zeros.assign(count, 0.0f);
+        grad.data = zeros.data();
+      }
+      std::vector<float> p(shape.rows * shape.rank), q(shape.cols * shape.rank);
+      compress::powersgd_project(grad, s, p);
+      run_ring_op("allreduce_compressed (powersgd P)",
+                  [&](RingContext& ctx) { ring_allreduce(ctx, p.data(), p.size(), 1.0f); });
+      compress::powersgd_back_project(s, p, q);
+      run_ring_op("allreduce_compressed (powersgd Q)",
+                  [&](RingContext& ctx) { ring_allreduce(ctx, q.data(), q.size(), divisor); });
+      compress::powersgd_finish(s, p, q, buffer);
+      traffic.sent_bytes = traffic.received_bytes = ring_bytes((p.size() + q.size()) * sizeof(float));
+    }
+    if (contributes) st.pending_member = std::move(m);
     st.pending_traffic = traffic;
   } catch (...) {
     st.discard();

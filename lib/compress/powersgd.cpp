@@ -90,6 +90,95 @@ class PowerSgdState final : public StateBase {
   std::vector<float> q_;
 };
 
+// The steps of one power iteration, shared by encode and the all-reduce's two-phase form.
+
+// M = x + residual (in place in the residual; in scratch without error feedback); p = M Q.
+void project(const float* x, PowerSgdState& s, float* p) {
+  const Shape& sh = s.shape();
+  const size_t rows = sh.rows, cols = sh.cols, r = sh.rank, n = rows * cols;
+  float* m = nullptr;
+  if (s.has_residual()) {
+    m = s.residual_vec().data();
+    for (size_t i = 0; i < n; ++i) m[i] = x[i] + m[i];
+  } else {
+    s.scratch.assign(x, x + n);
+    m = s.scratch.data();
+  }
+  const float* q_prev = s.q().data();
+  std::vector<double> acc(r);
+  for (size_t i = 0; i < rows; ++i) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    const float* mi = m + i * cols;
+    for (size_t j = 0; j < cols; ++j) {
+      const double v = mi[j];
+      const float* qj = q_prev + j * r;
+      for (size_t l = 0; l < r; ++l) acc[l] += v * qj[l];
+    }
+    for (size_t l = 0; l < r; ++l) p[i * r + l] = static_cast<float>(acc[l]);
+  }
+}
+
+// M as project left it.
+const float* matrix_of(PowerSgdState& s) { return s.has_residual() ? s.residual_vec().data() : s.scratch.data(); }
+
+// q = M^T p (cols x r).
+void back_project(PowerSgdState& s, const float* p, float* q) {
+  const Shape& sh = s.shape();
+  const size_t rows = sh.rows, cols = sh.cols, r = sh.rank;
+  const float* m = matrix_of(s);
+  std::vector<double> qd(cols * r, 0.0);
+  for (size_t i = 0; i < rows; ++i) {
+    const float* mi = m + i * cols;
+    const float* pi = p + i * r;
+    for (size_t j = 0; j < cols; ++j) {
+      const double v = mi[j];
+      double* qj = qd.data() + j * r;
+      for (size_t l = 0; l < r; ++l) qj[l] += v * pi[l];
+    }
+  }
+  for (size_t i = 0; i < qd.size(); ++i) q[i] = static_cast<float>(qd[i]);
+}
+
+// residual = M - p q^T (in place; nothing to keep without error feedback).
+void subtract_from_residual(PowerSgdState& s, const float* p, const float* q) {
+  if (!s.has_residual()) return;
+  const Shape& sh = s.shape();
+  float* m = s.residual_vec().data();
+  for (size_t i = 0; i < sh.rows; ++i)
+    for (size_t j = 0; j < sh.cols; ++j) m[i * sh.cols + j] -= reconstruct(p + i * sh.rank, q + j * sh.rank, sh.rank);
+}
+
+// Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double.
+void orthonormalise(float* p, size_t rows, size_t r) {
+  std::vector<double> col(rows);
+  for (size_t l = 0; l < r; ++l) {
+    for (size_t i = 0; i < rows; ++i) col[i] = p[i * r + l];
+    for (size_t k = 0; k < l; ++k) {
+      double dot = 0;
+      for (size_t i = 0; i < rows; ++i) dot += col[i] * p[i * r + k];
+      for (size_t i = 0; i < rows; ++i) col[i] -= dot * p[i * r + k];
+    }
+    double norm = 0;
+    for (size_t i = 0; i < rows; ++i) norm += col[i] * col[i];
+    norm = std::sqrt(norm);
+    const double inv = norm > 1e-30 ? 1.0 / norm : 0.0;
+    for (size_t i = 0; i < rows; ++i) p[i * r + l] = static_cast<float>(col[i] * inv);
+  }
+}
+
+PowerSgdState& low_rank_state(CodecState& state, std::string_view what) {
+  auto* s = dynamic_cast<PowerSgdState*>(&state);
+  if (s == nullptr)
+    throw InvalidArgumentError(fmt::format("{}: given a state made by the {} codec", what, codec_name(state.codec())));
+  if (s->shape().rank == 0)
+    throw InvalidArgumentError(fmt::format("{}: the tensor is sent uncompressed (rank 0); all-reduce it directly", what));
+  return *s;
+}
+
+void check_span(std::string_view what, std::string_view name, size_t got, size_t want) {
+  if (got != want) throw InvalidArgumentError(fmt::format("{}: {} holds {} floats, needs {}", what, name, got, want));
+}
+
 class PowerSgdCodec final : public ApplyingCodec {
  public:
   explicit PowerSgdCodec(const PowerSgdOptions& o) : o_(o) {
@@ -147,68 +236,13 @@ class PowerSgdCodec final : public ApplyingCodec {
 
   static void encode_low_rank(const float* x, PowerSgdState& s, uint8_t* body) {
     const Shape& sh = s.shape();
-    const size_t rows = sh.rows, cols = sh.cols, r = sh.rank, n = rows * cols;
-    float* m = nullptr;
-    if (s.has_residual()) {
-      m = s.residual_vec().data();
-      for (size_t i = 0; i < n; ++i) m[i] = x[i] + m[i];
-    } else {
-      s.scratch.assign(x, x + n);
-      m = s.scratch.data();
-    }
-    const float* q_prev = s.q().data();
-    // P = M Q_prev
-    std::vector<float> p(rows * r);
-    std::vector<double> acc(r);
-    for (size_t i = 0; i < rows; ++i) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      const float* mi = m + i * cols;
-      for (size_t j = 0; j < cols; ++j) {
-        const double v = mi[j];
-        const float* qj = q_prev + j * r;
-        for (size_t l = 0; l < r; ++l) acc[l] += v * qj[l];
-      }
-      for (size_t l = 0; l < r; ++l) p[i * r + l] = static_cast<float>(acc[l]);
-    }
-    orthonormalise(p, rows, r);
-    // Q = M^T P
-    std::vector<double> qd(cols * r, 0.0);
-    for (size_t i = 0; i < rows; ++i) {
-      const float* mi = m + i * cols;
-      const float* pi = p.data() + i * r;
-      for (size_t j = 0; j < cols; ++j) {
-        const double v = mi[j];
-        double* qj = qd.data() + j * r;
-        for (size_t l = 0; l < r; ++l) qj[l] += v * pi[l];
-      }
-    }
-    std::vector<float>& q = s.q();
-    for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(qd[i]);
+    std::vector<float> p(sh.rows * sh.rank);
+    project(x, s, p.data());
+    orthonormalise(p.data(), sh.rows, sh.rank);
+    back_project(s, p.data(), s.q().data());
     std::memcpy(body, p.data(), p.size() * 4);
-    std::memcpy(body + p.size() * 4, q.data(), q.size() * 4);
-    // residual = M - P Q^T (in place in the residual; nothing to keep without error feedback)
-    if (s.has_residual())
-      for (size_t i = 0; i < rows; ++i)
-        for (size_t j = 0; j < cols; ++j)
-          m[i * cols + j] -= reconstruct(p.data() + i * r, q.data() + j * r, r);
-  }
-
-  // Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double.
-  static void orthonormalise(std::vector<float>& p, size_t rows, size_t r) {
-    std::vector<double> col(rows), other(rows);
-    for (size_t l = 0; l < r; ++l) {
-      for (size_t i = 0; i < rows; ++i) col[i] = p[i * r + l];
-      for (size_t k = 0; k < l; ++k) {
-        double dot = 0;
-        for (size_t i = 0; i < rows; ++i) dot += col[i] * p[i * r + k];
-        for (size_t i = 0; i < rows; ++i) col[i] -= dot * p[i * r + k];
-      }
-      double norm = 0;
-      for (size_t i = 0; i < rows; ++i) norm += col[i] * col[i];
-      norm = std::sqrt(norm);
-      const double inv = norm > 1e-30 ? 1.0 / norm : 0.0;
-      for (size_t i = 0; i < rows; ++i) p[i * r + l] = static_cast<float>(col[i] * inv);
-    }
+    std::memcpy(body + p.size() * 4, s.q().data(), s.q().size() * 4);
+    subtract_from_residual(s, p.data(), s.q().data());
   }
 
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
@@ -263,6 +297,49 @@ class PowerSgdCodec final : public ApplyingCodec {
 };
 
 }  // namespace
+
+LowRankShape powersgd_shape(const CodecState& state) {
+  auto* s = dynamic_cast<const PowerSgdState*>(&state);
+  if (s == nullptr)
+    throw InvalidArgumentError(fmt::format("powersgd_shape: given a state made by the {} codec",
+                                           codec_name(state.codec())));
+  return LowRankShape{s->shape().rows, s->shape().cols, s->shape().rank};
+}
+
+void powersgd_project(BufferView grad, CodecState& state, std::span<float> p) {
+  constexpr std::string_view what = "powersgd_project";
+  PowerSgdState& s = low_rank_state(state, what);
+  check_grad(CodecId::PowerSgd, grad, state);
+  if (grad.device != DeviceKind::Cpu) throw InvalidArgumentError("powersgd_project: CPU buffers only");
+  check_span(what, "p", p.size(), s.shape().rows * s.shape().rank);
+  reject_nonfinite(CodecId::PowerSgd, grad, {});
+  project(static_cast<const float*>(grad.data), s, p.data());
+}
+
+void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q) {
+  constexpr std::string_view what = "powersgd_back_project";
+  PowerSgdState& s = low_rank_state(state, what);
+  check_span(what, "p", p.size(), s.shape().rows * s.shape().rank);
+  check_span(what, "q", q.size(), s.shape().cols * s.shape().rank);
+  orthonormalise(p.data(), s.shape().rows, s.shape().rank);
+  back_project(s, p.data(), q.data());
+}
+
+void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out) {
+  constexpr std::string_view what = "powersgd_finish";
+  PowerSgdState& s = low_rank_state(state, what);
+  const Shape& sh = s.shape();
+  check_span(what, "p", p.size(), sh.rows * sh.rank);
+  check_span(what, "q", q.size(), sh.cols * sh.rank);
+  check_fp32(what, "output", out, s.count());
+  if (out.device != DeviceKind::Cpu) throw InvalidArgumentError("powersgd_finish: CPU buffers only");
+  float* o = static_cast<float*>(out.data);
+  for (size_t i = 0; i < sh.rows; ++i)
+    for (size_t j = 0; j < sh.cols; ++j) o[i * sh.cols + j] = reconstruct(p.data() + i * sh.rank, q.data() + j * sh.rank, sh.rank);
+  subtract_from_residual(s, p.data(), q.data());
+  std::copy(q.begin(), q.end(), s.q().begin());
+  s.record(0);
+}
 
 std::unique_ptr<Codec> make_powersgd_codec(const PowerSgdOptions& options) {
   return std::make_unique<PowerSgdCodec>(options);

@@ -7,7 +7,8 @@
 //                   [--die-at STEP --die-phase reduce_scatter|all_gather --die-ring-step K]
 //                   [--sleep-at STEP --sleep-ms MS] [--step-delay-ms MS]
 //                   [--join-token TOKEN|FILE]  (a member admitted by join token)
-//                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]]
+//                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]
+//                    [--shape ROWSxCOLS]]
 //                   [--problem random|lsq] [--max-attempts N]
 //
 // --codec: the compressed all-reduce (reduce_step with a codec). --corrupt-at: at that step
@@ -91,6 +92,10 @@ int run(std::map<std::string, std::string>& a) {
   collective::CompressedOptions compressed;
   if (a.count("--codec")) codec = compress::make_codec(a.at("--codec"));
   if (a.count("--sparse-gather")) compressed.sparse_gather = parse_sparse_gather(a.at("--sparse-gather"));
+  if (a.count("--shape")) {
+    const std::string& shape = a.at("--shape");
+    compressed.shape = {std::stoull(shape.substr(0, shape.find('x'))), std::stoull(shape.substr(shape.find('x') + 1))};
+  }
   const uint64_t corrupt_at = a.count("--corrupt-at") ? std::stoull(a.at("--corrupt-at")) : 0;
   collective::Communicator comm(self, o);
   if (corrupt_at)
