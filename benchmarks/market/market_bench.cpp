@@ -174,7 +174,7 @@ int main(int argc, char** argv) {
       // The lease that the redemptions pay: a separate provider, escrow for every redemption.
       exec(op, proto::Mint{renter.public_key(), 1'000'000'000'000});
       exec(lessor, proto::Heartbeat{});
-      OfferSpec s{{"L4-24GB", 1, 24, "8.9"}, kLeasePrice, 0, "bench", "tcp://127.0.0.1:9", 1,
+      OfferSpec s{{"L4-24GB", 1, 24, "8.9"},         kLeasePrice, 0, "bench", "tcp://127.0.0.1:9", 1,
                   HardwareReport::sign(lessor, "{}")};
       Id offer = std::get<Id>(exec(lessor, s).body);
       OrderSpec order_spec{{}, 1, kLeasePrice, kLeasePrice * (opt.redeems + 10), 24 * 3600};
@@ -188,11 +188,11 @@ int main(int argc, char** argv) {
     fs::path endpoint_file = opt.dir / "market.endpoint";
     ::setenv("MESHTRAIN_LOG", "warn", 1);
     // Through a shell only to send the daemon's output to a log instead of our stdout.
-    test_support::ChildProcess daemon({"/bin/sh", "-c", "exec \"$0\" \"$@\" >>" + (opt.dir / "market.log").string() + " 2>&1",
-                                       MESHTRAIN_MARKET_BINARY, "--db", db.string(), "--key",
-                                       (opt.dir / "market.pem").string(), "--bind", "tcp://127.0.0.1:0",
-                                       "--alive-window-ms", "86400000", "--operator-key", op.public_key().hex(),
-                                       "--print-endpoint-file", endpoint_file.string()});
+    test_support::ChildProcess daemon(
+        {"/bin/sh", "-c", "exec \"$0\" \"$@\" >>" + (opt.dir / "market.log").string() + " 2>&1",
+         MESHTRAIN_MARKET_BINARY, "--db", db.string(), "--key", (opt.dir / "market.pem").string(), "--bind",
+         "tcp://127.0.0.1:0", "--alive-window-ms", "86400000", "--operator-key", op.public_key().hex(),
+         "--print-endpoint-file", endpoint_file.string()});
     std::string endpoint, key_hex;
     for (int i = 0; i < 1000 && key_hex.size() != 64; ++i) {
       std::ifstream in(endpoint_file);
@@ -256,7 +256,12 @@ int main(int argc, char** argv) {
         checkpoint::json::Writer w(false);
         w.begin_object().key("op").value("discover").key("case").value(c.name).key("offers").value(opt.offers);
         w.key("queries").value(opt.queries).key("results").value(static_cast<uint64_t>(last.offers.size()));
-        w.key("total").value(last.total).key("p50_ms").value(percentile(lat, 0.5)).key("p99_ms").value(percentile(lat, 0.99));
+        w.key("total")
+            .value(last.total)
+            .key("p50_ms")
+            .value(percentile(lat, 0.5))
+            .key("p99_ms")
+            .value(percentile(lat, 0.99));
         w.key("mean_ms").value(mean(lat)).key("baseline").value("account_query");
         w.key("baseline_p50_ms").value(percentile(base, 0.5)).key("baseline_p99_ms").value(percentile(base, 0.99));
         w.key("ratio_p50_vs_account").value(percentile(lat, 0.5) / percentile(base, 0.5)).end_object();
@@ -311,8 +316,13 @@ int main(int argc, char** argv) {
     Ledger ledger(db);
     AuditReport audit = ledger.audit();
     checkpoint::json::Writer w(false);
-    w.begin_object().key("op").value("audit").key("ok").value(audit.ok()).key("problems").value(
-        static_cast<uint64_t>(audit.problems.size()));
+    w.begin_object()
+        .key("op")
+        .value("audit")
+        .key("ok")
+        .value(audit.ok())
+        .key("problems")
+        .value(static_cast<uint64_t>(audit.problems.size()));
     w.end_object();
     emit(w);
     if (!audit.ok()) status = 1;

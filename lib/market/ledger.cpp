@@ -51,8 +51,10 @@ CREATE TABLE offers (
 );
 -- Discovery walks these in sort order over the offers that can be leased now; the heartbeat
 -- column makes the default (alive only) query and its count index-only.
-CREATE INDEX offers_free_by_price ON offers(price_per_step, id, provider_heartbeat_ms) WHERE active = 1 AND busy_lease = 0;
-CREATE INDEX offers_free_by_latency ON offers(latency_hint_ms, id, provider_heartbeat_ms) WHERE active = 1 AND busy_lease = 0;
+CREATE INDEX offers_free_by_price ON offers(price_per_step, id, provider_heartbeat_ms)
+  WHERE active = 1 AND busy_lease = 0;
+CREATE INDEX offers_free_by_latency ON offers(latency_hint_ms, id, provider_heartbeat_ms)
+  WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_free_by_model ON offers(gpu_model, price_per_step, id) WHERE active = 1 AND busy_lease = 0;
 CREATE INDEX offers_by_provider ON offers(provider, id);
 
@@ -197,7 +199,6 @@ AccountId key_from(const std::vector<uint8_t>& bytes, std::string_view what) {
 }
 
 std::string who(const AccountId& key) { return key.fingerprint(); }
-
 
 // ---------------------------------------------------------------------------------------------
 // Canonical request encoding for the replay digest.
@@ -470,10 +471,9 @@ Reputation reputation_from_stats(const ProviderStats& s, TimeMs now, std::chrono
 }
 
 bool AccountRow::operator==(const AccountRow& o) const {
-  return account.id == o.account.id && account.balance == o.account.balance &&
-         account.escrowed == o.account.escrowed && account.earned == o.account.earned &&
-         account.spent == o.account.spent && minted == o.minted && last_nonce == o.last_nonce &&
-         last_request_hash == o.last_request_hash && last_reply == o.last_reply;
+  return account.id == o.account.id && account.balance == o.account.balance && account.escrowed == o.account.escrowed &&
+         account.earned == o.account.earned && account.spent == o.account.spent && minted == o.minted &&
+         last_nonce == o.last_nonce && last_request_hash == o.last_request_hash && last_reply == o.last_reply;
 }
 
 crypto::Digest request_digest(const Request& request) {
@@ -557,8 +557,8 @@ struct Ledger::Impl {
     db.exec("PRAGMA synchronous = FULL");
     db.exec("PRAGMA foreign_keys = ON");
     db.exec("PRAGMA cache_size = -65536");  // 64 MiB: a devnet ledger stays in memory
-    int rc = sqlite3_create_function_v2(db.handle(), "reputation_score", 8, SQLITE_UTF8 | SQLITE_DETERMINISTIC,
-                                        nullptr, sql_reputation_score, nullptr, nullptr, nullptr);
+    int rc = sqlite3_create_function_v2(db.handle(), "reputation_score", 8, SQLITE_UTF8 | SQLITE_DETERMINISTIC, nullptr,
+                                        sql_reputation_score, nullptr, nullptr, nullptr);
     if (rc != SQLITE_OK) db.fail(rc, "register reputation_score");
     sqlite::Transaction tx(db);
     auto& v = db.cached("PRAGMA user_version");
@@ -616,7 +616,10 @@ struct Ledger::Impl {
   }
 
   void ensure_account(const AccountId& key, TimeMs now) {
-    db.cached("INSERT OR IGNORE INTO accounts(key, created_ms) VALUES (?, ?)").bind_blob(1, key.bytes).bind(2, now).run();
+    db.cached("INSERT OR IGNORE INTO accounts(key, created_ms) VALUES (?, ?)")
+        .bind_blob(1, key.bytes)
+        .bind(2, now)
+        .run();
   }
 
   void store_money(const Account& a) {
@@ -674,8 +677,8 @@ struct Ledger::Impl {
   }
 
   void withdraw_open_bids(std::string_view column, Id id) {
-    db.cached(fmt::format("UPDATE bids SET state = {} WHERE {} = ? AND state = {}", static_cast<int>(BidState::Withdrawn),
-                          column, static_cast<int>(BidState::Open)))
+    db.cached(fmt::format("UPDATE bids SET state = {} WHERE {} = ? AND state = {}",
+                          static_cast<int>(BidState::Withdrawn), column, static_cast<int>(BidState::Open)))
         .bind(1, id)
         .run();
   }
@@ -765,8 +768,8 @@ struct Ledger::Impl {
       refuse("order_closed", fmt::format("order {} is {}", order.id, order_state_name(order.state)));
     OfferRow offer = offer_row(b.offer_id, now);
     if (offer.offer.provider != sender)
-      refuse("not_owner", fmt::format("offer {} belongs to {}, not {}", offer.offer.id, who(offer.offer.provider),
-                                      who(sender)));
+      refuse("not_owner",
+             fmt::format("offer {} belongs to {}, not {}", offer.offer.id, who(offer.offer.provider), who(sender)));
     if (!offer.offer.active) refuse("offer_inactive", fmt::format("offer {} is withdrawn", offer.offer.id));
     if (offer.busy_lease != 0)
       refuse("offer_busy", fmt::format("offer {} is leased (lease {})", offer.offer.id, offer.busy_lease));
@@ -776,8 +779,8 @@ struct Ledger::Impl {
                                             order.id, order.spec.max_price_per_step));
     // The bid itself shows the provider is alive, so alive_only is not checked here.
     if (auto why = filter_mismatch(offer.offer, order.spec.filter, false, now, options.alive_window); !why.empty())
-      refuse("filter_mismatch", fmt::format("offer {} does not satisfy order {}'s filter: {}", offer.offer.id,
-                                            order.id, why));
+      refuse("filter_mismatch",
+             fmt::format("offer {} does not satisfy order {}'s filter: {}", offer.offer.id, order.id, why));
     auto& dup = db.cached("SELECT id FROM bids WHERE order_id = ? AND offer_id = ? AND state = ?");
     dup.bind(1, order.id).bind(2, offer.offer.id).bind(3, static_cast<int>(BidState::Open));
     if (dup.step())
@@ -792,7 +795,8 @@ struct Ledger::Impl {
         .bind(6, now)
         .run();
     Id id = static_cast<Id>(db.last_insert_id());
-    event(now, "bid", &sender, 0, b.price_per_step, fmt::format("bid {} order {} offer {}", id, order.id, offer.offer.id));
+    event(now, "bid", &sender, 0, b.price_per_step,
+          fmt::format("bid {} order {} offer {}", id, order.id, offer.offer.id));
     return id;
   }
 
@@ -833,7 +837,8 @@ struct Ledger::Impl {
         .bind(14, now)
         .run();
     Id id = static_cast<Id>(db.last_insert_id());
-    event(now, "order", &sender, 0, needed, fmt::format("order {} count {} max price {}", id, s.count, s.max_price_per_step));
+    event(now, "order", &sender, 0, needed,
+          fmt::format("order {} count {} max price {}", id, s.count, s.max_price_per_step));
     return id;
   }
 
@@ -843,7 +848,10 @@ struct Ledger::Impl {
       refuse("not_owner", fmt::format("order {} belongs to {}, not {}", o.id, who(o.renter), who(sender)));
     if (o.state != OrderState::Open)
       refuse("order_closed", fmt::format("order {} is {}", o.id, order_state_name(o.state)));
-    db.cached("UPDATE orders SET state = ? WHERE id = ?").bind(1, static_cast<int>(OrderState::Cancelled)).bind(2, o.id).run();
+    db.cached("UPDATE orders SET state = ? WHERE id = ?")
+        .bind(1, static_cast<int>(OrderState::Cancelled))
+        .bind(2, o.id)
+        .run();
     withdraw_open_bids("order_id", o.id);
     event(now, "cancel_order", &sender, 0, 0, fmt::format("order {}", o.id));
     return std::monostate{};
@@ -853,8 +861,8 @@ struct Ledger::Impl {
     Bid b = bid_row(a.bid_id);
     Order order = order_row(b.order_id);
     if (order.renter != sender)
-      refuse("not_owner", fmt::format("bid {} is on order {} of {}, not {}", b.id, order.id, who(order.renter),
-                                      who(sender)));
+      refuse("not_owner",
+             fmt::format("bid {} is on order {} of {}, not {}", b.id, order.id, who(order.renter), who(sender)));
     if (b.state != BidState::Open) refuse("bid_closed", fmt::format("bid {} is {}", b.id, bid_state_name(b.state)));
     if (order.state != OrderState::Open)
       refuse("order_closed", fmt::format("order {} is {}", order.id, order_state_name(order.state)));
@@ -889,7 +897,10 @@ struct Ledger::Impl {
         .run();
     Id lease_id = static_cast<Id>(db.last_insert_id());
     db.cached("UPDATE offers SET busy_lease = ? WHERE id = ?").bind(1, lease_id).bind(2, offer.offer.id).run();
-    db.cached("UPDATE bids SET state = ? WHERE id = ?").bind(1, static_cast<int>(BidState::Accepted)).bind(2, b.id).run();
+    db.cached("UPDATE bids SET state = ? WHERE id = ?")
+        .bind(1, static_cast<int>(BidState::Accepted))
+        .bind(2, b.id)
+        .run();
     withdraw_open_bids("offer_id", offer.offer.id);
     uint32_t leased = order.leased + 1;
     OrderState state = leased >= order.spec.count ? OrderState::Filled : OrderState::Open;
@@ -916,9 +927,9 @@ struct Ledger::Impl {
     if (v.step == 0) refuse("invalid_field", fmt::format("lease {}: voucher step 0 (steps count from 1)", lease.id));
     Amount expected = checked_mul(v.step, lease.price_per_step, "voucher step x price");
     if (v.cumulative_amount != expected)
-      refuse("wrong_increment", fmt::format("lease {}: voucher for step {} says {}, but {} steps at {} are {}",
-                                            lease.id, v.step, v.cumulative_amount, v.step, lease.price_per_step,
-                                            expected));
+      refuse("wrong_increment",
+             fmt::format("lease {}: voucher for step {} says {}, but {} steps at {} are {}", lease.id, v.step,
+                         v.cumulative_amount, v.step, lease.price_per_step, expected));
     if (v.step <= lease.paid_step) {
       if (allow_settled) return 0;
       refuse("stale_voucher", fmt::format("lease {}: voucher step {} is not above the redeemed step {}", lease.id,
@@ -965,14 +976,16 @@ struct Ledger::Impl {
         .bind(1, steps)
         .bind_blob(2, lease.provider.bytes)
         .run();
-    event(now, "redeem", &lease.provider, lease.id, increment, fmt::format("step {} cumulative {}", v.step, v.cumulative_amount));
+    event(now, "redeem", &lease.provider, lease.id, increment,
+          fmt::format("step {} cumulative {}", v.step, v.cumulative_amount));
     return increment;
   }
 
   ReplyBody redeem(const AccountId& sender, const protocol::Redeem& r, TimeMs now) {
     Lease lease = lease_row(r.voucher.lease_id);
     if (lease.provider != sender)
-      refuse("not_owner", fmt::format("lease {} is provided by {}, not {}", lease.id, who(lease.provider), who(sender)));
+      refuse("not_owner",
+             fmt::format("lease {} is provided by {}, not {}", lease.id, who(lease.provider), who(sender)));
     RedeemResult result;
     result.paid_now = settle(lease, r.voucher, now, false);
     result.lease = lease_row(lease.id);
@@ -992,7 +1005,10 @@ struct Ledger::Impl {
         .bind(3, now)
         .bind(4, lease.id)
         .run();
-    db.cached("UPDATE offers SET busy_lease = 0 WHERE id = ? AND busy_lease = ?").bind(1, lease.offer_id).bind(2, lease.id).run();
+    db.cached("UPDATE offers SET busy_lease = 0 WHERE id = ? AND busy_lease = ?")
+        .bind(1, lease.offer_id)
+        .bind(2, lease.id)
+        .run();
     ensure_stats(lease.provider);
     const char* column = reason == CloseReason::ProviderFailed ? "leases_abandoned" : "leases_clean";
     db.cached(fmt::format("UPDATE provider_stats SET {0} = {0} + 1 WHERE provider = ?", column))
@@ -1011,12 +1027,14 @@ struct Ledger::Impl {
       refuse("not_owner", fmt::format("lease {} is between {} and {}; {} may not close it", lease.id, who(lease.renter),
                                       who(lease.provider), who(sender)));
     if (lease.state != LeaseState::Open)
-      refuse("lease_closed", fmt::format("lease {} is already closed ({})", lease.id, close_reason_name(lease.close_reason)));
+      refuse("lease_closed",
+             fmt::format("lease {} is already closed ({})", lease.id, close_reason_name(lease.close_reason)));
     bool allowed = (is_renter && (c.reason == CloseReason::RenterDone || c.reason == CloseReason::ProviderFailed)) ||
                    (is_provider && c.reason == CloseReason::ProviderDone);
     if (!allowed)
-      refuse("invalid_close_reason", fmt::format("the {} of lease {} may not close it as {}",
-                                                 is_renter ? "renter" : "provider", lease.id, close_reason_name(c.reason)));
+      refuse("invalid_close_reason",
+             fmt::format("the {} of lease {} may not close it as {}", is_renter ? "renter" : "provider", lease.id,
+                         close_reason_name(c.reason)));
     if (c.voucher) settle(lease, *c.voucher, now, true);
     finish_lease(lease, c.reason, now, &sender);
     return lease_row(lease.id);
@@ -1074,7 +1092,8 @@ struct Ledger::Impl {
     bool scored = f.sort == OfferSort::Reputation || f.min_reputation > 0;
     std::string with, join;
     if (scored) {
-      with = fmt::format("WITH scores AS MATERIALIZED (SELECT s.provider, {} AS score FROM provider_stats s) ", kScoreExpr);
+      with = fmt::format("WITH scores AS MATERIALIZED (SELECT s.provider, {} AS score FROM provider_stats s) ",
+                         kScoreExpr);
       join = "LEFT JOIN scores sc ON sc.provider = o.provider ";
     }
     if (f.min_reputation > 0) add("ifnull(sc.score, 0) >=", f.min_reputation);
@@ -1086,12 +1105,14 @@ struct Ledger::Impl {
       // ?1 and ?2 feed the score; a statement without a score or filter has no parameters.
       if (st.parameter_count() >= 2) st.bind(1, now).bind(2, static_cast<int64_t>(options.heartbeat_gap.count()));
       for (const auto& p : params)
-        std::visit([&](const auto& v) {
-          if constexpr (std::is_same_v<std::decay_t<decltype(v)>, std::string>)
-            st.bind(p.index, std::string_view(v));
-          else
-            st.bind(p.index, v);
-        }, p.value);
+        std::visit(
+            [&](const auto& v) {
+              if constexpr (std::is_same_v<std::decay_t<decltype(v)>, std::string>)
+                st.bind(p.index, std::string_view(v));
+              else
+                st.bind(p.index, v);
+            },
+            p.value);
     };
     OfferPage page;
     auto& count = db.cached(fmt::format("{}SELECT count(*) FROM offers o {}{}", with, join, where));
@@ -1159,29 +1180,28 @@ struct Ledger::Impl {
 
   ReplyBody apply(const Request& r, TimeMs now) {
     const AccountId& sender = r.account;
-    return std::visit(
-        Overloaded{
-            [&](const protocol::Mint& m) -> ReplyBody { return mint(sender, m, now); },
-            [&](const protocol::AccountQuery& q) -> ReplyBody { return account_or_zero(q.who); },
-            [&](const OfferSpec& s) -> ReplyBody { return offer(sender, s, now); },
-            [&](const protocol::WithdrawOffer& w) -> ReplyBody { return withdraw_offer(sender, w, now); },
-            [&](const protocol::PlaceBid& b) -> ReplyBody { return bid(sender, b, now); },
-            [&](const protocol::Heartbeat&) -> ReplyBody { return heartbeat(sender, now); },
-            [&](const protocol::Redeem& rd) -> ReplyBody { return redeem(sender, rd, now); },
-            [&](const protocol::Discover& d) -> ReplyBody { return discover(d.filter, now); },
-            [&](const protocol::PlaceOrder& o) -> ReplyBody { return order(sender, o.spec, now); },
-            [&](const protocol::CancelOrder& c) -> ReplyBody { return cancel_order(sender, c, now); },
-            [&](const protocol::BidsQuery& q) -> ReplyBody { return bids(q); },
-            [&](const protocol::Accept& a) -> ReplyBody { return accept(sender, a, now); },
-            [&](const protocol::Close& c) -> ReplyBody { return close(sender, c, now); },
-            [&](const OrderQuery& q) -> ReplyBody { return orders(q, now); },
-            [&](const LeaseQuery& q) -> ReplyBody { return leases(q); },
-            [&](const protocol::LeaseLookup& l) -> ReplyBody { return lease_row(l.lease_id); },
-            [&](const protocol::ReputationQuery& q) -> ReplyBody {
-              return reputation_from_stats(stats_of(q.provider), now, options.heartbeat_gap);
-            },
-        },
-        r.body);
+    return std::visit(Overloaded{
+                          [&](const protocol::Mint& m) -> ReplyBody { return mint(sender, m, now); },
+                          [&](const protocol::AccountQuery& q) -> ReplyBody { return account_or_zero(q.who); },
+                          [&](const OfferSpec& s) -> ReplyBody { return offer(sender, s, now); },
+                          [&](const protocol::WithdrawOffer& w) -> ReplyBody { return withdraw_offer(sender, w, now); },
+                          [&](const protocol::PlaceBid& b) -> ReplyBody { return bid(sender, b, now); },
+                          [&](const protocol::Heartbeat&) -> ReplyBody { return heartbeat(sender, now); },
+                          [&](const protocol::Redeem& rd) -> ReplyBody { return redeem(sender, rd, now); },
+                          [&](const protocol::Discover& d) -> ReplyBody { return discover(d.filter, now); },
+                          [&](const protocol::PlaceOrder& o) -> ReplyBody { return order(sender, o.spec, now); },
+                          [&](const protocol::CancelOrder& c) -> ReplyBody { return cancel_order(sender, c, now); },
+                          [&](const protocol::BidsQuery& q) -> ReplyBody { return bids(q); },
+                          [&](const protocol::Accept& a) -> ReplyBody { return accept(sender, a, now); },
+                          [&](const protocol::Close& c) -> ReplyBody { return close(sender, c, now); },
+                          [&](const OrderQuery& q) -> ReplyBody { return orders(q, now); },
+                          [&](const LeaseQuery& q) -> ReplyBody { return leases(q); },
+                          [&](const protocol::LeaseLookup& l) -> ReplyBody { return lease_row(l.lease_id); },
+                          [&](const protocol::ReputationQuery& q) -> ReplyBody {
+                            return reputation_from_stats(stats_of(q.provider), now, options.heartbeat_gap);
+                          },
+                      },
+                      r.body);
   }
 
   size_t expire_leases(TimeMs now) {
@@ -1239,14 +1259,14 @@ Reply Ledger::execute(const Request& request, TimeMs now) {
   auto row = impl.load_account(request.account);
   uint64_t last_nonce = row ? row->last_nonce : 0;
   if (request.nonce <= last_nonce) {
-    bool same_request = row && request.nonce == last_nonce && !row->last_reply.empty() &&
-                        std::equal(digest.begin(), digest.end(), row->last_request_hash.begin(),
-                                   row->last_request_hash.end());
+    bool same_request =
+        row && request.nonce == last_nonce && !row->last_reply.empty() &&
+        std::equal(digest.begin(), digest.end(), row->last_request_hash.begin(), row->last_request_hash.end());
     tx.commit();  // the expiry sweep
     if (same_request) return protocol::decode_reply(row->last_reply, "the ledger's stored reply");
-    return protocol::error_reply(AuthError(fmt::format(
-        "replayed nonce: {} request from {} carries nonce {}, not above the account's last nonce {}",
-        protocol::request_name(request.body), who(request.account), request.nonce, last_nonce)));
+    return protocol::error_reply(AuthError(
+        fmt::format("replayed nonce: {} request from {} carries nonce {}, not above the account's last nonce {}",
+                    protocol::request_name(request.body), who(request.account), request.nonce, last_nonce)));
   }
 
   impl.ensure_account(request.account, now);
@@ -1293,8 +1313,9 @@ AuditReport Ledger::audit() {
   auto& db = impl_->db;
   AuditReport report;
   // Sums in SQL use 64-bit integers and fail on overflow; that is itself a finding.
-  auto& totals = db.cached("SELECT ifnull(sum(minted),0), ifnull(sum(balance),0), ifnull(sum(escrowed),0), "
-                           "ifnull(sum(earned),0), ifnull(sum(spent),0) FROM accounts");
+  auto& totals = db.cached(
+      "SELECT ifnull(sum(minted),0), ifnull(sum(balance),0), ifnull(sum(escrowed),0), "
+      "ifnull(sum(earned),0), ifnull(sum(spent),0) FROM accounts");
   try {
     totals.step();
     report.total_minted = static_cast<Amount>(totals.int64(0));
@@ -1310,11 +1331,11 @@ AuditReport Ledger::audit() {
     report.problems.push_back(fmt::format("balances {} + escrowed {} != minted {}", report.total_balance,
                                           report.total_escrowed, report.total_minted));
   if (report.total_earned != report.total_spent)
-    report.problems.push_back(
-        fmt::format("earned {} != spent {}", report.total_earned, report.total_spent));
+    report.problems.push_back(fmt::format("earned {} != spent {}", report.total_earned, report.total_spent));
   auto& leases = db.cached(
       "SELECT l.id, l.paid, l.escrow, l.paid_step, ifnull(v.cumulative_amount, 0), ifnull(v.step, 0) FROM leases l "
-      "LEFT JOIN redeemed_vouchers v ON v.lease_id = l.id WHERE l.paid > l.escrow OR l.paid != ifnull(v.cumulative_amount, 0) "
+      "LEFT JOIN redeemed_vouchers v ON v.lease_id = l.id WHERE l.paid > l.escrow OR l.paid != "
+      "ifnull(v.cumulative_amount, 0) "
       "OR l.paid_step != ifnull(v.step, 0)");
   while (leases.step())
     report.problems.push_back(fmt::format("lease {}: paid {} (step {}) vs escrow {} and redeemed voucher {} (step {})",

@@ -11,7 +11,8 @@ TimeMs wall_clock_ms() {
 
 std::string MarketServerStats::to_json() const {
   return fmt::format(
-      R"({{"requests":{},"ok":{},"refused":{},"malformed":{},"dropped":{},"failed":{},"expired":{},"transport_rejected":{}}})",
+      R"({{"requests":{},"ok":{},"refused":{},"malformed":{},"dropped":{},"failed":{},"expired":{},)"
+      R"("transport_rejected":{}}})",
       requests, ok, refused, malformed, dropped, failed, expired, transport_rejected);
 }
 

@@ -45,7 +45,9 @@ class World {
     return r;
   }
 
-  proto::Reply exec(const crypto::Identity& who, proto::Body body) { return ledger_.execute(request(who, std::move(body)), now); }
+  proto::Reply exec(const crypto::Identity& who, proto::Body body) {
+    return ledger_.execute(request(who, std::move(body)), now);
+  }
 
   template <typename T>
   T ok(const crypto::Identity& who, proto::Body body) {
@@ -94,7 +96,9 @@ class World {
     return ok<Lease>(renter, proto::Accept{bid_id});
   }
 
-  void fund(const crypto::Identity& who, Amount amount) { ok<Account>(operator_, proto::Mint{who.public_key(), amount}); }
+  void fund(const crypto::Identity& who, Amount amount) {
+    ok<Account>(operator_, proto::Mint{who.public_key(), amount});
+  }
 
   Account account(const crypto::Identity& who) { return ok<Account>(who, proto::AccountQuery{who.public_key()}); }
 
@@ -270,8 +274,7 @@ TEST(Ledger, RefusalsLeaveTheBooksUnchanged) {
       {"foreign lease", &provider2, proto::Redeem{Voucher::sign(renter, lease.id, 6, 60, 6)}, "not_owner"},
       {"unknown lease", &provider, proto::Redeem{Voucher::sign(renter, 999, 1, 10, 6)}, "unknown_lease"},
       {"insufficient funds", &mallory, proto::PlaceOrder{OrderSpec{{}, 1, 10, 5, 60}}, "insufficient_funds"},
-      {"escrow x count over funds", &renter, proto::PlaceOrder{OrderSpec{{}, 10, 10, 1'000, 60}},
-       "insufficient_funds"},
+      {"escrow x count over funds", &renter, proto::PlaceOrder{OrderSpec{{}, 10, 10, 1'000, 60}}, "insufficient_funds"},
       {"withdraw someone else's offer", &provider, proto::WithdrawOffer{other_offer}, "not_owner"},
       {"cancel someone else's order", &renter, proto::CancelOrder{renter2_order}, "not_owner"},
       {"bid with someone else's offer", &provider, proto::PlaceBid{renter2_order, other_offer, 10}, "not_owner"},
@@ -288,7 +291,12 @@ TEST(Ledger, RefusalsLeaveTheBooksUnchanged) {
        OfferSpec{{"H100", 1, 80, "9.0"}, 0, 0, "x", "tcp://1.2.3.4:5", 1, HardwareReport::sign(provider, "{}")},
        "invalid_field"},
       {"offer with an oversized report", &provider,
-       OfferSpec{{"H100", 1, 80, "9.0"}, 1, 0, "x", "tcp://1.2.3.4:5", 1,
+       OfferSpec{{"H100", 1, 80, "9.0"},
+                 1,
+                 0,
+                 "x",
+                 "tcp://1.2.3.4:5",
+                 1,
                  HardwareReport::sign(provider, std::string(proto::kMaxTextBytes + 1, 'x'))},
        "invalid_field"},
   };
@@ -537,22 +545,25 @@ TEST(Ledger, DiscoveryFiltersSortsAndPages) {
   OfferFilter f;
   expect_ids(f, alive, by_price);
   f.alive_only = false;
-  expect_ids(f, [](const Made&) { return true; }, by_price);
+  expect_ids(
+      f, [](const Made&) { return true; }, by_price);
   f = {};
   f.gpu_model = "H100-80GB";
-  expect_ids(f, [&](const Made& m) { return alive(m) && m.model == "H100-80GB"; }, by_price);
+  expect_ids(
+      f, [&](const Made& m) { return alive(m) && m.model == "H100-80GB"; }, by_price);
   f = {};
   f.min_vram_gib = 40;
   f.region = "eu-west";
   f.max_price_per_step = 10;
-  expect_ids(f, [&](const Made& m) { return alive(m) && m.vram >= 40 && m.region == "eu-west" && m.price <= 10; },
-             by_price);
+  expect_ids(
+      f, [&](const Made& m) { return alive(m) && m.vram >= 40 && m.region == "eu-west" && m.price <= 10; }, by_price);
   f = {};
   f.sort = OfferSort::Latency;
   expect_ids(f, alive, [](const Made& a, const Made& b) { return a.latency < b.latency; });
   f = {};
   f.min_gpu_count = 2;
-  expect_ids(f, [](const Made&) { return false; }, by_price);
+  expect_ids(
+      f, [](const Made&) { return false; }, by_price);
 
   // Reputation: provider 1 (a clean lease, 20 steps) first, then 0 and 2 by id.
   f = {};

@@ -150,7 +150,7 @@ TEST(MarketDaemon, SigkillDuringRedemptionsNeitherPaysTwiceNorLosesAPayment) {
     Connection p(provider, market.endpoint());
     r.call<Account>(proto::Mint{renter.public_key(), 1'000'000});
     p.call<std::monostate>(proto::Heartbeat{});
-    OfferSpec offer{{"L4-24GB", 1, 24, "8.9"}, kPrice, 0, "test", "tcp://127.0.0.1:9", 3,
+    OfferSpec offer{{"L4-24GB", 1, 24, "8.9"},           kPrice, 0, "test", "tcp://127.0.0.1:9", 3,
                     HardwareReport::sign(provider, "{}")};
     Id offer_id = p.call<Id>(offer);
     Id order_id = r.call<Id>(proto::PlaceOrder{OrderSpec{{}, 1, kPrice, 100'000, 3600}});
