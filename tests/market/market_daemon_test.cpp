@@ -12,6 +12,7 @@
 
 #include "market/ledger.h"
 #include "market/protocol.h"
+#include "market/server.h"
 #include "support/child_process.h"
 #include "support/temp_dir.h"
 
@@ -33,14 +34,27 @@ struct Endpoint {
 // meshtrain-market on a free loopback port; restartable on the same database and key.
 class MarketProcess {
  public:
-  explicit MarketProcess(const TempDir& dir) : dir_(dir) { start(); }
+  explicit MarketProcess(const TempDir& dir, std::vector<std::string> extra_args = {})
+      : dir_(dir), extra_args_(std::move(extra_args)) {
+    start();
+  }
 
   void start() {
     fs::remove(dir_ / "market.endpoint");
-    child_ = std::make_unique<ChildProcess>(std::vector<std::string>{
-        MESHTRAIN_MARKET_BINARY, "--db", (dir_ / "market.db").string(), "--key", (dir_ / "market.pem").string(),
-        "--bind", "tcp://127.0.0.1:0", "--faucet-limit", "1000000000", "--print-endpoint-file",
-        (dir_ / "market.endpoint").string(), "--status-json"});
+    std::vector<std::string> argv{MESHTRAIN_MARKET_BINARY,
+                                  "--db",
+                                  (dir_ / "market.db").string(),
+                                  "--key",
+                                  (dir_ / "market.pem").string(),
+                                  "--bind",
+                                  "tcp://127.0.0.1:0",
+                                  "--faucet-limit",
+                                  "1000000000",
+                                  "--print-endpoint-file",
+                                  (dir_ / "market.endpoint").string(),
+                                  "--status-json"};
+    argv.insert(argv.end(), extra_args_.begin(), extra_args_.end());
+    child_ = std::make_unique<ChildProcess>(argv);
     auto until = std::chrono::steady_clock::now() + 20s;
     while (std::chrono::steady_clock::now() < until) {
       std::ifstream in(dir_ / "market.endpoint");
@@ -66,6 +80,7 @@ class MarketProcess {
 
  private:
   const TempDir& dir_;
+  std::vector<std::string> extra_args_;
   std::unique_ptr<ChildProcess> child_;
   Endpoint endpoint_;
 };
@@ -315,4 +330,62 @@ TEST(MarketDaemon, CreatesItsKeyKeepsStateAcrossRestartsAndRefusesBadFlags) {
   EXPECT_EQ(run({"--db", (dir / "x.db").string(), "--key", (dir / "k.pem").string(), "--faucet-limit", "-1"}),
             std::optional<int>(2));
   EXPECT_EQ(run({"--help"}), std::optional<int>(0));
+}
+
+TEST(MarketDaemon, ThePeriodicSweepExpiresLeasesWithoutAnyRequest) {
+  TempDir dir;
+  MarketProcess market(dir, {"--sweep-interval-ms", "100"});
+  auto renter = crypto::Identity::generate();
+  auto provider = crypto::Identity::generate();
+  Connection r(renter, market.endpoint());
+  Connection p(provider, market.endpoint());
+  r.call<Account>(proto::Mint{renter.public_key(), 1'000});
+  p.call<std::monostate>(proto::Heartbeat{});
+  Id offer_id = p.call<Id>(
+      OfferSpec{{"L4-24GB", 1, 24, "8.9"}, 5, 0, "test", "tcp://127.0.0.1:9", 3, HardwareReport::sign(provider, "{}")});
+  Id order_id = r.call<Id>(proto::PlaceOrder{OrderSpec{{}, 1, 5, 400, /*lease_duration_s=*/1}});
+  Id bid_id = p.call<Id>(proto::PlaceBid{order_id, offer_id, 5});
+  Lease lease = r.call<Lease>(proto::Accept{bid_id});
+  p.call<RedeemResult>(proto::Redeem{Voucher::sign(renter, lease.id, 4, 20, 1)});
+
+  // No request from here on: only the sweep can close the lease.
+  std::string sql = fmt::format("SELECT close_reason FROM leases WHERE id = {}", lease.id);
+  auto until = std::chrono::steady_clock::now() + 10s;
+  while (query_int(market.db(), sql) != static_cast<int64_t>(CloseReason::Expired) &&
+         std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(query_int(market.db(), sql), static_cast<int64_t>(CloseReason::Expired));
+  EXPECT_EQ(
+      query_int(market.db(), fmt::format("SELECT balance FROM accounts WHERE key = x'{}'", renter.public_key().hex())),
+      1'000 - 20);
+  EXPECT_EQ(
+      query_int(market.db(), fmt::format("SELECT escrowed FROM accounts WHERE key = x'{}'", renter.public_key().hex())),
+      0);
+  EXPECT_EQ(query_int(market.db(), "SELECT count(*) FROM events WHERE kind = 'expire'"), 1);
+}
+
+TEST(MarketDaemon, APageOverTheReplyLimitIsRefusedNotSent) {
+  TempDir dir;
+  {
+    // 500 offers whose texts are all at the 4096-byte limit: ~10 MB for one page of all.
+    Ledger ledger(dir / "market.db");
+    auto provider = crypto::Identity::generate();
+    std::string text(proto::kMaxTextBytes, 'x');
+    for (uint64_t i = 1; i <= 500; ++i) {
+      OfferSpec s{{text, 1, 24, text}, 5, 0, text, text, 3, HardwareReport::sign(provider, text)};
+      ASSERT_TRUE(ledger.execute(proto::Request{provider.public_key(), i, s}, wall_clock_ms()).ok);
+    }
+  }
+  MarketProcess market(dir);
+  auto renter = crypto::Identity::generate();
+  Connection r(renter, market.endpoint());
+  OfferFilter filter;
+  filter.alive_only = false;
+  filter.limit = 1000;
+  auto reply = r.send(r.encode(proto::Discover{filter}), 20s);
+  ASSERT_TRUE(reply.has_value());
+  EXPECT_FALSE(reply->ok);
+  EXPECT_EQ(reply->reason, "reply_too_large") << reply->message;
+  filter.limit = 100;
+  EXPECT_EQ(r.call<OfferPage>(proto::Discover{filter}).offers.size(), 100u);
 }
