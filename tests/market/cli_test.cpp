@@ -7,6 +7,7 @@
 using namespace meshtrain;
 using namespace meshtrain::market;
 using namespace meshtrain::test_support;
+using namespace std::chrono_literals;
 namespace json = meshtrain::checkpoint::json;
 
 namespace {
