@@ -170,6 +170,11 @@ class Communicator {
   const coord::Quorum& quorum() const;
   uint32_t rank() const;
 
+  // A hash of this member's parameters before `step` (e.g. every N steps): sent with the
+  // requests for that step, so the coordinator compares the members' digests and lists the
+  // members whose state diverged in Quorum::divergent (docs/step-protocol.md, R10).
+  void set_state_digest(uint64_t step, const crypto::Digest& digest);
+
   // Collectives against the current quorum. fp32, fp16 and bf16 buffers (CPU memory);
   // reduction in fp32. Avg divides by the number of contributing members; a non-contributing
   // member (joiner) adds zeros. Throw PeerLostError naming the lost peers, TimeoutError after

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -54,6 +55,9 @@ struct Quorum {
   uint64_t step = 0;
   std::vector<Member> members;  // ordered by rank
   int32_t state_source_rank = -1;
+  // Members whose state digest (QuorumRequest::state_digest) differs from the one most members
+  // with state sent for this step: their parameters diverged from the job's (R10).
+  std::vector<PeerId> divergent;
 
   size_t contributors() const;
   // Throws InvalidArgumentError when `peer` is not a member.
@@ -69,6 +73,9 @@ struct QuorumRequest {
   uint64_t failed_quorum_id = 0;
   std::vector<PeerId> lost;
   crypto::Bytes join_token;  // JoinToken::encode() of a peer not on the allow-list; else empty
+  // A hash of the member's parameters before `step`, when the application asks for a check
+  // (collective::Communicator::set_state_digest); the coordinator compares them (R10).
+  std::optional<crypto::Digest> state_digest;
 };
 
 struct Rejoin {
@@ -223,6 +230,7 @@ struct CoordinatorStatus {
   uint64_t members_dropped = 0;
   uint64_t joins_admitted = 0;  // peers admitted with a join token (again after each expiry or restart)
   uint64_t refused = 0;         // messages refused from peers that are not admitted
+  uint64_t state_divergences = 0;  // quorums whose members sent different state digests (R10)
   std::string to_json() const;  // one line
   std::string to_text() const;  // one human-readable line
 };

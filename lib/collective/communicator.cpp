@@ -231,6 +231,7 @@ struct Communicator::Impl {
   bool checking_gradients = false;  // inside reduce_step: refuse non-finite partial sums
   uint64_t failed_quorum = 0;  // the last attempt that failed here (reported to the coordinator)
   std::vector<PeerId> failed_lost;
+  std::optional<std::pair<uint64_t, crypto::Digest>> state_digest;  // step, digest
 
   Impl(const crypto::Identity& s, CommunicatorOptions o) : self(s), options(std::move(o)) {
     if (options.advertise_host.empty()) options.advertise_host = options.bind_host;
@@ -355,6 +356,9 @@ const PeerId& Communicator::id() const { return impl_->self.public_key(); }
 uint16_t Communicator::bulk_port() const { return impl_->listener->port(); }
 const coord::Quorum& Communicator::quorum() const { return impl_->quorum_or_throw(); }
 uint32_t Communicator::rank() const { return impl_->my_rank; }
+void Communicator::set_state_digest(uint64_t step, const crypto::Digest& digest) {
+  impl_->state_digest.emplace(step, digest);
+}
 
 const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
   auto& s = *impl_;
@@ -377,6 +381,7 @@ const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
   std::optional<coord::Rejoin> rejoin;
   std::optional<coord::Refusal> refusal;
   if (s.options.join_token) request.join_token = s.options.join_token->encode();
+  if (s.state_digest && s.state_digest->first == step) request.state_digest = s.state_digest->second;
   Deadline deadline = Deadline::after(s.options.quorum_timeout);
   for (;;) {
     s.link->send(coord::MessageKind::QuorumRequest, coord::encode(request), 0, step);

@@ -1,6 +1,6 @@
 // The per-job coordinator: membership from QuorumRequests and heartbeats, one quorum per step,
 // stragglers, joiners, failed attempts and their retries. The rules are in docs/step-protocol.md;
-// the comments below name them (R1..R8).
+// the comments below name them (R1..R10).
 #include <algorithm>
 #include <chrono>
 #include <map>
@@ -41,9 +41,9 @@ uint64_t initial_quorum_id() {
 std::string CoordinatorStatus::to_json() const {
   return fmt::format(
       "{{\"members\":{},\"live_peers\":{},\"last_step\":{},\"last_quorum_id\":\"{:016x}\",\"last_quorum_size\":{},"
-      "\"quorums_formed\":{},\"attempts_aborted\":{},\"members_dropped\":{},\"joins_admitted\":{},\"refused\":{}}}",
+      "\"quorums_formed\":{},\"attempts_aborted\":{},\"members_dropped\":{},\"joins_admitted\":{},\"refused\":{},\"state_divergences\":{}}}",
       members, live_peers, last_step, last_quorum_id, last_quorum_size, quorums_formed, attempts_aborted,
-      members_dropped, joins_admitted, refused);
+      members_dropped, joins_admitted, refused, state_divergences);
 }
 
 std::string CoordinatorStatus::to_text() const {
@@ -54,8 +54,10 @@ std::string CoordinatorStatus::to_text() const {
   std::string admission = joins_admitted == 0 && refused == 0
                               ? std::string()
                               : fmt::format(" · admitted by token {} · refused {}", joins_admitted, refused);
-  return fmt::format("members {} · {} · formed {} · aborted {} · dropped {}{}", members, quorum, quorums_formed,
-                     attempts_aborted, members_dropped, admission);
+  std::string divergence = state_divergences == 0 ? std::string()
+                                                 : fmt::format(" · STATE DIVERGED {}", state_divergences);
+  return fmt::format("members {} · {} · formed {} · aborted {} · dropped {}{}{}", members, quorum, quorums_formed,
+                     attempts_aborted, members_dropped, admission, divergence);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,6 +557,32 @@ struct Coordinator::Impl {
     for (uint64_t step : due) form(step, now);
   }
 
+  // R10: members with state that sent a digest of their parameters must all have sent the same.
+  // The largest group of equal digests is the job's state (ties: the group of the lowest peer
+  // id); the others diverged. Members without a digest are not compared.
+  std::vector<PeerId> divergent_members(uint64_t step, const StepWait& w) {
+    std::map<crypto::Digest, std::vector<PeerId>> groups;  // peers in rank order within each group
+    for (const auto& [p, r] : w.requests)
+      if (r.has_state && r.state_digest) groups[*r.state_digest].push_back(p);
+    if (groups.size() < 2) return {};
+    auto majority = groups.begin();
+    for (auto it = groups.begin(); it != groups.end(); ++it)
+      if (it->second.size() > majority->second.size() ||
+          (it->second.size() == majority->second.size() && it->second.front() < majority->second.front()))
+        majority = it;
+    std::vector<PeerId> divergent;
+    std::string report;
+    for (auto it = groups.begin(); it != groups.end(); ++it) {
+      report += fmt::format("; digest {}: {}", crypto::to_hex(it->first).substr(0, 16), describe_peers(it->second));
+      if (it != majority) divergent.insert(divergent.end(), it->second.begin(), it->second.end());
+    }
+    std::sort(divergent.begin(), divergent.end());
+    ++counters.state_divergences;
+    log::error("coord", "step {}: members hold different parameters (state diverged); taken as the job's: digest "
+               "{}{}", step, crypto::to_hex(majority->first).substr(0, 16), report);
+    return divergent;
+  }
+
   void form(uint64_t step, Clock::time_point now) {
     auto node = waiting.extract(step);
     StepWait& w = node.mapped();
@@ -574,6 +602,7 @@ struct Coordinator::Impl {
       ++rank;
     }
     if (joiners.empty()) q.state_source_rank = -1;  // R3: nobody needs state
+    q.divergent = divergent_members(step, w);
 
     Attempt& a = attempts[q.quorum_id];
     a.quorum = q;

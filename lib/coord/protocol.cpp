@@ -114,6 +114,7 @@ std::vector<uint8_t> encode(const QuorumRequest& m) {
   r.setFailedQuorumId(m.failed_quorum_id);
   set_peers(r.initLost(m.lost.size()), m.lost);
   if (!m.join_token.empty()) r.setJoinToken(capnp::Data::Reader(m.join_token.data(), m.join_token.size()));
+  if (m.state_digest) r.setStateDigest(capnp::Data::Reader(m.state_digest->data(), m.state_digest->size()));
   return to_bytes(b);
 }
 
@@ -123,6 +124,7 @@ std::vector<uint8_t> encode(const Quorum& m) {
   q.setQuorumId(m.quorum_id);
   q.setStep(m.step);
   q.setStateSourceRank(m.state_source_rank);
+  set_peers(q.initDivergent(m.divergent.size()), m.divergent);
   auto members = q.initMembers(m.members.size());
   for (size_t i = 0; i < m.members.size(); ++i) {
     members[i].setId(data_of(m.members[i].id));
@@ -175,6 +177,11 @@ QuorumRequest decode_quorum_request(crypto::ByteSpan bytes, std::string_view sou
       throw ProtocolError(fmt::format("{}: field 'joinToken' is {} bytes (limit {})", source, token.size(),
                                       kMaxJoinTokenBytes));
     m.join_token.assign(token.begin(), token.end());
+    auto digest = r.getStateDigest();
+    if (digest.size() != 0 && digest.size() != crypto::kSha256Bytes)
+      throw ProtocolError(fmt::format("{}: field 'stateDigest' is {} bytes, expected 0 or {}", source, digest.size(),
+                                      crypto::kSha256Bytes));
+    if (digest.size() != 0) std::memcpy(m.state_digest.emplace().data(), digest.begin(), digest.size());
     if (m.host.empty() || m.host.size() > 255 || m.port == 0)
       throw ProtocolError(fmt::format("{}: quorum request with bulk address '{}:{}'", source, m.host, m.port));
     return m;
@@ -204,6 +211,10 @@ Quorum decode_quorum(crypto::ByteSpan bytes, std::string_view source) {
     }
     if (m.state_source_rank < -1 || m.state_source_rank >= static_cast<int32_t>(m.members.size()))
       throw ProtocolError(fmt::format("{}: quorum state source rank {} out of range", source, m.state_source_rank));
+    m.divergent = peers_of(q.getDivergent(), "divergent", source);
+    for (const auto& p : m.divergent)
+      if (!m.contains(p))
+        throw ProtocolError(fmt::format("{}: divergent peer {} is not a member of the quorum", source, p.fingerprint()));
     return m;
   });
 }

@@ -22,6 +22,7 @@ struct QuorumRequest {
   failedQuorumId @4 :UInt64;  # nonzero: the attempt with this quorum failed ...
   lost @5 :List(Data);        # ... because these peers were lost
   joinToken @6 :Data;         # a peer not on the allow-list: its join token (binary form)
+  stateDigest @7 :Data;       # empty, or SHA-256 (32 bytes) of the member's parameters before `step`
 }
 
 # Coordinator -> member: the quorum for a step.
@@ -30,6 +31,7 @@ struct Quorum {
   step @1 :UInt64;
   members @2 :List(Member);   # ordered by rank
   stateSourceRank @3 :Int32;  # rank that broadcasts state to joiners this step; -1: none
+  divergent @4 :List(Data);   # members whose state digest differs from the majority's
 }
 
 # Coordinator -> member: you missed `missedStep`; request `nextStep` without state.

@@ -7,6 +7,11 @@
 //                   [--die-at STEP --die-phase reduce_scatter|all_gather --die-ring-step K]
 //                   [--sleep-at STEP --sleep-ms MS] [--step-delay-ms MS]
 //                   [--join-token TOKEN|FILE]  (a member admitted by join token)
+//                   [--check-state [--perturb-at STEP]]
+//
+// --check-state: every request carries a digest of the parameters (Communicator::
+// set_state_digest), and a quorum naming divergent members is written as "divergent S HEX,...".
+// --perturb-at: this member adds 1 to its first parameter before STEP (a diverged state).
 //                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]
 //                    [--shape ROWSxCOLS]]
 //                   [--problem random|lsq] [--max-attempts N]
@@ -108,10 +113,17 @@ int run(std::map<std::string, std::string>& a) {
   collective::CompressedState compressed_state(compressed);
   std::vector<float> params(count, 0.0f);
   bool has_state = !a.count("--join");
+  const bool check_state = a.count("--check-state");
+  const uint64_t perturb_at = a.count("--perturb-at") ? std::stoull(a.at("--perturb-at")) : 0;
   while (step < end) {
     current_step = step;
     if (step == sleep_at) std::this_thread::sleep_for(std::chrono::milliseconds(std::stoi(a.at("--sleep-ms"))));
     if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    if (step == perturb_at) params[0] += 1.0f;
+    if (check_state && has_state) {
+      const auto* bytes = reinterpret_cast<const uint8_t*>(params.data());
+      comm.set_state_digest(step, crypto::sha256({bytes, params.size() * sizeof(float)}));
+    }
     const coord::Quorum* q;
     try {
       q = &comm.next_quorum(step, has_state);
@@ -120,6 +132,11 @@ int run(std::map<std::string, std::string>& a) {
       step = e.next_step;
       has_state = false;
       continue;
+    }
+    if (!q->divergent.empty()) {
+      std::string keys;
+      for (const auto& p : q->divergent) keys += (keys.empty() ? "" : ",") + p.hex();
+      out << "divergent " << step << " " << keys << std::endl;
     }
     if (q->state_source_rank >= 0) {
       comm.broadcast(BufferView{params.data(), params.size(), DType::Float32}, q->state_source_rank);

@@ -32,6 +32,7 @@ struct StepRecord {
 struct PeerLog {
   std::map<uint64_t, StepRecord> steps;
   std::map<uint64_t, uint64_t> missed;  // missed step -> next step
+  std::map<uint64_t, std::vector<std::string>> divergent;  // step -> hex keys the quorum named divergent
 };
 
 class Job {
@@ -118,6 +119,14 @@ class Job {
     std::ifstream in(out_path(i));
     std::string word;
     while (in >> word) {
+      if (word == "divergent") {
+        uint64_t step;
+        std::string keys;
+        in >> step >> keys;
+        std::stringstream split(keys);
+        for (std::string k; std::getline(split, k, ',');) log.divergent[step].push_back(k);
+        continue;
+      }
       if (word == "missed") {
         uint64_t missed, next;
         std::string next_word;

@@ -111,7 +111,7 @@ TEST(CoordinatorStatusFormat, JsonAndText) {
   EXPECT_EQ(s.to_json(),
             "{\"members\":3,\"live_peers\":3,\"last_step\":5,\"last_quorum_id\":\"0000000000001a2b\","
             "\"last_quorum_size\":3,\"quorums_formed\":6,\"attempts_aborted\":1,\"members_dropped\":0,"
-            "\"joins_admitted\":0,\"refused\":0}");
+            "\"joins_admitted\":0,\"refused\":0,\"state_divergences\":0}");
   EXPECT_EQ(s.to_text(),
             "members 3 · step 5 · quorum 3 peers (id 0000000000001a2b) · formed 6 · aborted 1 · dropped 0");
 }
