@@ -1,7 +1,8 @@
 # Install rules and the CMake package: find_package(meshtrain CONFIG) → meshtrain::meshtrain.
 #
 # Installed: the meshtrain library, the public headers include/meshtrain/*.h (never lib/
-# internals), and lib/cmake/meshtrain/{meshtrainConfig,meshtrainConfigVersion,meshtrainTargets}.
+# internals), and lib/cmake/meshtrain/{meshtrainConfig,meshtrainConfigVersion,meshtrainTargets};
+# with the torch glue also meshtrain_torch and meshtrainTorchTargets (component "torch").
 # The package is relocatable: every path in it is relative to the installed config file.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
@@ -10,17 +11,36 @@ set(MESHTRAIN_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/meshtrain"
     CACHE STRING "Where meshtrainConfig.cmake is installed, relative to the prefix")
 mark_as_advanced(MESHTRAIN_INSTALL_CMAKEDIR)
 
-install(TARGETS meshtrain
-  EXPORT meshtrainTargets
-  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT runtime NAMELINK_COMPONENT dev
-  ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT dev
-  RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT runtime)
+# A library and its export set (meshtrainTargets, meshtrainTorchTargets).
+function(_meshtrain_install_library target export_set)
+  install(TARGETS ${target}
+    EXPORT ${export_set}
+    LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT runtime NAMELINK_COMPONENT dev
+    ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT dev
+    RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT runtime)
+endfunction()
+_meshtrain_install_library(meshtrain meshtrainTargets)
+
+# The torch glue (lib/torch), when built: its own export set, loaded by the config only for
+# find_package(meshtrain COMPONENTS torch), so that consumers without torch never need it.
+set(_meshtrain_header_excludes "")
+if(MESHTRAIN_HAVE_TORCH)
+  _meshtrain_install_library(meshtrain_torch meshtrainTorchTargets)
+  install(EXPORT meshtrainTorchTargets
+    NAMESPACE meshtrain::
+    FILE meshtrainTorchTargets.cmake
+    DESTINATION ${MESHTRAIN_INSTALL_CMAKEDIR}
+    COMPONENT dev)
+else()
+  set(_meshtrain_header_excludes PATTERN "torch.h" EXCLUDE)  # a header without its library
+endif()
 
 # The library target's INSTALL_INTERFACE include directory is "include": keep them in step.
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/meshtrain
   DESTINATION include
   COMPONENT dev
-  FILES_MATCHING PATTERN "*.h")
+  FILES_MATCHING PATTERN "*.h" ${_meshtrain_header_excludes})
+unset(_meshtrain_header_excludes)
 
 install(EXPORT meshtrainTargets
   NAMESPACE meshtrain::
@@ -39,6 +59,7 @@ else()
 endif()
 unset(_meshtrain_type)
 set(MESHTRAIN_PACKAGE_WITH_CUDA ${MESHTRAIN_HAVE_CUDA})
+set(MESHTRAIN_PACKAGE_WITH_TORCH ${MESHTRAIN_HAVE_TORCH})
 
 configure_package_config_file(
   ${CMAKE_CURRENT_LIST_DIR}/meshtrainConfig.cmake.in

@@ -42,10 +42,15 @@ message(STATUS "meshtrain: CUDA kernels ${MESHTRAIN_HAVE_CUDA}")
 if(NOT MESHTRAIN_TORCH MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR "MESHTRAIN_TORCH must be AUTO, ON or OFF, not '${MESHTRAIN_TORCH}'")
 endif()
-# Torch's config sets variables meant for its own build (CMAKE_CUDA_STANDARD to the C++
-# standard, CUDA flags, ...), which must not reach meshtrain's C++17 CUDA code: find it inside
-# a function, whose variables stay local. Its imported targets are directory-scoped and remain.
+# Torch's config sets variables meant for its own build (CUDA flags, ...), which must not reach
+# meshtrain's CUDA code: find it inside a function, whose variables stay local. Its imported
+# targets are directory-scoped and remain. A CUDA torch's config compiles CUDA test programs in
+# CMAKE_CUDA_STANDARD, defaulting to the C++ standard (20), which nvcc may refuse: C++17 here,
+# as for meshtrain's kernels.
 function(_meshtrain_find_torch)
+  if(NOT CMAKE_CUDA_STANDARD)
+    set(CMAKE_CUDA_STANDARD 17)
+  endif()
   find_package(Torch QUIET)
   set(MESHTRAIN_HAVE_TORCH ${Torch_FOUND} PARENT_SCOPE)
   set(MESHTRAIN_TORCH_VERSION "${Torch_VERSION}" PARENT_SCOPE)

@@ -431,8 +431,10 @@ Snapshot snapshot(const torch::nn::Module& module, const torch::optim::Optimizer
       state.blobs[std::string(kCpuRngBlob)] = tensor_bytes(cpu.get_state());
     }
     if (torch::cuda::is_available()) {
-      for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
-        at::Generator gpu = at::globalContext().defaultGenerator(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(i)));
+      // device_count() is a size_t in torch 1.x, a c10::DeviceIndex in 2.x.
+      auto devices = static_cast<c10::DeviceIndex>(torch::cuda::device_count());
+      for (c10::DeviceIndex i = 0; i < devices; ++i) {
+        at::Generator gpu = at::globalContext().defaultGenerator(at::Device(at::kCUDA, i));
         std::lock_guard<std::mutex> lock(gpu.mutex());
         state.blobs[fmt::format("{}{}", kCudaRngBlobPrefix, i)] = tensor_bytes(gpu.get_state());
       }

@@ -1,5 +1,6 @@
 # cmake -P script behind the install_consumer test. Inputs (-D): BUILD_DIR, CONSUMER_SOURCE_DIR,
-# WORK_DIR, CONFIG, GENERATOR, C_COMPILER, CXX_COMPILER, SANITIZE (comma-separated, may be empty).
+# WORK_DIR, CONFIG, GENERATOR, C_COMPILER, CXX_COMPILER, SANITIZE (comma-separated, may be empty),
+# TORCH_DIR (the build's Torch_DIR when it built the torch glue, else empty).
 cmake_minimum_required(VERSION 3.24)
 
 foreach(var BUILD_DIR CONSUMER_SOURCE_DIR WORK_DIR)
@@ -81,6 +82,9 @@ endif()
 if(CONFIG)
   list(APPEND configure_args "-DCMAKE_BUILD_TYPE=${CONFIG}")
 endif()
+if(TORCH_DIR)
+  list(APPEND configure_args -DMESHTRAIN_CONSUMER_TORCH=ON "-DTorch_DIR=${TORCH_DIR}")
+endif()
 if(SANITIZE)
   # A sanitized libmeshtrain needs the sanitizer runtime in the program that loads it.
   list(APPEND configure_args "-DCMAKE_CXX_FLAGS=-fsanitize=${SANITIZE}"
@@ -102,4 +106,12 @@ run_step("run consumer" "${exe}")
 if(NOT step_output MATCHES "fingerprint [0-9a-f]+")
   message(FATAL_ERROR "install_consumer: consumer output has no fingerprint:\n${step_output}")
 endif()
-message(STATUS "install_consumer: OK\n${step_output}")
+set(consumer_output "${step_output}")
+if(TORCH_DIR)
+  run_step("run torch consumer" "${consumer_build}/meshtrain_torch_consumer")
+  if(NOT step_output MATCHES "restored step 1: weights match")
+    message(FATAL_ERROR "install_consumer: unexpected torch consumer output:\n${step_output}")
+  endif()
+  string(APPEND consumer_output "${step_output}")
+endif()
+message(STATUS "install_consumer: OK\n${consumer_output}")
