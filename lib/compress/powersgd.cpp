@@ -148,11 +148,19 @@ void subtract_from_residual(PowerSgdState& s, const float* p, const float* q) {
     for (size_t j = 0; j < sh.cols; ++j) m[i * sh.cols + j] -= reconstruct(p + i * sh.rank, q + j * sh.rank, sh.rank);
 }
 
-// Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double.
+// Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double. A column
+// that is (almost) in the span of the earlier ones becomes 0: what is left of it after the
+// projections is rounding error (the earlier columns are stored in float), and normalising
+// that would add a spurious direction (a rank-1 gradient at rank 2 decoded as 0.71 of itself).
 void orthonormalise(float* p, size_t rows, size_t r) {
+  constexpr double kDependent = 1e-4;  // relative to the column's norm before the projections
   std::vector<double> col(rows);
   for (size_t l = 0; l < r; ++l) {
-    for (size_t i = 0; i < rows; ++i) col[i] = p[i * r + l];
+    double before = 0;
+    for (size_t i = 0; i < rows; ++i) {
+      col[i] = p[i * r + l];
+      before += col[i] * col[i];
+    }
     for (size_t k = 0; k < l; ++k) {
       double dot = 0;
       for (size_t i = 0; i < rows; ++i) dot += col[i] * p[i * r + k];
@@ -161,7 +169,7 @@ void orthonormalise(float* p, size_t rows, size_t r) {
     double norm = 0;
     for (size_t i = 0; i < rows; ++i) norm += col[i] * col[i];
     norm = std::sqrt(norm);
-    const double inv = norm > 1e-30 ? 1.0 / norm : 0.0;
+    const double inv = norm > 1e-30 && norm > kDependent * std::sqrt(before) ? 1.0 / norm : 0.0;
     for (size_t i = 0; i < rows; ++i) p[i * r + l] = static_cast<float>(col[i] * inv);
   }
 }

@@ -498,6 +498,22 @@ double frobenius_error(const std::vector<float>& a, const std::vector<float>& b)
   return std::sqrt(e);
 }
 
+// A gradient whose rank is below r: the extra columns of P are in the span of the first, and
+// must become 0 rather than a normalised rounding residue (which decoded a rank-1 matrix at
+// rank 2 as 0.71 of itself).
+TEST(PowerSgd, RankBelowTheCodecRankIsReconstructed) {
+  const size_t rows = 40, cols = 50;
+  std::vector<float> m(rows * cols);
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t c = 0; c < cols; ++c) m[r * cols + c] = 6 * (1.0f + r % 7) * (0.5f - c % 3);
+  for (uint32_t rank : {2u, 4u}) {
+    auto codec = make_powersgd_codec({.rank = rank});
+    auto state = codec->make_state(TensorSpec{{rows, cols}});
+    std::vector<float> out = decode(*codec, encode(*codec, m, *state), m.size());
+    for (size_t i = 0; i < m.size(); ++i) ASSERT_NEAR(out[i], m[i], 1e-4 * 63) << "rank " << rank << " element " << i;
+  }
+}
+
 TEST(PowerSgd, WarmStartReducesTheErrorTowardsTheBestRankR) {
   const size_t rows = 60, cols = 40;
   auto m = low_rank_matrix(rows, cols, {10, 6, 1, 0.5}, 17);
