@@ -214,7 +214,7 @@ class Communicator {
  private:
   // One compressed all-reduce whose state changes stay pending in `state` (compressed.cpp).
   void compressed_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
-  void powersgd_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state, float divisor);
+  void powersgd_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
   // Runs `body` as one ring operation of the current quorum (failures become PeerLostError).
   void run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body);
   // The step loop shared by both reduce_step overloads.

@@ -187,7 +187,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       if (!std::isfinite(data[i]))
         throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count, data[i]));
   if (codec.id() == compress::CodecId::PowerSgd) {
-    powersgd_attempt(buffer, codec, state, divisor);
+    powersgd_attempt(buffer, codec, state, op);
     return;
   }
 
@@ -302,11 +302,15 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
 }
 
 // PowerSGD by linearity: p = sum of M_i Q, orthonormalised; q = average of M_i^T p; out = p q^T
-// (compress.h, powersgd_project). Two plain ring all-reduces; no owner, no chunks.
+// (compress.h, powersgd_project). Two plain ring all-reduces; no owner, no chunks. Each
+// member's residual is M_i minus the average's approximation (Vogels et al.), also for Sum,
+// which then scales the output by the number of contributors.
 void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state,
-                                    float divisor) {
+                                    ReduceOp op) {
   CompressedState::Impl& st = *state.impl_;
   const size_t count = buffer.count, n = quorum().members.size();
+  const float contributors = static_cast<float>(std::max<size_t>(quorum().contributors(), 1));
+  const float divisor = op == ReduceOp::Avg ? contributors : 1.0f;
   float* data = static_cast<float*>(buffer.data);
   const bool contributes = quorum().member(id()).contributes;
   compress::TensorSpec spec{st.options.shape.empty() ? std::vector<size_t>{count} : st.options.shape};
@@ -341,8 +345,10 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
                   [&](RingContext& ctx) { ring_allreduce(ctx, p.data(), p.size(), 1.0f); });
       compress::powersgd_back_project(s, p, q);
       run_ring_op("allreduce_compressed (powersgd Q)",
-                  [&](RingContext& ctx) { ring_allreduce(ctx, q.data(), q.size(), divisor); });
+                  [&](RingContext& ctx) { ring_allreduce(ctx, q.data(), q.size(), contributors); });
       compress::powersgd_finish(s, p, q, buffer);
+      if (op == ReduceOp::Sum)
+        for (size_t i = 0; i < count; ++i) data[i] *= contributors;
       traffic.sent_bytes = traffic.received_bytes = ring_bytes((p.size() + q.size()) * sizeof(float));
     }
     if (contributes) st.pending_member = std::move(m);

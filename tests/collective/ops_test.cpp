@@ -269,3 +269,39 @@ TEST_P(NonFiniteFromPeer, NamesItsSender) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Phases, NonFiniteFromPeer, ::testing::Values(size_t{700}, size_t{3}));
+
+// The compressed all-reduce with Sum (reduce_step only uses Avg), over two steps so that a
+// residual taken against the wrong approximation shows: member i contributes the rank-1
+// matrix (i + 1) x u v^T (sum up to 63 in magnitude): PowerSGD (rank 2) carries it to rounding,
+// int8 within its quanta (3 members' half quanta of 0.125 plus the owner's 0.25, and the
+// residual carried into step 2); a residual against the summed approximation would be off by
+// tens.
+TEST(Collectives, CompressedSumOfRankOneGradients) {
+  InProcessJob job(3);
+  const size_t rows = 40, cols = 50, count = rows * cols;
+  for (const char* spec : {"int8", "powersgd:rank=2"}) {
+    SCOPED_TRACE(spec);
+    auto codec = compress::make_codec(spec);
+    CompressedOptions options;
+    options.shape = {rows, cols};
+    std::vector<CompressedState> states;
+    for (int i = 0; i < job.size(); ++i) states.emplace_back(options);
+    for (uint64_t step = 1; step <= 2; ++step) {
+      std::vector<std::vector<float>> data(job.size(), std::vector<float>(count));
+      for (int i = 0; i < job.size(); ++i)
+        for (size_t r = 0; r < rows; ++r)
+          for (size_t c = 0; c < cols; ++c) data[i][r * cols + c] = (i + 1) * (1.0f + r % 7) * (0.5f - c % 3);
+      job.each(std::string(spec) == "int8" ? 30 + step : 40 + step, [&](int i) {
+        job.comm(i).allreduce_compressed(BufferView{data[i].data(), count, DType::Float32}, *codec, states[i],
+                                         ReduceOp::Sum);
+      });
+      for (int i = 1; i < job.size(); ++i) EXPECT_EQ(data[i], data[0]) << "member " << i;
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t c = 0; c < cols; ++c) {
+          const float exact = 6 * (1.0f + r % 7) * (0.5f - c % 3);
+          ASSERT_NEAR(data[0][r * cols + c], exact, codec->id() == compress::CodecId::Int8 ? 1.0 : 0.01)
+              << "step " << step << " element " << r * cols + c;
+        }
+    }
+  }
+}
