@@ -3,7 +3,7 @@
 //   meshtrain-bench allreduce --peers N --size BYTES [--repeats R] [--warmup W] [--streams S]
 //       [--chunk-bytes B] [--plain|--encrypted] [--baseline gloo]
 //       [--wan hosts=K,rate=200mbit,delay=50ms] [--fault kill-during=reduce_scatter|all_gather]
-//       [--reduce-step] [--codec SPEC [--sparse-gather auto|owner|allgather]]
+//       [--reduce-step] [--codec SPEC [--sparse-gather auto|owner|allgather] [--shape RxC]]
 //
 // Measures Communicator::allreduce (fp32, Sum) between N real processes on this machine, as
 // nccl-tests report it: per iteration the slowest member's time, the median over repeats,
@@ -57,12 +57,14 @@ options:
                             commit: a training step's collective) instead of raw allreduce
   --codec SPEC              the compressed all-reduce (Communicator::allreduce_compressed) with
                             a codec of compress::make_codec: none, fp16, bf16, int8[:block_size=B,
-                            rounding=nearest|stochastic], topk[:fraction=F] (powersgd is refused).
+                            rounding=nearest|stochastic], topk[:fraction=F], powersgd[:rank=R]
+                            (with --shape; flat, it is sent uncompressed).
                             Every line gets codec, effective_Mbps (uncompressed bytes x 8 /
                             seconds), wire_sent_bytes (payload bytes one member sends per
                             all-reduce; the plain ring's 2(n-1)/n x bytes without --codec) and
                             wire_vs_plain
   --sparse-gather MODE      top-k: auto (default), owner or allgather (see collective.h)
+  --shape ROWSxCOLS         PowerSGD's matrix view of the buffer (rows x cols x 4 = --size)
   --heartbeat-timeout-ms MS the coordinator's (default 2000 with --fault, else 5000)
   --timeout-s T             give up on a job after T seconds (default 600)
   --python PATH             interpreter for the baseline (default /usr/bin/python3)

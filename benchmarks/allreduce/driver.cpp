@@ -211,6 +211,7 @@ JobResult run_job(const AllreduceOptions& o, const Machine& m, const NetnsHosts*
     }
     if (o.reduce_step) argv.push_back("--reduce-step");
     if (o.codec) argv.insert(argv.end(), {"--codec", *o.codec, "--sparse-gather", o.sparse_gather});
+    if (o.shape) argv.insert(argv.end(), {"--shape", *o.shape});
     if (o.fault) {
       for (std::string s : {std::string("--fault-phase"), o.fault->phase, std::string("--fault-iteration"),
                             std::to_string(o.fault_iteration()), std::string("--fault-ring-step"),
@@ -526,6 +527,7 @@ int run_allreduce(const AllreduceOptions& o) {
       j.add("codec", o.codec ? compress::make_codec(*o.codec)->describe() : std::string("plain"));
       if (o.codec && compress::make_codec(*o.codec)->id() == compress::CodecId::TopK)
         j.add("sparse_gather", o.sparse_gather).add("sparse_all_gather", sparse_all_gather);
+      if (o.shape) j.add("shape", *o.shape);
       const double wire_bytes = o.codec ? static_cast<double>(wire) : plain_wire;
       j.add("effective_Mbps", static_cast<double>(o.bytes) * 8 / seconds / 1e6)
           .add("wire_sent_bytes", static_cast<int64_t>(std::llround(wire_bytes)))

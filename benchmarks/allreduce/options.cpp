@@ -180,6 +180,12 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
       } catch (const InvalidArgumentError& e) {
         throw UsageError(fmt::format("--codec: {}", e.what()));
       }
+    } else if (arg == "--shape") {
+      o.shape = value();
+      const size_t x = o.shape->find('x');
+      if (x == std::string::npos || x == 0 || x + 1 == o.shape->size() ||
+          o.shape->find_first_not_of("0123456789x") != std::string::npos || o.shape->find('x', x + 1) != std::string::npos)
+        throw UsageError(fmt::format("--shape: '{}' is not ROWSxCOLS", *o.shape));
     } else if (arg == "--sparse-gather") {
       o.sparse_gather = value();
       if (o.sparse_gather != "auto" && o.sparse_gather != "owner" && o.sparse_gather != "allgather")
@@ -210,6 +216,14 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
     o.encrypted = encrypted;
   }
   if (o.fault) o.reduce_step = true;
+  if (o.shape) {
+    const size_t x = o.shape->find('x');
+    const uint64_t rows = std::stoull(o.shape->substr(0, x)), cols = std::stoull(o.shape->substr(x + 1));
+    if (rows == 0 || cols == 0 || rows * cols * 4 != o.bytes)
+      throw UsageError(fmt::format("--shape {} holds {} floats; --size {} is {} floats", *o.shape, rows * cols, o.bytes,
+                                   o.bytes / 4));
+    if (!o.codec) throw UsageError("--shape only matters with --codec (PowerSGD's matrix view)");
+  }
   if (o.reduce_step && o.baseline)
     throw UsageError("--baseline gloo times a plain all_reduce; it does not combine with --reduce-step or --fault");
   if (o.fault) {

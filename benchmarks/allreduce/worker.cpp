@@ -6,7 +6,8 @@
 //                  --bytes B --warmup W --repeats R --streams S --chunk-bytes C
 //                  --security plain|encrypted --host ADDR [--relay-delay-us D]
 //                  [--op-timeout-ms MS] [--reduce-step] [--fault-phase P --fault-iteration K
-//                  --fault-ring-step S --death-file FILE] [--codec SPEC --sparse-gather MODE]
+//                  --fault-ring-step S --death-file FILE] [--codec SPEC --sparse-gather MODE
+//                  [--shape ROWSxCOLS]]
 //   Without --reduce-step and --fault-phase: next_quorum(1) once, then W + R iterations of
 //     barrier; fill(index + 1); barrier; t0; allreduce(Sum); t1; check
 //   where the barrier is an all-reduce of 16 floats per member (it completes on a member only
@@ -237,6 +238,10 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
     compressed.sparse_gather = mode == "owner"       ? collective::SparseGather::Owner
                                : mode == "allgather" ? collective::SparseGather::AllGather
                                                      : collective::SparseGather::Auto;
+  }
+  if (a.count("--shape")) {
+    const std::string& shape = a.at("--shape");
+    compressed.shape = {std::stoull(shape.substr(0, shape.find('x'))), std::stoull(shape.substr(shape.find('x') + 1))};
   }
   collective::CompressedState compressed_state(compressed);
   const bool sparse = codec && codec->id() == compress::CodecId::TopK;
