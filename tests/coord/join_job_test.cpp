@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "collective/job.h"
+#include "support/temp_dir.h"
 #include "meshtrain/coord.h"
 
 using namespace meshtrain;
@@ -27,6 +28,15 @@ void run_cli(std::vector<std::string> args) {
   args.insert(args.begin(), MESHTRAIN_CLI);
   ChildProcess cli(args);
   ASSERT_EQ(cli.wait(30s), 0) << "meshtrain " << args[1] << " failed";
+}
+
+// `meshtrain ARGS...`: exit code and output (stdout and stderr together).
+std::pair<int, std::string> cli_output(const std::filesystem::path& dir, std::vector<std::string> args) {
+  args.insert(args.begin(), MESHTRAIN_CLI);
+  const std::string output = (dir / "cli.out").string();
+  ChildProcess cli(args, output);
+  auto code = cli.wait(30s);
+  return {code.value_or(-1), read_text(output)};
 }
 
 // Every listed peer's record of `step` agrees with peer 0's (attempt, contributors, result,
@@ -123,4 +133,41 @@ TEST(JoinByToken, BadTokensAreRefusedAndTheJobIsUnharmed) {
   }
   for (int i = 0; i < 2; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
   for (uint64_t step = 1; step <= 6; ++step) expect_step(job, {0, 1}, step, {0, 1});
+}
+
+// The tools a job owner uses: `meshtrain key` creates identities (never overwriting one),
+// `meshtrain token` mints a token and --show checks it as the coordinator would.
+TEST(JoinByToken, KeyAndTokenCommands) {
+  TempDir dir;
+  auto path = [&](const char* name) { return (dir / name).string(); };
+  auto [code, owner_key] = cli_output(dir.path(), {"key", "generate", path("owner.pem"), "--public-out", path("owner.pub")});
+  ASSERT_EQ(code, 0) << owner_key;
+  owner_key = owner_key.substr(0, 64);
+  EXPECT_EQ(read_text(path("owner.pub")), owner_key + "\n");
+  EXPECT_EQ(cli_output(dir.path(), {"key", "public", path("owner.pem")}).second, owner_key + "\n");
+  auto again = cli_output(dir.path(), {"key", "generate", path("owner.pem")});
+  EXPECT_EQ(again.first, 2);
+  EXPECT_NE(again.second.find("not overwriting"), std::string::npos) << again.second;
+  EXPECT_EQ(crypto::Identity::load_pem(path("owner.pem")).public_key().hex(), owner_key);
+
+  std::string peer = crypto::Identity::generate().public_key().hex();
+  std::string job = crypto::Identity::generate().public_key().hex();
+  auto minted = cli_output(dir.path(), {"token", "--owner-key", path("owner.pem"), "--peer", peer, "--job", job,
+                                        "--expires", "90m", "--label", "cli test"});
+  ASSERT_EQ(minted.first, 0) << minted.second;
+  std::string token = minted.second.substr(0, minted.second.find('\n'));
+  coord::JoinToken t = coord::JoinToken::from_text(token, "cli output");
+  EXPECT_EQ(t.owner.hex(), owner_key);
+  EXPECT_EQ(t.expires - t.issued, std::chrono::minutes(90));
+
+  auto ok = cli_output(dir.path(), {"token", "--show", token, "--owner", path("owner.pub"), "--job", job, "--peer", peer});
+  EXPECT_EQ(ok.first, 0) << ok.second;
+  EXPECT_NE(ok.second.find("check    ok"), std::string::npos) << ok.second;
+  auto wrong = cli_output(dir.path(), {"token", "--show", token, "--owner", owner_key, "--job", job, "--peer", job});
+  EXPECT_EQ(wrong.first, 1) << wrong.second;
+  EXPECT_NE(wrong.second.find("join token wrong peer"), std::string::npos) << wrong.second;
+  auto bad = cli_output(dir.path(), {"token", "--owner-key", path("owner.pem"), "--peer", peer, "--job", job,
+                                     "--expires", "soon"});
+  EXPECT_EQ(bad.first, 2) << bad.second;
+  EXPECT_NE(bad.second.find("--expires"), std::string::npos) << bad.second;
 }
