@@ -59,6 +59,16 @@ std::vector<OptionField> option_fields(optim::RMSpropOptions& o) {
           number("momentum", o.momentum()), flag("centered", o.centered())};
 }
 
+// `object` as the optimizer's own type; InvalidArgumentError naming both types otherwise.
+template <typename Typed, typename Base>
+Typed& as_type(Base& object, std::string_view kind, std::string_view what) {
+  auto* typed = dynamic_cast<Typed*>(&object);
+  if (!typed)
+    throw InvalidArgumentError(fmt::format("{} optimizer: {} is a {}, not the {}'s", kind, what,
+                                           c10::demangle(typeid(object).name()), kind));
+  return *typed;
+}
+
 template <typename Optimizer, typename ParamState, typename Options>
 class AdapterFor final : public OptimizerAdapter {
  public:
@@ -67,18 +77,10 @@ class AdapterFor final : public OptimizerAdapter {
   bool matches(const optim::Optimizer& o) const { return dynamic_cast<const Optimizer*>(&o) != nullptr; }
   std::unique_ptr<optim::OptimizerParamState> make_state() const override { return std::make_unique<ParamState>(); }
   std::vector<StateField> fields(optim::OptimizerParamState& state) const override {
-    auto* typed = dynamic_cast<ParamState*>(&state);
-    if (!typed)
-      throw InvalidArgumentError(fmt::format("{} optimizer: a parameter's state is a {}, not the {}'s", kind_,
-                                             c10::demangle(typeid(state).name()), kind_));
-    return state_fields(*typed);
+    return state_fields(as_type<ParamState>(state, kind_, "a parameter's state"));
   }
   std::vector<OptionField> options(optim::OptimizerOptions& options) const override {
-    auto* typed = dynamic_cast<Options*>(&options);
-    if (!typed)
-      throw InvalidArgumentError(fmt::format("{} optimizer: a parameter group's options are {}, not the {}'s", kind_,
-                                             c10::demangle(typeid(options).name()), kind_));
-    return option_fields(*typed);
+    return option_fields(as_type<Options>(options, kind_, "a parameter group's options"));
   }
 
  private:
