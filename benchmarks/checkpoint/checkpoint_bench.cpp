@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "checkpoint/json.h"  // lib/checkpoint: JSON lines
+#include "core/json.h"  // lib/checkpoint: JSON lines
 #include "meshtrain/checkpoint.h"
 
 namespace meshtrain::bench {
@@ -249,19 +249,19 @@ double load_with(const fs::path& dir, uint32_t readers) {
   return since(t);
 }
 
-void emit(ck::json::Writer& w) {
+void emit(json::Writer& w) {
   std::string line = w.take();
   std::printf("%s\n", line.c_str());
   std::fflush(stdout);
 }
 
-ck::json::Writer record(const char* op) {
-  ck::json::Writer w(false);
+json::Writer record(const char* op) {
+  json::Writer w(false);
   w.begin_object().key("bench").value("checkpoint").key("op").value(op);
   return w;
 }
 
-void seconds_list(ck::json::Writer& w, const std::vector<double>& v) {
+void seconds_list(json::Writer& w, const std::vector<double>& v) {
   w.key("seconds").begin_array();
   for (double d : v) w.value(d);
   w.end_array();

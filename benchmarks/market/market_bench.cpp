@@ -19,7 +19,7 @@
 #include <random>
 #include <thread>
 
-#include "checkpoint/json.h"  // lib/checkpoint: JSON lines
+#include "core/json.h"  // lib/checkpoint: JSON lines
 #include "market/ledger.h"
 #include "market/server.h"
 #include "meshtrain/market.h"
@@ -100,7 +100,7 @@ double mean(const std::vector<double>& v) {
   return s / static_cast<double>(v.size());
 }
 
-void emit(checkpoint::json::Writer& w) {
+void emit(json::Writer& w) {
   std::string line = w.take();
   std::fprintf(stdout, "%s\n", line.c_str());
   std::fflush(stdout);
@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
         exec(p, s);
       }
       double seconds = std::chrono::duration<double>(SteadyClock::now() - t0).count();
-      checkpoint::json::Writer w(false);
+      json::Writer w(false);
       w.begin_object().key("op").value("populate").key("offers").value(opt.offers).key("seconds").value(seconds);
       w.key("per_s").value(static_cast<double>(opt.offers) / seconds).end_object();
       emit(w);
@@ -253,7 +253,7 @@ int main(int argc, char** argv) {
           base.push_back(ms(t1 - t0));
           lat.push_back(ms(t2 - t1));
         }
-        checkpoint::json::Writer w(false);
+        json::Writer w(false);
         w.begin_object().key("op").value("discover").key("case").value(c.name).key("offers").value(opt.offers);
         w.key("queries").value(opt.queries).key("results").value(static_cast<uint64_t>(last.offers.size()));
         w.key("total")
@@ -291,7 +291,7 @@ int main(int argc, char** argv) {
       }
       double per_s = static_cast<double>(opt.redeems) / redeem_s;
       double base_per_s = static_cast<double>(opt.redeems) / heartbeat_s;
-      checkpoint::json::Writer w(false);
+      json::Writer w(false);
       w.begin_object().key("op").value("redeem").key("count").value(opt.redeems).key("per_s").value(per_s);
       w.key("p50_ms").value(percentile(redeem, 0.5)).key("p99_ms").value(percentile(redeem, 0.99));
       w.key("baseline").value("heartbeat").key("baseline_per_s").value(base_per_s);
@@ -305,7 +305,7 @@ int main(int argc, char** argv) {
       auto t0 = SteadyClock::now();
       for (uint64_t i = 1; i <= n; ++i) Voucher::sign(renter, lease_id, i, i, i).verify(renter.public_key());
       double s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
-      checkpoint::json::Writer w(false);
+      json::Writer w(false);
       w.begin_object().key("op").value("voucher_sign_verify").key("count").value(n);
       w.key("per_s").value(static_cast<double>(n) / s).end_object();
       emit(w);
@@ -315,7 +315,7 @@ int main(int argc, char** argv) {
     if (daemon.wait(10s) != std::optional<int>(0)) throw InternalError("meshtrain-market did not stop cleanly");
     Ledger ledger(db);
     AuditReport audit = ledger.audit();
-    checkpoint::json::Writer w(false);
+    json::Writer w(false);
     w.begin_object()
         .key("op")
         .value("audit")

@@ -16,7 +16,7 @@
 #include <fstream>
 #include <thread>
 
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "meshtrain/market.h"
 #include "support/child_process.h"
 
@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
     double p99 = micros[std::min(micros.size() - 1, micros.size() * 99 / 100)];
     double total_s = 0;
     for (double m : micros) total_s += m / 1e6;
-    checkpoint::json::Writer w(false);
+    json::Writer w(false);
     w.begin_object()
         .key("bench").value("pay_step")
         .key("steps").value(steps)

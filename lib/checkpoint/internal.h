@@ -16,7 +16,7 @@
 
 #include "meshtrain/checkpoint.h"
 
-namespace meshtrain::checkpoint::json {
+namespace meshtrain::json {
 class Writer;
 }
 

@@ -4,7 +4,7 @@
 #include <unordered_set>
 
 #include "checkpoint/internal.h"
-#include "checkpoint/json.h"
+#include "core/json.h"
 
 namespace meshtrain::checkpoint {
 

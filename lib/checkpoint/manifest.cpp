@@ -3,7 +3,7 @@
 #include <unordered_set>
 
 #include "checkpoint/internal.h"
-#include "checkpoint/json.h"
+#include "core/json.h"
 
 namespace meshtrain::checkpoint {
 

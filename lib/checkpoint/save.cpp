@@ -13,7 +13,7 @@
 #include <thread>
 
 #include "checkpoint/internal.h"
-#include "checkpoint/json.h"
+#include "core/json.h"
 
 namespace meshtrain::checkpoint {
 

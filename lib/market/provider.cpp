@@ -14,14 +14,14 @@
 #include <thread>
 #include <variant>
 
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "meshtrain/net.h"
 
 extern char** environ;
 
 namespace meshtrain::market {
 
-namespace json = checkpoint::json;
+// JSON: lib/core/json.h (meshtrain::json).
 using std::chrono::milliseconds;
 
 namespace {

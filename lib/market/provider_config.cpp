@@ -12,13 +12,12 @@
 #include <map>
 
 #include "checkpoint/internal.h"
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "market/provider.h"
 
 namespace meshtrain::market {
 
 namespace fs = std::filesystem;
-namespace json = checkpoint::json;
 
 namespace {
 

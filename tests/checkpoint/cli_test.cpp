@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "checkpoint/helpers.h"
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "support/child_process.h"
 #include "support/temp_dir.h"
 

@@ -6,7 +6,7 @@
 #include <random>
 
 #include "checkpoint/helpers.h"
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "support/temp_dir.h"
 
 using namespace meshtrain;

@@ -1,14 +1,14 @@
 // `meshtrain market ...` against a real market and provider: tables, --json, exit codes.
 #include <gtest/gtest.h>
 
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "market/market_world.h"
 
 using namespace meshtrain;
 using namespace meshtrain::market;
 using namespace meshtrain::test_support;
 using namespace std::chrono_literals;
-namespace json = meshtrain::checkpoint::json;
+namespace json = meshtrain::json;
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include <fmt/ranges.h>
 
 #include "checkpoint/internal.h"  // lib/checkpoint: format_bytes, write_tensors_json
-#include "checkpoint/json.h"  // lib/checkpoint: the JSON writer the manifests use
+#include "core/json.h"  // lib/checkpoint: the JSON writer the manifests use
 #include "meshtrain/checkpoint.h"
 
 namespace meshtrain::tools {
@@ -79,7 +79,7 @@ int inspect(const Args& a) {
   ck::Checkpoint c = ck::Checkpoint::open(a.path);
   const ck::Manifest& m = c.manifest();
   if (a.json) {
-    ck::json::Writer w;
+    json::Writer w;
     w.begin_object();
     w.key("dir").value(c.dir().string());
     w.key("format_version").value(m.format_version);
@@ -140,7 +140,7 @@ int verify(const Args& a) {
     c.emplace(ck::Checkpoint::open(a.path));
   } catch (const Error& e) {
     if (!a.json) throw;
-    ck::json::Writer w;
+    json::Writer w;
     w.begin_object().key("path").value(a.path.string()).key("ok").value(false).key("error").value(e.what()).end_object();
     print(w.take());
     return 1;
@@ -149,7 +149,7 @@ int verify(const Args& a) {
   bool ok = true;
   for (const auto& ch : checks) ok = ok && ch.ok;
   if (a.json) {
-    ck::json::Writer w;
+    json::Writer w;
     w.begin_object();
     w.key("dir").value(c->dir().string()).key("step").value(c->manifest().step).key("ok").value(ok);
     w.key("shards").begin_array();
@@ -187,7 +187,7 @@ int list(const Args& a) {
   if (!fs::is_directory(a.path, ec)) throw IoError(fmt::format("{} is not a directory", a.path.string()), ENOENT);
   auto entries = ck::list_checkpoints(a.path);
   if (a.json) {
-    ck::json::Writer w;
+    json::Writer w;
     w.begin_array();
     for (const auto& e : entries)
       w.begin_object(true).key("step").value(e.step).key("dir").value(e.dir.string()).key("complete").value(e.complete).end_object();

@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "checkpoint/json.h"
+#include "core/json.h"
 #include "common/flags.h"
 #include "meshtrain/market.h"
 
@@ -14,7 +14,7 @@ namespace meshtrain::tools {
 namespace {
 
 using namespace meshtrain::market;
-namespace json = meshtrain::checkpoint::json;
+namespace json = meshtrain::json;
 
 const char* const kUsage = R"(usage: meshtrain market COMMAND [options]
 

@@ -1,4 +1,4 @@
-// A small JSON reader and writer for checkpoint manifests, shard sidecars and CLI output.
+// A small JSON reader and writer (checkpoint manifests, provider configs, CLI and benchmark output).
 //
 // The reader builds a tree under explicit limits (input bytes, nesting depth, number of values)
 // so that a hostile or damaged manifest can cost at most a bounded amount of memory and time.
@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-namespace meshtrain::checkpoint::json {
+namespace meshtrain::json {
 
 struct ParseLimits {
   size_t max_bytes = 64u << 20;    // input size
@@ -127,4 +127,4 @@ bool valid_utf8(std::string_view s);
 std::string base64_encode(const uint8_t* data, size_t size);
 std::vector<uint8_t> base64_decode(std::string_view text, std::string_view what);
 
-}  // namespace meshtrain::checkpoint::json
+}  // namespace meshtrain::json

@@ -1,4 +1,4 @@
-#include "checkpoint/json.h"
+#include "core/json.h"
 
 #include <charconv>
 #include <cmath>
@@ -6,7 +6,7 @@
 
 #include "meshtrain/core.h"
 
-namespace meshtrain::checkpoint::json {
+namespace meshtrain::json {
 
 const Value* Value::find(std::string_view key) const {
   for (size_t i = 0; i < keys.size(); ++i)
@@ -617,4 +617,4 @@ std::vector<uint8_t> base64_decode(std::string_view text, std::string_view what)
   return out;
 }
 
-}  // namespace meshtrain::checkpoint::json
+}  // namespace meshtrain::json
