@@ -189,6 +189,27 @@ TEST(TorchResume, WithoutTheRngStateTheRunDiverges) {
   EXPECT_FALSE(same_parameters(uninterrupted, resumed));
 }
 
+// save_async() copies the borrowed tensors before it returns: training on right away does not
+// change what is saved.
+TEST(TorchResume, AsyncSaveKeepsTheSnapshotStepWhileTrainingGoesOn) {
+  TempDir dir;
+  TrainingRun run(kSeed, "adam");
+  run.train(5);
+  {
+    checkpoint::CheckpointWriter writer(dir.path(), small_blocks());
+    writer.save_async(tg::snapshot(*run.model, run.optimizer.get(), run.step).state());
+    run.train(5);  // in place, while the writer thread writes
+    ASSERT_TRUE(writer.wait().has_value());
+  }
+  TrainingRun at_five(kSeed, "adam");
+  at_five.train(5);
+  TrainingRun restored(kSeed + 1, "adam");
+  restored.step = tg::restore(checkpoint::Checkpoint::open(dir.path()), *restored.model, restored.optimizer.get());
+  EXPECT_EQ(restored.step, 5u);
+  expect_same_training_state(at_five, restored);
+  EXPECT_FALSE(same_parameters(run, restored));
+}
+
 class TorchOptimizers : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(TorchOptimizers, ResumeBitIdentically) {
