@@ -569,9 +569,7 @@ void throw_reply_error(const Reply& reply, std::string_view what) {
 // --- provider daemon messages -------------------------------------------------------------------
 
 std::vector<uint8_t> encode(const Voucher& voucher) {
-  capnp::MallocMessageBuilder builder;
-  put(builder.initRoot<wire::VoucherDelivery>().initVoucher(), voucher);
-  return wire::to_bytes(builder);
+  return wire::build_message<wire::VoucherDelivery>([&](auto r) { put(r.initVoucher(), voucher); });
 }
 
 Voucher decode_voucher(crypto::ByteSpan bytes, std::string_view source) {
@@ -582,13 +580,12 @@ Voucher decode_voucher(crypto::ByteSpan bytes, std::string_view source) {
 }
 
 std::vector<uint8_t> encode(const VoucherAck& ack) {
-  capnp::MallocMessageBuilder builder;
-  auto r = builder.initRoot<wire::VoucherAck>();
-  r.setAccepted(ack.accepted);
-  r.setReason(ack.reason);
-  r.setLatestStep(ack.latest_step);
-  r.setLatestAmount(ack.latest_amount);
-  return wire::to_bytes(builder);
+  return wire::build_message<wire::VoucherAck>([&](auto r) {
+    r.setAccepted(ack.accepted);
+    r.setReason(ack.reason);
+    r.setLatestStep(ack.latest_step);
+    r.setLatestAmount(ack.latest_amount);
+  });
 }
 
 VoucherAck decode_voucher_ack(crypto::ByteSpan bytes, std::string_view source) {
@@ -602,13 +599,12 @@ VoucherAck decode_voucher_ack(crypto::ByteSpan bytes, std::string_view source) {
 }
 
 std::vector<uint8_t> encode(const JobAttach& attach) {
-  capnp::MallocMessageBuilder builder;
-  auto r = builder.initRoot<wire::JobAttach>();
-  r.setLeaseId(attach.lease_id);
-  r.setCoordinatorEndpoint(attach.coordinator_endpoint);
-  r.setCoordinatorKey(data_of(attach.coordinator_key));
-  r.setJoinToken(attach.join_token);
-  return wire::to_bytes(builder);
+  return wire::build_message<wire::JobAttach>([&](auto r) {
+    r.setLeaseId(attach.lease_id);
+    r.setCoordinatorEndpoint(attach.coordinator_endpoint);
+    r.setCoordinatorKey(data_of(attach.coordinator_key));
+    r.setJoinToken(attach.join_token);
+  });
 }
 
 JobAttach decode_job_attach(crypto::ByteSpan bytes, std::string_view source) {
@@ -624,11 +620,10 @@ JobAttach decode_job_attach(crypto::ByteSpan bytes, std::string_view source) {
 }
 
 std::vector<uint8_t> encode(const JobAttachAck& ack) {
-  capnp::MallocMessageBuilder builder;
-  auto r = builder.initRoot<wire::JobAttachAck>();
-  r.setAccepted(ack.accepted);
-  r.setReason(ack.reason);
-  return wire::to_bytes(builder);
+  return wire::build_message<wire::JobAttachAck>([&](auto r) {
+    r.setAccepted(ack.accepted);
+    r.setReason(ack.reason);
+  });
 }
 
 JobAttachAck decode_job_attach_ack(crypto::ByteSpan bytes, std::string_view source) {

@@ -23,6 +23,14 @@ inline std::vector<uint8_t> to_bytes(capnp::MessageBuilder& builder) {
   return std::vector<uint8_t>(bytes.begin(), bytes.end());
 }
 
+// A message whose root of type Root is filled by `fill(Root::Builder)`, as flat bytes.
+template <typename Root, typename Fill>
+std::vector<uint8_t> build_message(Fill fill) {
+  capnp::MallocMessageBuilder builder;
+  fill(builder.initRoot<Root>());
+  return to_bytes(builder);
+}
+
 inline capnp::Data::Reader data_of(const crypto::PublicKey& key) {
   return capnp::Data::Reader(key.bytes.data(), key.bytes.size());
 }
