@@ -78,12 +78,13 @@ TEST_F(StateDigestTest, EqualDigestsOrNoneAreNotADivergence) {
 }
 
 TEST_F(StateDigestTest, TheMinorityIsNamedDivergent) {
+  // The status is published after the quorum is sent: hence eventually().
   Quorum q = ask(1, {digest(1), digest(7), digest(1), digest(1)});
   EXPECT_EQ(q.divergent, keys({1}));
-  EXPECT_EQ((*coordinator_)->status().state_divergences, 1u);
+  EXPECT_TRUE(eventually([&] { return (*coordinator_)->status().state_divergences == 1u; }));
   q = ask(2, {digest(3), digest(3), digest(5), digest(6)});
   EXPECT_EQ(q.divergent, keys({2, 3}));
-  EXPECT_EQ((*coordinator_)->status().state_divergences, 2u);
+  EXPECT_TRUE(eventually([&] { return (*coordinator_)->status().state_divergences == 2u; }));
   // A tie: the group holding the lowest peer id is taken as the job's state.
   q = ask(3, {digest(1), digest(1), digest(2), digest(2)});
   std::vector<PeerId> low = keys({0, 1}), high = keys({2, 3});
