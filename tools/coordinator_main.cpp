@@ -15,6 +15,8 @@
 #include <string_view>
 #include <vector>
 
+#include "common/daemon.h"
+#include "common/flags.h"
 #include "meshtrain/coord.h"
 
 using namespace meshtrain;
@@ -54,186 +56,68 @@ Logs go to stderr (MESHTRAIN_LOG=debug for more). SIGINT / SIGTERM stop it clean
 Exit codes: 0 stopped by a signal, 1 runtime failure, 2 usage error.
 )";
 
-struct UsageError {
-  std::string message;
-};
-
-struct Args {
-  std::string bind = "tcp://0.0.0.0:7400";
-  std::optional<fs::path> key;
-  std::optional<fs::path> allow;
-  std::vector<std::string> job_owners;
-  uint32_t min_peers = 1;
-  long quorum_timeout_ms = 10000;
-  long heartbeat_timeout_ms = 5000;
-  long startup_grace_ms = 2000;
-  bool status_json = false;
-  std::optional<fs::path> endpoint_file;
-  bool help = false;
-};
-
-long parse_number(std::string_view flag, std::string_view value, long min, long max) {
-  long out = 0;
-  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), out);
-  if (ec != std::errc() || end != value.data() + value.size() || value.empty())
-    throw UsageError{fmt::format("{}: '{}' is not a whole number", flag, value)};
-  if (out < min || out > max) throw UsageError{fmt::format("{}: {} is out of range ({}..{})", flag, out, min, max)};
-  return out;
-}
-
-Args parse_args(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::optional<std::string> inline_value;
-    if (arg.rfind("--", 0) == 0) {
-      if (auto eq = arg.find('='); eq != std::string::npos) {
-        inline_value = arg.substr(eq + 1);
-        arg = arg.substr(0, eq);
-      }
-    }
-    auto value = [&]() -> std::string {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= argc) throw UsageError{fmt::format("{} needs a value", arg)};
-      return argv[++i];
-    };
-    auto no_value = [&] {
-      if (inline_value) throw UsageError{fmt::format("{} takes no value", arg)};
-    };
-    if (arg == "--help" || arg == "-h") {
-      no_value();
-      a.help = true;
-    } else if (arg == "--bind") {
-      a.bind = value();
-      if (a.bind.rfind("tcp://", 0) != 0 || a.bind.find(':', 6) == std::string::npos)
-        throw UsageError{fmt::format("--bind: '{}' is not of the form tcp://HOST:PORT", a.bind)};
-    } else if (arg == "--key") {
-      a.key = value();
-    } else if (arg == "--allow") {
-      a.allow = value();
-    } else if (arg == "--job-owner") {
-      a.job_owners.push_back(value());
-    } else if (arg == "--min-peers") {
-      a.min_peers = static_cast<uint32_t>(parse_number(arg, value(), 1, 1 << 20));
-    } else if (arg == "--quorum-timeout-ms") {
-      a.quorum_timeout_ms = parse_number(arg, value(), 1, 24L * 3600 * 1000);
-    } else if (arg == "--heartbeat-timeout-ms") {
-      a.heartbeat_timeout_ms = parse_number(arg, value(), 1, 24L * 3600 * 1000);
-    } else if (arg == "--startup-grace-ms") {
-      a.startup_grace_ms = parse_number(arg, value(), 0, 24L * 3600 * 1000);
-    } else if (arg == "--status-json") {
-      no_value();
-      a.status_json = true;
-    } else if (arg == "--print-endpoint-file") {
-      a.endpoint_file = value();
-    } else {
-      throw UsageError{fmt::format("unknown argument '{}'", argv[i])};
-    }
-  }
-  if (!a.help && !a.allow && a.job_owners.empty())
-    throw UsageError{"--allow FILE or --job-owner KEY is required: without either no member can connect"};
-  return a;
-}
-
-// Signal handling: the handler only cancels the token (an atomic exchange and an eventfd
-// write, both async-signal-safe).
-CancelToken* g_stop = nullptr;
-extern "C" void on_signal(int) {
-  if (g_stop) g_stop->cancel();
-}
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-  signal(SIGPIPE, SIG_IGN);
-}
-
-crypto::Identity load_or_create_identity(const std::optional<fs::path>& key) {
-  if (!key) {
-    auto id = crypto::Identity::generate();
-    log::warn("coord", "no --key given: using a throwaway identity {} (members must be given this key)",
-              id.public_key().hex());
-    return id;
-  }
-  std::error_code ec;
-  if (fs::exists(*key, ec)) return crypto::Identity::load_pem(*key);
-  auto id = crypto::Identity::generate();
-  id.save_pem(*key);
-  log::info("coord", "generated a new coordinator identity in {} (mode 0600); public key {}", key->string(),
-            id.public_key().hex());
-  return id;
-}
-
-// Written to a temporary name and renamed, so a reader never sees half a file.
-void write_endpoint_file(const fs::path& path, const std::string& endpoint, const crypto::PeerId& key) {
-  fs::path tmp = path;
-  tmp += fmt::format(".tmp.{}", ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << endpoint << '\n' << key.hex() << '\n';
-    out.flush();
-    if (!out) throw IoError(fmt::format("cannot write {}", tmp.string()));
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw IoError(fmt::format("cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message()));
-}
+const std::initializer_list<tools::Flags::Spec> kFlags = {
+    {"--bind"}, {"--key"}, {"--allow"}, {"--job-owner"}, {"--min-peers"}, {"--quorum-timeout-ms"},
+    {"--heartbeat-timeout-ms"}, {"--startup-grace-ms"}, {"--status-json", false}, {"--print-endpoint-file"}};
+constexpr uint64_t kDayMs = 24ull * 3600 * 1000;
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args args;
+  std::optional<tools::Flags> flags;
+  coord::CoordinatorOptions options;
+  std::optional<fs::path> allow, key;
   try {
-    args = parse_args(argc, argv);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "meshtrain-coordinator: %s\n(see meshtrain-coordinator --help)\n", e.message.c_str());
+    flags.emplace(argc, argv, 1, kFlags, "(see meshtrain-coordinator --help)");
+    if (flags->help()) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (!flags->positional().empty()) flags->fail(fmt::format("unexpected argument '{}'", flags->positional()[0]));
+    options.bind_endpoint = flags->get_or("--bind", "tcp://0.0.0.0:7400");
+    if (options.bind_endpoint.rfind("tcp://", 0) != 0 || options.bind_endpoint.find(':', 6) == std::string::npos)
+      flags->fail(fmt::format("--bind: '{}' is not of the form tcp://HOST:PORT", options.bind_endpoint));
+    if (auto k = flags->get("--key")) key = *k;
+    if (auto a = flags->get("--allow")) allow = *a;
+    if (!allow && !flags->has("--job-owner"))
+      flags->fail("--allow FILE or --job-owner KEY is required: without either no member can connect");
+    options.min_peers = static_cast<uint32_t>(flags->number("--min-peers", 1, 1, 1 << 20));
+    options.quorum_timeout = std::chrono::milliseconds(flags->number("--quorum-timeout-ms", 10000, 1, kDayMs));
+    options.heartbeat_timeout = std::chrono::milliseconds(flags->number("--heartbeat-timeout-ms", 5000, 1, kDayMs));
+    options.startup_grace = std::chrono::milliseconds(flags->number("--startup-grace-ms", 2000, 0, kDayMs));
+    if (allow) options.allowed = net::AllowList::load(*allow);
+    for (const auto& owner : flags->all("--job-owner"))
+      options.job_owners.add(coord::read_public_key(owner, "--job-owner"));
+  } catch (const InvalidArgumentError& e) {
+    std::fprintf(stderr, "meshtrain-coordinator: %s\n", e.what());
     return kUsageError;
   }
-  if (args.help) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
+  const bool status_json = flags->has("--status-json");
 
   CancelToken stop;
-  g_stop = &stop;
-  install_signal_handlers();
+  tools::cancel_on_stop_signals(stop);
 
   try {
-    coord::CoordinatorOptions options;
-    try {
-      if (args.allow) options.allowed = net::AllowList::load(*args.allow);
-    } catch (const InvalidArgumentError& e) {
-      std::fprintf(stderr, "meshtrain-coordinator: --allow: %s\n", e.what());
-      return kUsageError;
-    }
-    try {
-      for (const auto& owner : args.job_owners) options.job_owners.add(coord::read_public_key(owner, "--job-owner"));
-    } catch (const InvalidArgumentError& e) {
-      std::fprintf(stderr, "meshtrain-coordinator: %s\n", e.what());
-      return kUsageError;
-    }
     if (options.allowed.peers().empty() && options.job_owners.peers().empty())
       log::warn("coord", "the allow-list {} is empty and there is no job owner: no member can connect",
-                args.allow->string());
-    crypto::Identity self = load_or_create_identity(args.key);
-    options.bind_endpoint = args.bind;
-    options.min_peers = args.min_peers;
-    options.quorum_timeout = std::chrono::milliseconds(args.quorum_timeout_ms);
-    options.heartbeat_timeout = std::chrono::milliseconds(args.heartbeat_timeout_ms);
-    options.startup_grace = std::chrono::milliseconds(args.startup_grace_ms);
+                allow->string());
+    crypto::Identity self = [&] {
+      if (key) return tools::load_or_create_identity(*key, "coord", "coordinator identity");
+      auto id = crypto::Identity::generate();
+      log::warn("coord", "no --key given: using a throwaway identity {} (members must be given this key)",
+                id.public_key().hex());
+      return id;
+    }();
 
     coord::Coordinator coordinator(self, options);
-    if (args.endpoint_file) write_endpoint_file(*args.endpoint_file, coordinator.endpoint(), self.public_key());
+    if (auto file = flags->get("--print-endpoint-file"))
+      tools::write_endpoint_file(*file, coordinator.endpoint(), self.public_key());
     log::info("coord", "serving on {} as {}", coordinator.endpoint(), self.public_key().hex());
 
     std::string last;
     auto print_status = [&](bool force) {
       auto st = coordinator.status();
-      std::string line = args.status_json ? st.to_json() : st.to_text();
+      std::string line = status_json ? st.to_json() : st.to_text();
       if (!force && line == last) return;
       std::fprintf(stdout, "%s\n", line.c_str());
       std::fflush(stdout);

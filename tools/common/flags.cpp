@@ -36,7 +36,7 @@ Flags::Flags(int argc, char** argv, int first, std::initializer_list<Spec> known
       if (i + 1 >= argc) fail(fmt::format("{} needs a value", name));
       value = argv[++i];
     }
-    values_[name] = value;
+    values_[name].push_back(value);
   }
 }
 
@@ -45,7 +45,12 @@ bool Flags::has(std::string_view name) const { return values_.find(name) != valu
 std::optional<std::string> Flags::get(std::string_view name) const {
   auto it = values_.find(name);
   if (it == values_.end()) return std::nullopt;
-  return it->second;
+  return it->second.back();
+}
+
+std::vector<std::string> Flags::all(std::string_view name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
 }
 
 std::string Flags::get_or(std::string_view name, std::string_view fallback) const {

@@ -25,7 +25,9 @@ class Flags {
 
   bool help() const { return help_; }
   bool has(std::string_view name) const;
+  // The last value of a flag given more than once; all() returns every value in order.
   std::optional<std::string> get(std::string_view name) const;
+  std::vector<std::string> all(std::string_view name) const;
   std::string get_or(std::string_view name, std::string_view fallback) const;
   std::string required(std::string_view name) const;
   // Integers and reals in [min, max]; `fallback` when the flag is absent.
@@ -38,7 +40,7 @@ class Flags {
  private:
   std::string usage_;
   bool help_ = false;
-  std::map<std::string, std::string, std::less<>> values_;
+  std::map<std::string, std::vector<std::string>, std::less<>> values_;
   std::vector<std::string> positional_;
 };
 
