@@ -1,5 +1,8 @@
 #include "json.h"
 
+#include "core/json.h"
+#include "meshtrain/core.h"
+
 #include <cmath>
 #include <stdexcept>
 
@@ -8,23 +11,11 @@
 namespace meshtrain::bench {
 
 std::string json_quote(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          out += fmt::format("\\u{:04x}", c);
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  return out + "\"";
+  json::Writer w(false);
+  w.value(s);
+  std::string out = w.take();
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
 }
 
 namespace {
@@ -89,139 +80,48 @@ const std::vector<JsonValue>& JsonValue::array(const std::string& what) const {
 
 namespace {
 
-class Parser {
- public:
-  explicit Parser(const std::string& s) : s_(s) {}
-
-  JsonObject object() {
-    JsonObject out;
-    expect('{');
-    if (peek() == '}') {
-      ++i_;
-      return out;
-    }
-    for (;;) {
-      std::string key = string();
-      expect(':');
-      out[key] = value(0);
-      char c = next();
-      if (c == '}') break;
-      if (c != ',') fail("expected ',' or '}'");
-    }
-    skip_ws();
-    if (i_ != s_.size()) fail("trailing characters after the object");
-    return out;
-  }
-
- private:
-  [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error(fmt::format("bad JSON at offset {}: {} (in: {:.120})", i_, what, s_));
-  }
-  void skip_ws() {
-    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
-  }
-  char peek() {
-    skip_ws();
-    if (i_ >= s_.size()) fail("unexpected end");
-    return s_[i_];
-  }
-  char next() {
-    char c = peek();
-    ++i_;
-    return c;
-  }
-  void expect(char c) {
-    if (next() != c) fail(fmt::format("expected '{}'", c));
-  }
-  std::string string() {
-    expect('"');
-    std::string out;
-    while (i_ < s_.size() && s_[i_] != '"') {
-      char c = s_[i_++];
-      if (c != '\\') {
-        out += c;
-        continue;
-      }
-      if (i_ >= s_.size()) fail("unterminated escape");
-      char e = s_[i_++];
-      switch (e) {
-        case 'n': out += '\n'; break;
-        case 't': out += '\t'; break;
-        case 'r': out += '\r'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'u': {
-          if (i_ + 4 > s_.size()) fail("short \\u escape");
-          unsigned code = std::stoul(s_.substr(i_, 4), nullptr, 16);
-          i_ += 4;
-          out += code < 0x80 ? static_cast<char>(code) : '?';  // only ASCII is expected here
-          break;
-        }
-        default: out += e;
-      }
-    }
-    if (i_ >= s_.size()) fail("unterminated string");
-    ++i_;
-    return out;
-  }
-  JsonValue value(int depth) {
-    char c = peek();
-    JsonValue out;
-    if (c == '"') {
-      out.v = string();
-    } else if (c == '[') {
-      if (depth > 0) fail("nested arrays are not supported");
-      ++i_;
-      std::vector<JsonValue> items;
-      if (peek() == ']') {
-        ++i_;
+// meshtrain::json keeps a number's literal text: integers (no fraction, no exponent) stay exact.
+JsonValue convert(const json::Value& v, int depth) {
+  using Kind = json::Value::Kind;
+  JsonValue out;
+  switch (v.kind) {
+    case Kind::Null: break;
+    case Kind::Bool: out.v = v.boolean; break;
+    case Kind::String: out.v = v.text; break;
+    case Kind::Number:
+      if (v.text.find_first_of(".eE") == std::string::npos) {
+        out.v = static_cast<int64_t>(std::stoll(v.text));
       } else {
-        for (;;) {
-          items.push_back(value(depth + 1));
-          char d = next();
-          if (d == ']') break;
-          if (d != ',') fail("expected ',' or ']'");
-        }
+        out.v = std::stod(v.text);
       }
+      break;
+    case Kind::Array: {
+      if (depth > 0) throw std::runtime_error("JSON: nested arrays are not part of a flat object");
+      std::vector<JsonValue> items;
+      for (const auto& item : v.items) items.push_back(convert(item, depth + 1));
       out.v = std::move(items);
-    } else if (s_.compare(i_, 4, "true") == 0) {
-      i_ += 4;
-      out.v = true;
-    } else if (s_.compare(i_, 5, "false") == 0) {
-      i_ += 5;
-      out.v = false;
-    } else if (s_.compare(i_, 4, "null") == 0) {
-      i_ += 4;
-    } else if (c == '-' || (c >= '0' && c <= '9')) {
-      size_t start = i_;
-      bool integral = true;
-      while (i_ < s_.size() && std::string_view("+-0123456789.eE").find(s_[i_]) != std::string_view::npos) {
-        if (s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E') integral = false;
-        ++i_;
-      }
-      std::string text = s_.substr(start, i_ - start);
-      try {
-        if (integral) {
-          out.v = static_cast<int64_t>(std::stoll(text));
-        } else {
-          out.v = std::stod(text);
-        }
-      } catch (const std::exception&) {
-        fail(fmt::format("bad number '{}'", text));
-      }
-    } else {
-      fail("unexpected character");
+      break;
     }
-    return out;
+    case Kind::Object: throw std::runtime_error("JSON: nested objects are not part of a flat object");
   }
-
-  const std::string& s_;
-  size_t i_ = 0;
-};
+  return out;
+}
 
 }  // namespace
 
-JsonObject parse_json_object(const std::string& text) { return Parser(text).object(); }
+JsonObject parse_json_object(const std::string& text) {
+  json::Value root;
+  try {
+    root = json::parse(text, "benchmark JSON line");
+  } catch (const Error& e) {
+    throw std::runtime_error(e.what());
+  }
+  if (root.kind != json::Value::Kind::Object) throw std::runtime_error("JSON: expected an object");
+  JsonObject out;
+  for (size_t i = 0; i < root.keys.size(); ++i) out[root.keys[i]] = convert(root.items[i], 0);
+  return out;
+}
+
 
 const JsonValue& field(const JsonObject& o, const std::string& key) {
   auto it = o.find(key);
