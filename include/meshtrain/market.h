@@ -294,6 +294,8 @@ struct Spend {
   uint64_t steps_paid = 0;        // step vouchers signed (one per lease and step)
 };
 
+// Thread-safe: payments to different leases may run at the same time (each waits for its own
+// daemon's acknowledgement); calls on one lease are serialized.
 class MarketClient {
  public:
   MarketClient(const crypto::Identity& self, MarketBackend& backend, Budget budget);
@@ -357,7 +359,8 @@ class Fleet {
   ~Fleet();
   // Rents up to size leases now.
   void fill();
-  // Pays every lease for `step`; handles failures as above. Returns the open leases after.
+  // Pays every lease for `step` (all vouchers sent together, so a step costs about one round
+  // trip however many leases); handles failures as above. Returns the open leases after.
   std::vector<Lease> pay_step(uint64_t step);
   void report_failed(const AccountId& provider, const std::string& why);
   std::vector<Lease> leases() const;

@@ -38,7 +38,10 @@ struct MarketClient::Impl {
     std::optional<Voucher> latest;
     uint64_t last_job_step = 0;  // job step of the latest voucher; 0 = none yet
     bool any_paid = false;
-    std::unique_ptr<net::ControlClient> daemon;  // to the provider's daemon, opened on first use
+    // The link to the provider's daemon, opened on first use. Guarded by link_mutex (not the
+    // client's mutex), so payments to different providers wait for their acks in parallel.
+    std::mutex link_mutex;
+    std::unique_ptr<net::ControlClient> daemon;
     uint64_t request_id = 0;
   };
 
@@ -171,7 +174,7 @@ std::vector<Lease> MarketClient::rent(uint32_t count, const OfferFilter& filter,
 }
 
 Voucher MarketClient::pay_step(Id lease_id, uint64_t step, std::chrono::milliseconds timeout) {
-  std::lock_guard lock(impl_->mutex);
+  std::unique_lock lock(impl_->mutex);
   auto& b = impl_->book(lease_id);
   if (b.lease.state != LeaseState::Open)
     throw MarketError("lease_closed", fmt::format("paying step {} on lease {}: the lease is closed", step, lease_id));
@@ -195,6 +198,8 @@ Voucher MarketClient::pay_step(Id lease_id, uint64_t step, std::chrono::millisec
   b.any_paid = true;
   impl_->spend.total += price;
   impl_->spend.steps_paid += 1;
+  std::unique_lock link_lock(b.link_mutex);
+  lock.unlock();
 
   net::Message m = impl_->ask_daemon(b, protocol::MessageType::VoucherDelivery, protocol::encode(v),
                                      protocol::MessageType::VoucherAck, timeout);
@@ -215,7 +220,10 @@ Lease MarketClient::release(Id lease_id, CloseReason reason) {
   }
   Lease closed = impl_->backend.close(lease_id, reason, latest);
   std::lock_guard lock(impl_->mutex);
-  impl_->books.erase(lease_id);
+  if (auto it = impl_->books.find(lease_id); it != impl_->books.end()) {
+    std::lock_guard in_flight(it->second.link_mutex);  // a payment still waiting for its ack ends first
+    impl_->books.erase(it);
+  }
   log::info("market", "lease {} closed ({}): paid {} of escrow {}", lease_id, close_reason_name(reason), closed.paid,
             closed.escrow);
   return closed;
@@ -223,8 +231,10 @@ Lease MarketClient::release(Id lease_id, CloseReason reason) {
 
 void MarketClient::attach_job(Id lease_id, const std::string& coordinator_endpoint, const AccountId& coordinator_key,
                               const std::string& join_token, std::chrono::milliseconds timeout) {
-  std::lock_guard lock(impl_->mutex);
+  std::unique_lock lock(impl_->mutex);
   auto& b = impl_->book(lease_id);
+  std::unique_lock link_lock(b.link_mutex);
+  lock.unlock();
   protocol::JobAttach attach{lease_id, coordinator_endpoint, coordinator_key, join_token};
   net::Message m = impl_->ask_daemon(b, protocol::MessageType::JobAttach, protocol::encode(attach),
                                      protocol::MessageType::JobAttachAck, timeout);
@@ -236,7 +246,10 @@ void MarketClient::attach_job(Id lease_id, const std::string& coordinator_endpoi
 
 void MarketClient::forget(Id lease_id) {
   std::lock_guard lock(impl_->mutex);
-  impl_->books.erase(lease_id);
+  if (auto it = impl_->books.find(lease_id); it != impl_->books.end()) {
+    std::lock_guard in_flight(it->second.link_mutex);
+    impl_->books.erase(it);
+  }
 }
 
 std::vector<Lease> MarketClient::leases() const {

@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "meshtrain/market.h"
 
@@ -104,6 +105,7 @@ void Fleet::report_failed(const AccountId& provider, const std::string& why) {
 
 std::vector<Lease> Fleet::pay_step(uint64_t step) {
   std::vector<std::pair<Lease, std::string>> failures;
+  std::vector<Lease> to_pay;
   for (const Lease& held : impl_->client.leases()) {
     if (impl_->failed.count(held.provider)) {
       failures.push_back({held, "reported by the caller"});
@@ -127,25 +129,46 @@ std::vector<Lease> Fleet::pay_step(uint64_t step) {
         continue;
       }
     }
+    to_pay.push_back(held);
+  }
+  // The vouchers go out together: each lease's daemon acknowledges on its own connection, so a
+  // step costs about one round trip however many providers are leased.
+  std::vector<std::exception_ptr> outcomes(to_pay.size());
+  {
+    std::vector<std::thread> payers;
+    for (size_t i = 0; i < to_pay.size(); ++i)
+      payers.emplace_back([&, i] {
+        try {
+          impl_->client.pay_step(to_pay[i].id, step, impl_->options.voucher_timeout);
+        } catch (...) {
+          outcomes[i] = std::current_exception();
+        }
+      });
+    for (auto& t : payers) t.join();
+  }
+  std::exception_ptr budget_error;
+  for (size_t i = 0; i < to_pay.size(); ++i) {
+    if (!outcomes[i]) continue;
+    const Lease& held = to_pay[i];
     try {
-      impl_->client.pay_step(held.id, step, impl_->options.voucher_timeout);
+      std::rethrow_exception(outcomes[i]);
     } catch (const PeerLostError& e) {
       failures.push_back({held, e.what()});
     } catch (const MarketError& e) {
       if (e.reason() == "spend_limit") {
         impl_->budget_exhausted = true;
         impl_->emit(FleetEvent::Kind::BudgetExhausted, held, e.what());
-        throw;
-      }
-      if (e.reason() == "escrow_exhausted" || e.reason() == "lease_closed") {
+        budget_error = outcomes[i];
+      } else if (e.reason() == "escrow_exhausted" || e.reason() == "lease_closed") {
         // Used up: release it normally; a fresh lease replaces it below.
         Lease closed = impl_->client.release(held.id, CloseReason::RenterDone);
         impl_->emit(FleetEvent::Kind::Released, closed, e.what());
-        continue;
+      } else {
+        failures.push_back({held, e.what()});
       }
-      failures.push_back({held, e.what()});
     }
   }
+  if (budget_error) std::rethrow_exception(budget_error);
   impl_->failed.clear();
   for (const auto& [lease, why] : failures) impl_->handle_failure(lease, why);
   bool replacing = !failures.empty();
