@@ -49,6 +49,9 @@ options:
   --plain          unencrypted bulk streams (default: AES-256-GCM)
   --market         rent the workers' GPUs on a local devnet market and pay them per step
                    (see below)
+  --cloud-price-per-gpu-hour C
+                   with --market: also print what the same GPU time costs at C per GPU-hour
+                   (a price you supply; meshtrain has no price list)
   --help           this text
 
 With --market the job runs on rented providers: a meshtrain-market (SQLite ledger) and N+1
@@ -62,7 +65,7 @@ is reconciled: what the owner spent is exactly what the providers earned.
 
 const std::initializer_list<Flags::Spec> kDemoFlags = {
     {"--workers"}, {"--steps"}, {"--kill-at"}, {"--join-at"}, {"--dim"}, {"--step-ms"}, {"--plain", false},
-    {"--market", false}};
+    {"--market", false}, {"--cloud-price-per-gpu-hour"}};
 const std::initializer_list<Flags::Spec> kWorkerFlags = {
     {"--index"}, {"--steps"}, {"--die-at"}, {"--step-ms"}, {"--start-step"}, {"--dim"}, {"--dir"},
     {"--coordinator-endpoint"}, {"--coordinator"}, {"--plain", false}, {"--join", false}};
@@ -70,7 +73,7 @@ constexpr uint64_t kMaxNumber = 1ull << 40;
 
 // The problem: y = X w* + noise, worker i holds rows [i*rows, (i+1)*rows) generated from seed i.
 struct Shard {
-  size_t rows = 512;
+  size_t rows = kRowsPerWorker;
   size_t dim;
   std::vector<float> x;  // rows x dim
   std::vector<float> y;
@@ -199,6 +202,9 @@ int demo_command(int argc, char** argv) {
   // slower steps leave it time to join before the job ends.
   settings.step_ms = f.number("--step-ms", f.has("--market") ? 200 : 50, 0, 3600000);
   settings.plain = f.has("--plain");
+  settings.cloud_price_per_gpu_hour = f.real("--cloud-price-per-gpu-hour", 0, 0, 1e12);
+  if (settings.cloud_price_per_gpu_hour > 0 && !f.has("--market"))
+    f.fail("--cloud-price-per-gpu-hour goes with --market");
   if (settings.kill_at > settings.steps || settings.join_at > settings.steps)
     f.fail("--kill-at and --join-at must be <= --steps");
   if (f.has("--market")) {

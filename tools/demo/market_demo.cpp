@@ -173,6 +173,7 @@ int market_demo(const DemoSettings& s) {
   std::printf("  standby provider %llu is up, offering at %llu per step\n", static_cast<unsigned long long>(s.workers),
               static_cast<unsigned long long>(kStandbyPricePerStep));
 
+  const auto job_started = Clock::now();
   // Pay each step the job finishes (as seen in the progress files of the rented workers).
   uint64_t paid_through = 0;
   auto deadline = Clock::now() + std::chrono::seconds(120 + s.steps * (s.step_ms / 100 + 2));
@@ -207,14 +208,21 @@ int market_demo(const DemoSettings& s) {
       auto held = fleet.pay_step(paid_through);
       for (const Lease& l : to_attach) attach(l);
       to_attach.clear();
-      if (paid_through % 5 == 0 || paid_through == s.steps)
-        std::printf("step %3llu  loss %.6f  paid %zu lease(s)  spent %llu\n",
+      if (paid_through % 5 == 0 || paid_through == s.steps) {
+        // The job's cost line: spend so far, per step, per 1k samples (each worker's rows).
+        Amount spent = client.spend().total;
+        double per_step = static_cast<double>(spent) / static_cast<double>(paid_through);
+        std::printf("step %3llu  loss %.6f  paid %zu lease(s)  spent %llu (%.1f per step, %.2f per 1k samples)\n",
                     static_cast<unsigned long long>(paid_through), loss_at(paid_through), held.size(),
-                    static_cast<unsigned long long>(client.spend().total));
+                    static_cast<unsigned long long>(spent), per_step,
+                    1000.0 * per_step / static_cast<double>(kRowsPerWorker * held.size()));
+      }
       std::fflush(stdout);
     }
     std::this_thread::sleep_for(20ms);
   }
+
+  const double job_seconds = std::chrono::duration<double>(Clock::now() - job_started).count();
 
   // The workers finish and write their parameter hashes.
   std::vector<std::string> hashes;
@@ -237,6 +245,18 @@ int market_demo(const DemoSettings& s) {
     std::printf("    provider %llu earned %6llu%s\n", static_cast<unsigned long long>(i),
                 static_cast<unsigned long long>(a.earned), i == 1 && kill_at ? "  (died mid-lease)" : "");
   }
+  CostEstimate cost = estimate_cost(kPricePerStep, s.steps, static_cast<uint32_t>(s.workers),
+                                    kRowsPerWorker * s.workers, s.cloud_price_per_gpu_hour,
+                                    job_seconds / static_cast<double>(s.steps));
+  std::printf("  cost: %llu spent over %llu steps (list price %llu per step for %llu providers, %.2f per 1k "
+              "samples)\n",
+              static_cast<unsigned long long>(spend.total), static_cast<unsigned long long>(s.steps),
+              static_cast<unsigned long long>(cost.per_step), static_cast<unsigned long long>(s.workers),
+              cost.per_1k_samples);
+  if (s.cloud_price_per_gpu_hour > 0)
+    std::printf("  the same %llu GPUs for %.1f s at %.3f per GPU-hour (your price): %.4f\n",
+                static_cast<unsigned long long>(s.workers), job_seconds, s.cloud_price_per_gpu_hour,
+                cost.cloud_total);
   bool identical = hashes.size() == s.workers;
   for (const auto& h : hashes) identical = identical && h == hashes[0];
   bool reconciled = renter.spent == spend.total && earned == renter.spent && renter.escrowed == 0 &&

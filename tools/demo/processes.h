@@ -20,6 +20,9 @@
 
 namespace meshtrain::tools {
 
+// Rows of the least-squares problem each worker holds (its samples per step).
+inline constexpr uint64_t kRowsPerWorker = 512;
+
 struct DemoSettings {
   uint64_t workers = 4;
   uint64_t steps = 40;
@@ -28,6 +31,7 @@ struct DemoSettings {
   uint64_t dim = 1024;
   uint64_t step_ms = 50;
   bool plain = false;
+  double cloud_price_per_gpu_hour = 0;  // --market: compare the spend with this cloud price (0: no comparison)
 };
 
 // `meshtrain demo --market` (tools/demo/market_demo.cpp).
