@@ -312,6 +312,13 @@ class MarketClient {
   // signing anything that would exceed the budget, PeerLostError naming the provider when the
   // daemon does not acknowledge within `timeout`.
   Voucher pay_step(Id lease_id, uint64_t step, std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  // pay_step without the wait: first waits for the acknowledgement of the lease's previous
+  // voucher (up to `timeout`; normally it arrived during the step, so no wait; its failures are
+  // thrown here, before anything new is signed), then signs and sends this step's voucher and
+  // returns. confirm() waits for the last one. Same budget rules as pay_step.
+  Voucher pay_step_async(Id lease_id, uint64_t step,
+                         std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  void confirm(Id lease_id, std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
   // Closes the lease with the latest voucher settled.
   Lease release(Id lease_id, CloseReason reason = CloseReason::RenterDone);
   // Tells the provider's daemon where its worker joins the job. Throws MarketError(reason) when
@@ -345,7 +352,8 @@ struct FleetOptions {
   std::chrono::milliseconds rent_wait{3000};
   // A provider whose latest heartbeat at the market is older than this is failed.
   std::chrono::milliseconds heartbeat_timeout{3000};
-  // A provider's daemon that does not acknowledge a voucher within this has failed.
+  // A provider's daemon that has not acknowledged a voucher this long after it was sent (checked
+  // when the next step is paid) has failed.
   std::chrono::milliseconds voucher_timeout{2000};
   std::function<void(const FleetEvent&)> on_event;  // progress output; may be empty
 };
@@ -359,8 +367,9 @@ class Fleet {
   ~Fleet();
   // Rents up to size leases now.
   void fill();
-  // Pays every lease for `step` (all vouchers sent together, so a step costs about one round
-  // trip however many leases); handles failures as above. Returns the open leases after.
+  // Pays every lease for `step` with pay_step_async: each lease's previous voucher must have
+  // been acknowledged (a provider that did not is failed before it is paid again), this step's
+  // voucher is sent without waiting. Handles failures as above. Returns the open leases after.
   std::vector<Lease> pay_step(uint64_t step);
   void report_failed(const AccountId& provider, const std::string& why);
   std::vector<Lease> leases() const;

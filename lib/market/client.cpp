@@ -43,6 +43,7 @@ struct MarketClient::Impl {
     std::mutex link_mutex;
     std::unique_ptr<net::ControlClient> daemon;
     uint64_t request_id = 0;
+    std::optional<std::pair<uint64_t, Voucher>> unconfirmed;  // sent, acknowledgement not yet read
   };
 
   const crypto::Identity& self;
@@ -74,18 +75,30 @@ struct MarketClient::Impl {
 
   // Sends one message to the provider's daemon and waits for the reply of type `reply_type`
   // with the same request id. PeerLostError when none arrives in time.
-  net::Message ask_daemon(Book& b, protocol::MessageType type, const std::vector<uint8_t>& payload,
-                          protocol::MessageType reply_type, std::chrono::milliseconds timeout) {
+  // Sends one message to the provider's daemon; returns its request id. PeerLostError when it
+  // cannot even be queued.
+  uint64_t send_to_daemon(Book& b, protocol::MessageType type, const std::vector<uint8_t>& payload) {
     net::MessageHeader header;
     header.type = static_cast<uint16_t>(type);
     header.op_seq = ++b.request_id;
+    try {
+      daemon(b).send(header, payload);
+    } catch (const TimeoutError& e) {
+      b.daemon.reset();
+      throw PeerLostError(b.lease.provider.fingerprint(),
+                          fmt::format("{}: cannot send: {}", provider_name(b), e.what()));
+    }
+    return header.op_seq;
+  }
+
+  // Waits for the daemon's reply of type `reply_type` to request `id`. PeerLostError when none
+  // arrives within `timeout`.
+  net::Message await_daemon(Book& b, protocol::MessageType reply_type, uint64_t id, std::chrono::milliseconds timeout) {
     Deadline deadline = Deadline::after(timeout);
     try {
-      auto& link = daemon(b);
-      link.send(header, payload);
       for (;;) {
-        net::Message m = link.recv(deadline);
-        if (m.header.type == static_cast<uint16_t>(reply_type) && m.header.op_seq == header.op_seq) return m;
+        net::Message m = daemon(b).recv(deadline);
+        if (m.header.type == static_cast<uint16_t>(reply_type) && m.header.op_seq == id) return m;
       }
     } catch (const TimeoutError& e) {
       // A dead daemon's connection is useless; a fresh one is opened on the next call.
@@ -93,6 +106,20 @@ struct MarketClient::Impl {
       throw PeerLostError(b.lease.provider.fingerprint(),
                           fmt::format("{} did not answer within {} ms: {}", provider_name(b), timeout.count(), e.what()));
     }
+  }
+
+  // Waits for the acknowledgement of the voucher last sent on `b`, if any. Caller holds link_mutex.
+  void confirm(Book& b, std::chrono::milliseconds timeout) {
+    if (!b.unconfirmed) return;
+    auto [id, v] = *b.unconfirmed;
+    b.unconfirmed.reset();
+    net::Message m = await_daemon(b, protocol::MessageType::VoucherAck, id, timeout);
+    protocol::VoucherAck ack = protocol::decode_voucher_ack(m.payload, provider_name(b));
+    // A resend the daemon already stored is as good as accepted.
+    if (!ack.accepted && !(ack.latest_step == v.step && ack.latest_amount == v.cumulative_amount))
+      throw MarketError(ack.reason.empty() ? "voucher_refused" : ack.reason,
+                        fmt::format("{} refused the voucher for step {} ({}): {}", provider_name(b), v.step,
+                                    v.cumulative_amount, ack.reason));
   }
 };
 
@@ -174,8 +201,17 @@ std::vector<Lease> MarketClient::rent(uint32_t count, const OfferFilter& filter,
 }
 
 Voucher MarketClient::pay_step(Id lease_id, uint64_t step, std::chrono::milliseconds timeout) {
-  std::unique_lock lock(impl_->mutex);
+  Voucher v = pay_step_async(lease_id, step, timeout);
+  confirm(lease_id, timeout);
+  return v;
+}
+
+Voucher MarketClient::pay_step_async(Id lease_id, uint64_t step, std::chrono::milliseconds timeout) {
+  std::lock_guard lock(impl_->mutex);
   auto& b = impl_->book(lease_id);
+  std::lock_guard link_lock(b.link_mutex);
+  // The previous voucher first: a provider that did not take it gets no new one.
+  impl_->confirm(b, timeout);
   if (b.lease.state != LeaseState::Open)
     throw MarketError("lease_closed", fmt::format("paying step {} on lease {}: the lease is closed", step, lease_id));
   if (b.any_paid && step <= b.last_job_step)
@@ -198,18 +234,17 @@ Voucher MarketClient::pay_step(Id lease_id, uint64_t step, std::chrono::millisec
   b.any_paid = true;
   impl_->spend.total += price;
   impl_->spend.steps_paid += 1;
+  uint64_t id = impl_->send_to_daemon(b, protocol::MessageType::VoucherDelivery, protocol::encode(v));
+  b.unconfirmed = std::make_pair(id, v);
+  return v;
+}
+
+void MarketClient::confirm(Id lease_id, std::chrono::milliseconds timeout) {
+  std::unique_lock lock(impl_->mutex);
+  auto& b = impl_->book(lease_id);
   std::unique_lock link_lock(b.link_mutex);
   lock.unlock();
-
-  net::Message m = impl_->ask_daemon(b, protocol::MessageType::VoucherDelivery, protocol::encode(v),
-                                     protocol::MessageType::VoucherAck, timeout);
-  protocol::VoucherAck ack = protocol::decode_voucher_ack(m.payload, impl_->provider_name(b));
-  // A resend the daemon already stored is as good as accepted.
-  if (!ack.accepted && !(ack.latest_step == v.step && ack.latest_amount == v.cumulative_amount))
-    throw MarketError(ack.reason.empty() ? "voucher_refused" : ack.reason,
-                      fmt::format("{} refused the voucher for step {} ({}): {}", impl_->provider_name(b), lease_step,
-                                  cumulative, ack.reason));
-  return v;
+  impl_->confirm(b, timeout);
 }
 
 Lease MarketClient::release(Id lease_id, CloseReason reason) {
@@ -236,8 +271,8 @@ void MarketClient::attach_job(Id lease_id, const std::string& coordinator_endpoi
   std::unique_lock link_lock(b.link_mutex);
   lock.unlock();
   protocol::JobAttach attach{lease_id, coordinator_endpoint, coordinator_key, join_token};
-  net::Message m = impl_->ask_daemon(b, protocol::MessageType::JobAttach, protocol::encode(attach),
-                                     protocol::MessageType::JobAttachAck, timeout);
+  uint64_t id = impl_->send_to_daemon(b, protocol::MessageType::JobAttach, protocol::encode(attach));
+  net::Message m = impl_->await_daemon(b, protocol::MessageType::JobAttachAck, id, timeout);
   auto ack = protocol::decode_job_attach_ack(m.payload, impl_->provider_name(b));
   if (!ack.accepted)
     throw MarketError(ack.reason.empty() ? "attach_refused" : ack.reason,

@@ -178,3 +178,41 @@ TEST(MarketFleet, SpendLimitIsNeverExceeded) {
   EXPECT_EQ(backend->account(p.key).earned, 1'000u);
   EXPECT_EQ(backend->account(renter.public_key()).balance, 99'000u);
 }
+
+TEST(MarketFleet, AsyncPaymentChecksThePreviousAcknowledgementBeforeSigningAgain) {
+  MarketWorld world;
+  Endpoint p = world.start_provider(0, 100);
+  auto renter = crypto::Identity::generate();
+  auto backend = connect_devnet(renter, world.market().key, world.market().endpoint);
+  backend->mint(renter.public_key(), 100'000);
+  ASSERT_EQ(wait_offers(*backend, {}, 1).offers.size(), 1u) << world.logs();
+  Budget budget;
+  budget.spend_limit = 10'000;
+  budget.escrow_per_lease = 10'000;
+  MarketClient client(renter, *backend, budget);
+  auto leases = client.rent(1, {}, 4s);
+  ASSERT_EQ(leases.size(), 1u) << world.logs();
+  Id lease = leases[0].id;
+  client.pay_step_async(lease, 1);
+  client.confirm(lease);
+  world.provider(0).signal(SIGKILL);
+  world.provider(0).wait(5s);
+  // Step 2's voucher is signed (and may even be queued); step 3's is never signed, because the
+  // dead daemon never acknowledges step 2.
+  bool lost = false;
+  for (uint64_t step = 2; step <= 3 && !lost; ++step) {
+    try {
+      client.pay_step_async(lease, step, 500ms);
+    } catch (const PeerLostError& e) {
+      lost = true;
+      EXPECT_NE(std::string(e.what()).find(p.key.fingerprint()), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_TRUE(lost);
+  EXPECT_EQ(client.spend().total, 200u);
+  ASSERT_TRUE(client.latest_voucher(lease));
+  EXPECT_EQ(client.latest_voucher(lease)->step, 2u);
+  Lease closed = client.release(lease, CloseReason::ProviderFailed);
+  EXPECT_EQ(closed.paid, 200u);  // what the renter signed, settled by its close
+  EXPECT_EQ(backend->account(p.key).earned, 200u);
+}
