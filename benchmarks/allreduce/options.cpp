@@ -4,9 +4,11 @@
 #include <charconv>
 #include <cmath>
 #include <map>
+#include <optional>
 
 #include <fmt/format.h>
 
+#include "common/flags.h"
 #include "meshtrain/compress.h"
 
 namespace meshtrain::bench {
@@ -123,90 +125,75 @@ FaultSpec parse_fault(const std::string& text) {
 }
 
 AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
+  static const std::initializer_list<tools::Flags::Spec> kFlags = {
+      {"--peers"}, {"--size"}, {"--bytes"}, {"--repeats"}, {"--warmup"}, {"--streams"}, {"--chunk-bytes"},
+      {"--plain", false}, {"--encrypted", false}, {"--baseline"}, {"--wan"}, {"--fault"}, {"--reduce-step", false},
+      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--timeout-s"}, {"--heartbeat-timeout-ms"}, {"--python"},
+      {"--gloo-script"}, {"--netns-script"}, {"--verbose", false}};
+  std::vector<std::string> storage = args;
+  std::vector<char*> argv;
+  for (auto& a : storage) argv.push_back(a.data());
+  std::optional<tools::Flags> parsed;
+  try {
+    parsed.emplace(static_cast<int>(argv.size()), argv.data(), 0, kFlags, "");
+    if (!parsed->positional().empty()) parsed->fail(fmt::format("unexpected argument '{}'", parsed->positional()[0]));
+    if (parsed->help()) parsed->fail("--help goes before the benchmark's name: meshtrain-bench --help");
+  } catch (const InvalidArgumentError& e) {
+    throw UsageError(e.what());
+  }
+  const tools::Flags& f = *parsed;
+  auto text = [&](std::string_view name) { return f.get(name); };
+  auto integer = [&](std::string_view name, long long min, long long max) {
+    return parse_int(std::string(name), *f.get(name), min, max);
+  };
+
   AllreduceOptions o;
-  bool have_peers = false, have_size = false, plain = false, encrypted = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string arg = args[i];
-    std::optional<std::string> inline_value;
-    if (arg.rfind("--", 0) == 0) {
-      if (auto eq = arg.find('='); eq != std::string::npos) {
-        inline_value = arg.substr(eq + 1);
-        arg = arg.substr(0, eq);
-      }
-    }
-    auto value = [&]() -> std::string {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= args.size()) throw UsageError(fmt::format("{} needs a value", arg));
-      return args[++i];
-    };
-    auto flag = [&] {
-      if (inline_value) throw UsageError(fmt::format("{} takes no value", arg));
-    };
-    if (arg == "--peers") {
-      o.peers = static_cast<int>(parse_int(arg, value(), 2, 254));
-      have_peers = true;
-    } else if (arg == "--size" || arg == "--bytes") {
-      o.bytes = parse_bytes(arg, value());
-      have_size = true;
-    } else if (arg == "--repeats") {
-      o.repeats = static_cast<int>(parse_int(arg, value(), 1, 100000));
-    } else if (arg == "--warmup") {
-      o.warmup = static_cast<int>(parse_int(arg, value(), 0, 100000));
-    } else if (arg == "--streams") {
-      o.streams = static_cast<uint32_t>(parse_int(arg, value(), 1, 64));
-    } else if (arg == "--chunk-bytes") {
-      o.chunk_bytes = parse_bytes(arg, value());
-      if (o.chunk_bytes < 4096) throw UsageError("--chunk-bytes: at least 4096");
-    } else if (arg == "--plain") {
-      flag();
-      plain = true;
-    } else if (arg == "--encrypted") {
-      flag();
-      encrypted = true;
-    } else if (arg == "--baseline") {
-      o.baseline = value();
-      if (*o.baseline != "gloo") throw UsageError(fmt::format("--baseline: '{}' is not known (gloo)", *o.baseline));
-    } else if (arg == "--wan") {
-      o.wan = parse_wan(value());
-    } else if (arg == "--fault") {
-      o.fault = parse_fault(value());
-    } else if (arg == "--reduce-step") {
-      flag();
-      o.reduce_step = true;
-    } else if (arg == "--codec") {
-      o.codec = value();
-      try {
-        compress::make_codec(*o.codec);
-      } catch (const InvalidArgumentError& e) {
-        throw UsageError(fmt::format("--codec: {}", e.what()));
-      }
-    } else if (arg == "--shape") {
-      o.shape = value();
-      const size_t x = o.shape->find('x');
-      if (x == std::string::npos || x == 0 || x + 1 == o.shape->size() ||
-          o.shape->find_first_not_of("0123456789x") != std::string::npos || o.shape->find('x', x + 1) != std::string::npos)
-        throw UsageError(fmt::format("--shape: '{}' is not ROWSxCOLS", *o.shape));
-    } else if (arg == "--sparse-gather") {
-      o.sparse_gather = value();
-      if (o.sparse_gather != "auto" && o.sparse_gather != "owner" && o.sparse_gather != "allgather")
-        throw UsageError(fmt::format("--sparse-gather: '{}' (auto, owner, allgather)", o.sparse_gather));
-    } else if (arg == "--timeout-s") {
-      o.timeout_s = static_cast<int>(parse_int(arg, value(), 1, 24 * 3600));
-    } else if (arg == "--heartbeat-timeout-ms") {
-      o.heartbeat_timeout_ms = static_cast<int>(parse_int(arg, value(), 100, 600000));
-    } else if (arg == "--python") {
-      o.python = value();
-    } else if (arg == "--gloo-script") {
-      o.gloo_script = value();
-    } else if (arg == "--netns-script") {
-      o.netns_script = value();
-    } else if (arg == "--verbose") {
-      flag();
-      o.keep_logs = true;
-    } else {
-      throw UsageError(fmt::format("unknown argument '{}'", args[i]));
+  const bool have_peers = f.has("--peers"), have_size = f.has("--size") || f.has("--bytes");
+  const bool plain = f.has("--plain"), encrypted = f.has("--encrypted");
+  if (have_peers) o.peers = static_cast<int>(integer("--peers", 2, 254));
+  if (auto v = text("--size")) o.bytes = parse_bytes("--size", *v);
+  if (auto v = text("--bytes")) o.bytes = parse_bytes("--bytes", *v);
+  if (f.has("--repeats")) o.repeats = static_cast<int>(integer("--repeats", 1, 100000));
+  if (f.has("--warmup")) o.warmup = static_cast<int>(integer("--warmup", 0, 100000));
+  if (f.has("--streams")) o.streams = static_cast<uint32_t>(integer("--streams", 1, 64));
+  if (auto v = text("--chunk-bytes")) {
+    o.chunk_bytes = parse_bytes("--chunk-bytes", *v);
+    if (o.chunk_bytes < 4096) throw UsageError("--chunk-bytes: at least 4096");
+  }
+  if (auto v = text("--baseline")) {
+    o.baseline = *v;
+    if (*o.baseline != "gloo") throw UsageError(fmt::format("--baseline: '{}' is not known (gloo)", *o.baseline));
+  }
+  if (auto v = text("--wan")) o.wan = parse_wan(*v);
+  if (auto v = text("--fault")) o.fault = parse_fault(*v);
+  o.reduce_step = f.has("--reduce-step");
+  if (auto v = text("--codec")) {
+    o.codec = *v;
+    try {
+      compress::make_codec(*o.codec);
+    } catch (const InvalidArgumentError& e) {
+      throw UsageError(fmt::format("--codec: {}", e.what()));
     }
   }
+  if (auto v = text("--shape")) {
+    o.shape = *v;
+    const size_t x = o.shape->find('x');
+    if (x == std::string::npos || x == 0 || x + 1 == o.shape->size() ||
+        o.shape->find_first_not_of("0123456789x") != std::string::npos || o.shape->find('x', x + 1) != std::string::npos)
+      throw UsageError(fmt::format("--shape: '{}' is not ROWSxCOLS", *o.shape));
+  }
+  if (auto v = text("--sparse-gather")) {
+    o.sparse_gather = *v;
+    if (o.sparse_gather != "auto" && o.sparse_gather != "owner" && o.sparse_gather != "allgather")
+      throw UsageError(fmt::format("--sparse-gather: '{}' (auto, owner, allgather)", o.sparse_gather));
+  }
+  if (f.has("--timeout-s")) o.timeout_s = static_cast<int>(integer("--timeout-s", 1, 24 * 3600));
+  if (f.has("--heartbeat-timeout-ms"))
+    o.heartbeat_timeout_ms = static_cast<int>(integer("--heartbeat-timeout-ms", 100, 600000));
+  if (auto v = text("--python")) o.python = *v;
+  if (auto v = text("--gloo-script")) o.gloo_script = *v;
+  if (auto v = text("--netns-script")) o.netns_script = *v;
+  o.keep_logs = f.has("--verbose");
   if (!have_peers) throw UsageError("--peers N is required");
   if (!have_size) throw UsageError("--size BYTES is required");
   if (o.bytes == 0 || o.bytes % 4 != 0)

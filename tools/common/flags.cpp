@@ -86,6 +86,7 @@ double Flags::real(std::string_view name, double fallback, double min, double ma
 }
 
 void Flags::fail(const std::string& message) const {
+  if (usage_.empty()) throw InvalidArgumentError(message);
   throw InvalidArgumentError(fmt::format("{}\n\n{}", message, usage_));
 }
 

@@ -20,7 +20,8 @@ class Flags {
     bool takes_value = true;
   };
 
-  // Parses argv[first..argc). "--help" / "-h" are always known (help()).
+  // Parses argv[first..argc). "--help" / "-h" are always known (help()). An empty `usage`
+  // leaves error messages without it (for callers that add their own hint).
   Flags(int argc, char** argv, int first, std::initializer_list<Spec> known, std::string_view usage);
 
   bool help() const { return help_; }
