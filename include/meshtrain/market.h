@@ -37,6 +37,9 @@ using Amount = uint64_t;  // smallest unit
 using Id = uint64_t;      // offer, order, bid and lease ids; 0 = none
 using TimeMs = int64_t;   // milliseconds since the Unix epoch (the market's clock)
 
+// This machine's wall clock as TimeMs (lease expiry, heartbeat ages).
+TimeMs wall_clock_ms();
+
 // A request the market understood and refused: insufficient funds, a closed lease, a voucher
 // that does not increase, a filter out of range... `reason` is a stable machine-readable word.
 class MarketError : public Error {

@@ -12,15 +12,6 @@
 #include "meshtrain/market.h"
 
 namespace meshtrain::market {
-namespace {
-
-TimeMs now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-}  // namespace
-
 struct Fleet::Impl {
   Impl(MarketClient& c, MarketBackend& b, FleetOptions o) : client(c), backend(b), options(std::move(o)) {}
   MarketClient& client;
@@ -122,7 +113,7 @@ std::vector<Lease> Fleet::pay_step(uint64_t step) {
                     fmt::format("closed at the market ({})", close_reason_name(now.close_reason)));
         continue;
       }
-      TimeMs silent_ms = now_ms() - now.provider_last_heartbeat_ms;
+      TimeMs silent_ms = wall_clock_ms() - now.provider_last_heartbeat_ms;
       if (now.provider_last_heartbeat_ms == 0 || silent_ms > impl_->options.heartbeat_timeout.count()) {
         failures.push_back({held, fmt::format("no heartbeat at the market for {} ms", silent_ms)});
         continue;

@@ -32,10 +32,6 @@ constexpr std::string_view kLog = "provider";
 constexpr milliseconds kLookupWait{1500};
 constexpr uint32_t kOfferSearchPages = 20;
 
-TimeMs wall_ms() {
-  return std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
 bool market_unreachable(const std::exception& e) {
   return dynamic_cast<const TimeoutError*>(&e) || dynamic_cast<const PeerLostError*>(&e) ||
          dynamic_cast<const IoError*>(&e) || dynamic_cast<const CancelledError*>(&e);
@@ -208,7 +204,7 @@ struct Provider::Impl {
       e.latest = store.latest_voucher(lease.id);
       log::info(kLog, "lease {}: renter {} at {} per step, escrow {}, expires in {} s", lease.id,
                 lease.renter.fingerprint(), lease.price_per_step, lease.escrow,
-                std::max<TimeMs>(0, lease.expires_ms - wall_ms()) / 1000);
+                std::max<TimeMs>(0, lease.expires_ms - wall_clock_ms()) / 1000);
     }
     if (!inserted && e.lease.state == LeaseState::Open && lease.state == LeaseState::Closed)
       log::info(kLog, "lease {}: closed ({}), paid {} for {} steps", lease.id, close_reason_name(lease.close_reason),
@@ -237,7 +233,7 @@ struct Provider::Impl {
     uint64_t latest_step = entry ? entry->latest_step() : lease.paid_step;
     Amount latest_amount = entry ? entry->latest_amount() : lease.paid;
     ack.reason = voucher_rejection(entry ? entry->lease : lease, self.public_key(), sender, v, latest_step,
-                                   latest_amount, wall_ms());
+                                   latest_amount, wall_clock_ms());
     if (ack.reason.empty()) {
       try {
         store.put_voucher(v);  // durable before the ack: an acknowledged voucher is never lost
@@ -276,7 +272,7 @@ struct Provider::Impl {
     if (lease.provider != self.public_key()) return refuse("not_my_lease");
     if (sender != lease.renter) return refuse("wrong_sender");
     if (lease.state != LeaseState::Open) return refuse("lease_closed");
-    if (lease.expires_ms != 0 && wall_ms() >= lease.expires_ms) return refuse("lease_expired");
+    if (lease.expires_ms != 0 && wall_clock_ms() >= lease.expires_ms) return refuse("lease_expired");
     if (settings.worker_command.empty()) return refuse("no_worker_command");
     if (a.coordinator_endpoint.rfind("tcp://", 0) != 0 || !printable(a.coordinator_endpoint) ||
         !printable(a.join_token))
@@ -521,7 +517,7 @@ struct Provider::Impl {
   void redeem(Clock::time_point now, bool force) {
     bool interval_due = force || now >= next_redeem;
     if (interval_due) next_redeem = now + settings.redeem_interval;
-    TimeMs near_expiry = wall_ms() + 2 * std::max(settings.poll_interval, settings.heartbeat_interval).count();
+    TimeMs near_expiry = wall_clock_ms() + 2 * std::max(settings.poll_interval, settings.heartbeat_interval).count();
     std::vector<Voucher> due;
     {
       std::lock_guard lock(mutex);
@@ -587,7 +583,7 @@ struct Provider::Impl {
 
   // Stops workers of leases that are over; finishes closed leases.
   void retire_leases_locked(Clock::time_point now) {
-    TimeMs now_ms = wall_ms();
+    TimeMs now_ms = wall_clock_ms();
     for (auto& [id, e] : leases) {
       bool closed = e.lease.state == LeaseState::Closed;
       bool expired = e.lease.expires_ms != 0 && now_ms >= e.lease.expires_ms;

@@ -58,7 +58,5 @@ class MarketServer {
   std::unique_ptr<Impl> impl_;
 };
 
-// Milliseconds since the Unix epoch: the market's clock.
-TimeMs wall_clock_ms();
 
 }  // namespace meshtrain::market

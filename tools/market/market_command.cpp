@@ -101,9 +101,7 @@ OfferFilter filter_of(const Flags& f) {
 
 std::string ago(TimeMs then) {
   if (then == 0) return "never";
-  auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                 std::chrono::system_clock::now().time_since_epoch()).count();
-  double s = static_cast<double>(now - then) / 1000.0;
+  double s = static_cast<double>(wall_clock_ms() - then) / 1000.0;
   return s < 120 ? fmt::format("{:.1f}s ago", s) : fmt::format("{:.0f}m ago", s / 60);
 }
 
