@@ -36,8 +36,7 @@ struct MarketClient::Impl {
   struct Book {
     Lease lease;
     std::optional<Voucher> latest;
-    uint64_t last_job_step = 0;  // job step of the latest voucher; 0 = none yet
-    bool any_paid = false;
+    uint64_t last_job_step = 0;  // job step of the latest voucher (meaningful once latest is set)
     // The link to the provider's daemon, opened on first use. Guarded by link_mutex (not the
     // client's mutex), so payments to different providers wait for their acks in parallel.
     std::mutex link_mutex;
@@ -214,7 +213,7 @@ Voucher MarketClient::pay_step_async(Id lease_id, uint64_t step, std::chrono::mi
   impl_->confirm(b, timeout);
   if (b.lease.state != LeaseState::Open)
     throw MarketError("lease_closed", fmt::format("paying step {} on lease {}: the lease is closed", step, lease_id));
-  if (b.any_paid && step <= b.last_job_step)
+  if (b.latest && step <= b.last_job_step)
     throw InvalidArgumentError(fmt::format("paying step {} on lease {}: step {} is already paid", step, lease_id,
                                            b.last_job_step));
   uint64_t lease_step = b.latest ? b.latest->step + 1 : 1;
@@ -231,7 +230,6 @@ Voucher MarketClient::pay_step_async(Id lease_id, uint64_t step, std::chrono::mi
   // Spent from here on: the provider may hold the voucher even if its acknowledgement is lost.
   b.latest = v;
   b.last_job_step = step;
-  b.any_paid = true;
   impl_->spend.total += price;
   impl_->spend.steps_paid += 1;
   uint64_t id = impl_->send_to_daemon(b, protocol::MessageType::VoucherDelivery, protocol::encode(v));
@@ -254,11 +252,7 @@ Lease MarketClient::release(Id lease_id, CloseReason reason) {
     latest = impl_->book(lease_id).latest;
   }
   Lease closed = impl_->backend.close(lease_id, reason, latest);
-  std::lock_guard lock(impl_->mutex);
-  if (auto it = impl_->books.find(lease_id); it != impl_->books.end()) {
-    std::lock_guard in_flight(it->second.link_mutex);  // a payment still waiting for its ack ends first
-    impl_->books.erase(it);
-  }
+  forget(lease_id);
   log::info("market", "lease {} closed ({}): paid {} of escrow {}", lease_id, close_reason_name(reason), closed.paid,
             closed.escrow);
   return closed;
@@ -282,7 +276,7 @@ void MarketClient::attach_job(Id lease_id, const std::string& coordinator_endpoi
 void MarketClient::forget(Id lease_id) {
   std::lock_guard lock(impl_->mutex);
   if (auto it = impl_->books.find(lease_id); it != impl_->books.end()) {
-    std::lock_guard in_flight(it->second.link_mutex);
+    std::lock_guard in_flight(it->second.link_mutex);  // a payment still waiting for its ack ends first
     impl_->books.erase(it);
   }
 }

@@ -66,6 +66,7 @@ struct Fleet::Impl {
 
   void handle_failure(const Lease& lease, const std::string& why) {
     avoid.insert(lease.provider);
+    checked.erase(lease.id);
     try {
       Lease closed = client.release(lease.id, CloseReason::ProviderFailed);
       emit(FleetEvent::Kind::ProviderFailed, closed, why);
@@ -95,7 +96,7 @@ void Fleet::report_failed(const AccountId& provider, const std::string& why) {
 
 std::vector<Lease> Fleet::pay_step(uint64_t step) {
   std::vector<std::pair<Lease, std::string>> failures;
-  std::vector<Lease> to_pay;
+  std::exception_ptr budget_error;
   for (const Lease& held : impl_->client.leases()) {
     if (impl_->failed.count(held.provider)) {
       failures.push_back({held, "reported by the caller"});
@@ -119,34 +120,22 @@ std::vector<Lease> Fleet::pay_step(uint64_t step) {
         continue;
       }
     }
-    to_pay.push_back(held);
-  }
-  // Pipelined: each lease's previous voucher was acknowledged during the step (checked first),
-  // then this step's voucher is sent without waiting, so a step costs signing and sending.
-  std::vector<std::exception_ptr> outcomes(to_pay.size());
-  for (size_t i = 0; i < to_pay.size(); ++i) {
+    // Pipelined: the lease's previous voucher was acknowledged during the step (checked first),
+    // then this step's voucher is sent without waiting, so a step costs signing and sending.
     try {
-      impl_->client.pay_step_async(to_pay[i].id, step, impl_->options.voucher_timeout);
-    } catch (...) {
-      outcomes[i] = std::current_exception();
-    }
-  }
-  std::exception_ptr budget_error;
-  for (size_t i = 0; i < to_pay.size(); ++i) {
-    if (!outcomes[i]) continue;
-    const Lease& held = to_pay[i];
-    try {
-      std::rethrow_exception(outcomes[i]);
+      impl_->client.pay_step_async(held.id, step, impl_->options.voucher_timeout);
     } catch (const PeerLostError& e) {
       failures.push_back({held, e.what()});
     } catch (const MarketError& e) {
       if (e.reason() == "spend_limit") {
+        // The other leases are still paid for this step; the caller learns after.
         impl_->budget_exhausted = true;
         impl_->emit(FleetEvent::Kind::BudgetExhausted, held, e.what());
-        budget_error = outcomes[i];
+        budget_error = std::current_exception();
       } else if (e.reason() == "escrow_exhausted" || e.reason() == "lease_closed") {
         // Used up: release it normally; a fresh lease replaces it below.
         Lease closed = impl_->client.release(held.id, CloseReason::RenterDone);
+        impl_->checked.erase(held.id);
         impl_->emit(FleetEvent::Kind::Released, closed, e.what());
       } else {
         failures.push_back({held, e.what()});
