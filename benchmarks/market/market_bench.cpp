@@ -23,6 +23,7 @@
 #include "market/ledger.h"
 #include "market/server.h"
 #include "meshtrain/market.h"
+#include "market/daemons.h"        // tests/market: waiting for the daemon's endpoint file
 #include "support/child_process.h"  // tests/support: the daemon as a child process
 
 using namespace meshtrain;
@@ -193,14 +194,7 @@ int main(int argc, char** argv) {
          MESHTRAIN_MARKET_BINARY, "--db", db.string(), "--key", (opt.dir / "market.pem").string(), "--bind",
          "tcp://127.0.0.1:0", "--alive-window-ms", "86400000", "--operator-key", op.public_key().hex(),
          "--print-endpoint-file", endpoint_file.string()});
-    std::string endpoint, key_hex;
-    for (int i = 0; i < 1000 && key_hex.size() != 64; ++i) {
-      std::ifstream in(endpoint_file);
-      if (!(in >> endpoint >> key_hex)) key_hex.clear();
-      if (key_hex.size() != 64) std::this_thread::sleep_for(20ms);
-    }
-    if (key_hex.size() != 64) throw TimeoutError("meshtrain-market printed no endpoint within 20 s");
-    AccountId market_key = AccountId::from_hex(key_hex, "endpoint file");
+    auto [endpoint, market_key] = test_support::wait_endpoint(endpoint_file, daemon, "meshtrain-market");
 
     // --- discovery -----------------------------------------------------------------------------
     {

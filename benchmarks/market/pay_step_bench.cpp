@@ -22,6 +22,7 @@
 
 #include "core/json.h"
 #include "meshtrain/market.h"
+#include "market/daemons.h"  // tests/market: waiting for a daemon's endpoint file
 #include "support/child_process.h"
 
 using namespace meshtrain;
@@ -30,16 +31,6 @@ using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
 namespace {
-
-std::pair<std::string, AccountId> wait_endpoint(const fs::path& file, std::string_view who) {
-  for (int i = 0; i < 1000; ++i) {
-    std::ifstream in(file);
-    std::string endpoint, key;
-    if (in >> endpoint >> key && key.size() == 64) return {endpoint, AccountId::from_hex(key)};
-    std::this_thread::sleep_for(20ms);
-  }
-  throw TimeoutError(fmt::format("{} printed no endpoint to {} within 20 s", who, file.string()));
-}
 
 uint64_t arg(int argc, char** argv, std::string_view name, uint64_t fallback) {
   for (int i = 1; i + 1 < argc; ++i)
@@ -64,7 +55,7 @@ int main(int argc, char** argv) {
                   (dir / "market.pem").string(), "--bind", "tcp://127.0.0.1:0", "--faucet-limit", "1000000000000",
                   "--print-endpoint-file", (dir / "market.endpoint").string()},
                  (dir / "market.log").string());
-    auto [market_endpoint, market_key] = wait_endpoint(dir / "market.endpoint", "meshtrain-market");
+    auto [market_endpoint, market_key] = test_support::wait_endpoint(dir / "market.endpoint", market, "meshtrain-market");
     std::vector<std::unique_ptr<test_support::ChildProcess>> providers;
     for (uint64_t i = 0; i < provider_count; ++i) {
       std::string name = fmt::format("provider{}", i);
@@ -76,7 +67,7 @@ int main(int argc, char** argv) {
                                    "--redeem-interval-ms", "5000", "--print-endpoint-file",
                                    (dir / (name + ".endpoint")).string()},
           (dir / (name + ".log")).string()));
-      wait_endpoint(dir / (name + ".endpoint"), "meshtrain-provider");
+      test_support::wait_endpoint(dir / (name + ".endpoint"), *providers.back(), name);
     }
 
     auto renter = crypto::Identity::generate();

@@ -238,10 +238,7 @@ int demo_command(int argc, char** argv) {
   coordinator_id.save_pem(dir / "coordinator.pem");
 
   const fs::path exe = self_exe();
-  const fs::path coordinator_exe = exe.parent_path() / "meshtrain-coordinator";
-  if (!fs::exists(coordinator_exe))
-    throw IoError(fmt::format("meshtrain-coordinator not found next to {} (expected {})", exe.string(),
-                              coordinator_exe.string()));
+  const fs::path coordinator_exe = sibling(exe, "meshtrain-coordinator");
   std::printf("meshtrain demo: %llu workers, %llu steps, %llu parameters, %s bulk streams\n",
               static_cast<unsigned long long>(workers), static_cast<unsigned long long>(steps),
               static_cast<unsigned long long>(dim), settings.plain ? "plain" : "AES-256-GCM");
@@ -260,12 +257,8 @@ int demo_command(int argc, char** argv) {
                                            "--heartbeat-timeout-ms", "2000", "--quorum-timeout-ms", "5000",
                                            "--print-endpoint-file", (dir / "endpoint").string()},
                            "/dev/null");  // its status lines would interleave with the workers'; warnings still show
-  std::string endpoint, key;
-  for (int i = 0; i < 1000 && key.empty(); ++i) {
-    std::ifstream in(dir / "endpoint");
-    if (!(in >> endpoint >> key)) std::this_thread::sleep_for(10ms);
-  }
-  if (key.empty()) throw TimeoutError("meshtrain-coordinator did not start within 10 s");
+  auto [endpoint, coordinator_key] = wait_endpoint(dir / "endpoint", *coordinator, "meshtrain-coordinator", 10s);
+  const std::string key = coordinator_key.hex();
 
   auto worker_args = [&](uint64_t i) {
     std::vector<std::string> a = {exe.string(), "demo-worker", "--index", std::to_string(i), "--dir", dir.string(),

@@ -26,32 +26,6 @@ constexpr Amount kPricePerStep = 10;
 constexpr Amount kStandbyPricePerStep = 11;  // a little dearer, so the first rent leaves it out
 constexpr Amount kEscrowPerLease = 10'000;
 
-struct Endpoint {
-  std::string endpoint;
-  AccountId key;
-};
-
-Endpoint wait_endpoint(const fs::path& file, Child& child, std::string_view who) {
-  for (int i = 0; i < 1500; ++i) {
-    std::ifstream in(file);
-    std::string endpoint, key;
-    if (in >> endpoint >> key && key.size() == 64) return {endpoint, AccountId::from_hex(key, who)};
-    int status = 0;
-    if (::waitpid(child.pid, &status, WNOHANG) == child.pid) {
-      child.pid = -1;
-      throw IoError(fmt::format("{} exited before it was ready (see {})", who, file.parent_path().string()), 0);
-    }
-    std::this_thread::sleep_for(20ms);
-  }
-  throw TimeoutError(fmt::format("{} was not ready within 30 s", who));
-}
-
-fs::path sibling(const fs::path& exe, const char* name) {
-  fs::path p = exe.parent_path() / name;
-  if (!fs::exists(p)) throw IoError(fmt::format("{} not found next to {} (expected {})", name, exe.string(), p.string()), ENOENT);
-  return p;
-}
-
 }  // namespace
 
 int market_demo(const DemoSettings& s) {

@@ -14,9 +14,12 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <vector>
 
 #include "meshtrain/core.h"
+#include "meshtrain/crypto.h"
 
 namespace meshtrain::tools {
 
@@ -80,6 +83,40 @@ inline std::unique_ptr<Child> spawn(const std::string& name, std::vector<std::st
     _exit(127);
   }
   return child;
+}
+
+// A daemon's --print-endpoint-file: its endpoint and its public key.
+struct Endpoint {
+  std::string endpoint;
+  crypto::PublicKey key;
+};
+
+// Waits up to `timeout` for `child` (named `who`) to write its endpoint file. IoError when the
+// child exits first, TimeoutError when the time is up.
+inline Endpoint wait_endpoint(const std::filesystem::path& file, Child& child, std::string_view who,
+                              std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  auto until = Clock::now() + timeout;
+  for (;;) {
+    std::ifstream in(file);
+    std::string endpoint, key;
+    if (in >> endpoint >> key && key.size() == 64) return {endpoint, crypto::PublicKey::from_hex(key, who)};
+    int status = 0;
+    if (::waitpid(child.pid, &status, WNOHANG) == child.pid) {
+      child.pid = -1;
+      throw IoError(fmt::format("{} exited before it was ready (see {})", who, file.parent_path().string()), 0);
+    }
+    if (Clock::now() >= until)
+      throw TimeoutError(fmt::format("{} was not ready within {} s", who, timeout.count() / 1000));
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+// The meshtrain executable `name` next to `exe` (they are built and installed together).
+inline std::filesystem::path sibling(const std::filesystem::path& exe, const char* name) {
+  std::filesystem::path p = exe.parent_path() / name;
+  if (!std::filesystem::exists(p))
+    throw IoError(fmt::format("{} not found next to {} (expected {})", name, exe.string(), p.string()), ENOENT);
+  return p;
 }
 
 struct Progress {
