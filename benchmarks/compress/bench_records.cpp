@@ -4,6 +4,7 @@
 // median is the record's baseline: both are measured in the same run, under the same load.
 //
 //   meshtrain-bench-compress [--bytes 67108864] [--repeats 7] [--device cpu|cuda|all]
+//                            [--codec SPEC]...   (only these codec cases; repeatable)
 //
 // Record: {"codec", "op" (encode | decode | decode_accumulate), "bytes" (fp32 gradient bytes),
 // "payload_bytes", "median_ms", "GBps" (bytes / median time, 1e9 bytes/s), "memcpy_GBps",
@@ -64,7 +65,18 @@ void print_record(const std::string& codec, const std::string& op, size_t bytes,
 
 const char* kOps[] = {"encode", "decode", "decode_accumulate"};
 
-void run_cpu(size_t bytes, int repeats) {
+// The codec cases to run: all, or those named with --codec.
+std::vector<CodecCase> selected_cases(const std::vector<std::string>& only) {
+  std::vector<CodecCase> cases;
+  for (const auto& c : codec_cases())
+    if (only.empty() || std::find(only.begin(), only.end(), c.spec) != only.end()) cases.push_back(c);
+  for (const auto& name : only)
+    if (std::none_of(cases.begin(), cases.end(), [&](const CodecCase& c) { return c.spec == name; }))
+      cases.push_back({name});  // any make_codec spec; a bad one fails with make_codec's error
+  return cases;
+}
+
+void run_cpu(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
   const size_t count = bytes / 4;
   auto grad = gradient(count);
   std::vector<float> copy(count), out(count);
@@ -72,7 +84,7 @@ void run_cpu(size_t bytes, int repeats) {
   prefault(out);
   const std::string device =
       "cpu (" + std::to_string(std::thread::hardware_concurrency()) + " hardware threads, 1 used)";
-  for (const auto& c : codec_cases()) {
+  for (const auto& c : cases) {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     auto state = codec->make_state(spec);
@@ -96,7 +108,7 @@ void run_cpu(size_t bytes, int repeats) {
   }
 }
 
-void run_cuda(size_t bytes, int repeats) {
+void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
   if (cuda::device_count() == 0) {
     std::printf("{\"device\": \"cuda\", \"skipped\": \"no CUDA device: %s\"}\n",
                 json_escape(cuda::runtime_description()).c_str());
@@ -151,7 +163,7 @@ void run_cuda(size_t bytes, int repeats) {
     }
   }
   // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).
-  for (const auto& c : codec_cases()) {
+  for (const auto& c : cases) {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     spec.device = DeviceKind::Cuda;
@@ -183,6 +195,7 @@ int main(int argc, char** argv) {
   size_t bytes = size_t(64) << 20;
   int repeats = 7;
   std::string device = "cpu";
+  std::vector<std::string> only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -195,15 +208,18 @@ int main(int argc, char** argv) {
     if (a == "--bytes") bytes = std::stoull(value());
     else if (a == "--repeats") repeats = std::max(1, std::stoi(value()));
     else if (a == "--device") device = value();
+    else if (a == "--codec") only.push_back(value());
     else {
-      std::fprintf(stderr, "usage: %s [--bytes N] [--repeats N] [--device cpu|cuda|all]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--bytes N] [--repeats N] [--device cpu|cuda|all] [--codec SPEC]...\n",
+                   argv[0]);
       return 2;
     }
   }
   bytes = bytes / 4 * 4;
   try {
-    if (device == "cpu" || device == "all") run_cpu(bytes, repeats);
-    if (device == "cuda" || device == "all") run_cuda(bytes, repeats);
+    const auto cases = selected_cases(only);
+    if (device == "cpu" || device == "all") run_cpu(bytes, repeats, cases);
+    if (device == "cuda" || device == "all") run_cuda(bytes, repeats, cases);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "meshtrain-bench-compress: %s\n", e.what());
     return 1;

@@ -287,6 +287,13 @@ std::vector<float> Residual::to_host() const {
   return out;
 }
 
+void Residual::swap_host(std::vector<float>& other) {
+  if (device_ == DeviceKind::Cuda || other.size() != count_)
+    throw InternalError(fmt::format("residual swap: {} host floats for a residual of {} on {}", other.size(),
+                                    count_, device_ == DeviceKind::Cuda ? "cuda" : "cpu"));
+  host_.swap(other);
+}
+
 void Residual::zero() {
   if (device_ != DeviceKind::Cuda) {
     std::fill(host_.begin(), host_.end(), 0.0f);

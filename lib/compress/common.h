@@ -99,6 +99,9 @@ class Residual {
   float* data() { return device_ == DeviceKind::Cuda ? buffer_.as<float>() : host_.data(); }
   std::vector<float> to_host() const;
   void zero();
+  // Exchanges the host buffer with `other` (same size), in O(1): a double-buffered encode
+  // writes the next residual into `other` and swaps it in once nothing can fail any more.
+  void swap_host(std::vector<float>& other);
 
  private:
   size_t count_ = 0;
@@ -123,6 +126,8 @@ class ResidualState : public StateBase {
   }
   // Null without error feedback.
   float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+  // CPU states with error feedback: makes `next` the residual and leaves the old one in `next`.
+  void swap_residual(std::vector<float>& next) { residual_.swap_host(next); }
 
  private:
   bool has_residual_ = false;

@@ -5,11 +5,26 @@
 // Error bound per element: |decoded - v| <= scale / 2 (nearest) or < scale (stochastic),
 // scale = max |v| over the element's block / 127.
 //
-// CPU: per block, pass 1 forms v in place (in the residual) and its absmax from the bits of |v|
-// (an integer max, which g++ vectorises); pass 2 quantizes the block while it is still in L1
-// and leaves the new residual. The CUDA kernel (kernels/compress/int8.cu) does both in one
-// pass per block with the same element math (codec_math.h).
+// CPU: per block, pass 1 forms v and its absmax from the bits of |v| (an integer max, which g++
+// vectorises); pass 2 quantizes the block while it is still in L1 and leaves the new residual.
+// The CUDA kernel (kernels/compress/int8.cu) does both in one pass per block with the same
+// element math (codec_math.h).
+//
+// NaN/Inf with error feedback: the state must be unchanged after a rejected gradient, but the
+// gradient is only known to be finite once it has all been read. A state encoded before
+// (steady state) is therefore double-buffered on the CPU: the new residual goes to a second
+// buffer, and the two swap when the whole gradient has passed; a NaN/Inf shows in the block's
+// absmax (|NaN| and |Inf| have the largest keys) at no cost in the loop. The old residual is
+// never written, so nothing has to be restored. The price is 4 bytes per element more for a
+// state that is encoded repeatedly. A state's first encode (and blocks over kChunk) scans the
+// gradient first and updates the residual in place instead: the compressed all-reduce encodes
+// each kept state's fresh clone once, and a second buffer there would be allocated (and page
+// faulted) per operation. Both paths produce the same bits.
 #include <limits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "compress/common.h"
 
@@ -28,7 +43,38 @@ class Int8State final : public ResidualState {
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<Int8State>(*this); }
 
   kc::DeviceBuffer staging;
+  // CPU, error feedback: where the next residual is written (double buffering), allocated on
+  // this object's second encode; `encoded` says this object has encoded on the CPU before.
+  // Neither is copied by clone().
+  std::vector<float> next_residual;
+  bool encoded = false;
 };
+
+// Residual bytes at or above which the double-buffered loop writes the new residual with
+// non-temporal stores: it would not stay in the cache anyway, and a normal store would first
+// read the line it overwrites (a third stream of memory traffic).
+constexpr size_t kStreamingBytes = size_t(4) << 20;
+
+// dst[0, n) = src[0, n), bypassing the cache (x86-64: SSE streaming stores, part of the
+// baseline) when `streaming`; the caller fences once at the end.
+inline void store_floats(float* __restrict dst, const float* __restrict src, size_t n, bool streaming) {
+#if defined(__x86_64__)
+  if (streaming) {
+    size_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+#endif
+  (void)streaming;
+  std::memcpy(dst, src, n * sizeof(float));
+}
+inline void streaming_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
 
 // The loops, compiled per CPU level (MT_VECTOR_CLONES).
 
@@ -98,6 +144,63 @@ MT_VECTOR_CLONES size_t quantize_loop(const float* __restrict x, float* __restri
   return n;
 }
 
+// The double-buffered form of quantize_loop with a residual (block <= kChunk): reads x and
+// r_old, writes scales, q and r_new = v - decoded(v), never r_old. Returns the index of the
+// first NaN/Inf in x, found from the block's absmax before anything of that block is written,
+// or n. (A finite x whose sum with the residual overflows is not caught, as in quantize_loop.)
+MT_VECTOR_CLONES size_t quantize_feedback_loop(const float* __restrict x, const float* __restrict r_old,
+                                               float* __restrict r_new, size_t n, size_t block,
+                                               bool stochastic, uint64_t seed, uint64_t step,
+                                               uint8_t* scales, uint8_t* __restrict q) {
+  const size_t blocks = (n + block - 1) / block;
+  const bool streaming = n * sizeof(float) >= kStreamingBytes;
+  alignas(64) float v[kChunk];
+  alignas(64) float next[kChunk];
+  alignas(64) int8_t tmp[kChunk];
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t begin = b * block, len = std::min(block, n - begin);
+    const float* __restrict xb = x + begin;
+    const float* __restrict rb = r_old + begin;
+    uint32_t absmax_key = 0;
+    for (size_t i = 0; i < len; ++i) {
+      const float vi = math::add_rn(xb[i], rb[i]);
+      v[i] = vi;
+      const uint32_t a = math::f2u(vi) & 0x7fffffffu;
+      absmax_key = a > absmax_key ? a : absmax_key;
+    }
+    // v is NaN/Inf where x is (the residual is finite); the rare hit names x's element.
+    if (absmax_key >= 0x7f800000u) {
+      const size_t bad = find_nonfinite(xb, len);
+      if (bad < len) {
+        streaming_fence();
+        return begin + bad;
+      }
+    }
+    const float absmax = math::u2f(absmax_key);
+    const float scale = math::int8_scale(absmax), inverse = math::int8_inverse(absmax);
+    store<float>(scales, b, scale);
+    if (stochastic) {
+      const uint32_t key = math::block_key(seed, step, b);
+      for (size_t i = 0; i < len; ++i) {
+        const float u = math::noise(key, static_cast<uint32_t>(i));
+        tmp[i] = static_cast<int8_t>(static_cast<int32_t>(math::int8_stochastic(v[i], inverse, u)));
+      }
+      for (size_t i = 0; i < len; ++i)
+        next[i] = math::sub_rn(v[i], math::int8_value(static_cast<float>(tmp[i]), scale));
+    } else {
+      for (size_t i = 0; i < len; ++i) {
+        const float t = math::int8_nearest(v[i], inverse);
+        tmp[i] = static_cast<int8_t>(static_cast<int32_t>(t));
+        next[i] = math::sub_rn(v[i], math::int8_value(t, scale));
+      }
+    }
+    std::memcpy(q + begin, tmp, len);
+    store_floats(r_new + begin, next, len, streaming);
+  }
+  streaming_fence();
+  return n;
+}
+
 MT_VECTOR_CLONES void dequantize_loop(const uint8_t* scales, const uint8_t* q, size_t n, size_t block,
                                       float* out, bool accumulate) {
   const size_t blocks = (n + block - 1) / block;
@@ -145,12 +248,16 @@ class Int8Codec final : public ApplyingCodec {
     auto& s = state_as<Int8State>(id(), state);
     const size_t n = grad.count, bytes = encoded_bytes(s.spec());
     check_capacity(id(), out, bytes);
-    // With error feedback, check before anything changes: a NaN/Inf gradient leaves the
-    // residual as it was. (This extra read of the gradient is most of the gap between int8 and
-    // int8 without error feedback in docs/benchmarks.md.) Without, the CPU loop checks as it goes.
+    // A NaN/Inf gradient must leave the residual as it was. The CPU's double-buffered loop
+    // (a state encoded before) checks as it goes and never writes the old residual; so does
+    // the loop without error feedback, which has no state to protect. Otherwise (first encode,
+    // blocks over kChunk, CUDA) the gradient is scanned before anything changes.
     float* residual = s.residual_data();
-    if (residual != nullptr || grad.device == DeviceKind::Cuda) reject_nonfinite(id(), grad, stream);
     const size_t block = o_.block_size, blocks = (n + block - 1) / block;
+    const bool double_buffered =
+        grad.device == DeviceKind::Cpu && residual != nullptr && block <= kChunk && s.encoded;
+    if (grad.device == DeviceKind::Cuda || (residual != nullptr && !double_buffered))
+      reject_nonfinite(id(), grad, stream);
     const bool stochastic = o_.rounding == Rounding::Stochastic;
     const uint64_t step = s.stats().encodes;
     uint8_t* scales = out.data() + kPayloadHeaderBytes;
@@ -166,10 +273,17 @@ class Int8Codec final : public ApplyingCodec {
         kc::copy_async(scales, s.staging.data(), body, grad.device_index, stream.handle);
         kc::synchronize(grad.device_index, stream.handle);
       });
+    } else if (double_buffered) {
+      if (s.next_residual.size() != n) s.next_residual.assign(n, 0.0f);
+      if (quantize_feedback_loop(static_cast<const float*>(grad.data), residual, s.next_residual.data(), n,
+                                 block, stochastic, o_.seed, step, scales, q) < n)
+        reject_nonfinite(id(), grad, stream);  // throws; the residual was only read
+      s.swap_residual(s.next_residual);
     } else {
       if (quantize_loop(static_cast<const float*>(grad.data), residual, n, block, stochastic, o_.seed, step,
                         scales, q) < n)
         reject_nonfinite(id(), grad, stream);
+      s.encoded = true;
     }
     write_header(out, header(n));
     s.record(bytes);

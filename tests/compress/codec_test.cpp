@@ -458,6 +458,71 @@ TEST(Int8, AllZeroBlockAndSingleElementBlocks) {
   for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(out[i], x[i], std::fabs(x[i]) * 1e-6) << i;
 }
 
+// A state encoded before writes its next residual into a second buffer (double buffering,
+// lib/compress/int8.cpp) and a state's first encode updates it in place after a scan: both
+// must give the same bytes. A state kept across steps is compared with a fresh clone of a
+// twin per step (the compressed all-reduce's pattern, always the first-encode path), over
+// sizes that cross the streaming-store threshold (4 MiB) and a block over the 4096-element
+// chunk (in place every time).
+class Int8Paths : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Int8Paths, KeptStateAndFreshClonesEncodeTheSameBytes) {
+  auto codec = make_codec(GetParam());
+  for (size_t n : {size_t(1), size_t(1000), size_t(100003), (size_t(1) << 20) + 3}) {
+    auto kept = codec->make_state(TensorSpec::flat(n));
+    auto twin = codec->make_state(TensorSpec::flat(n));
+    for (uint64_t step = 0; step < 4; ++step) {
+      auto grad = random_gradient(n, 100 + step);
+      auto clone = twin->clone();
+      ASSERT_EQ(encode(*codec, grad, *kept), encode(*codec, grad, *clone)) << "n " << n << " step " << step;
+      twin = std::move(clone);
+      ASSERT_EQ(kept->residual(), twin->residual()) << "n " << n << " step " << step;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Int8, Int8Paths,
+                         ::testing::Values("int8", "int8:block_size=64,rounding=stochastic,seed=3",
+                                           "int8:block_size=1000", "int8:block_size=5000"),
+                         [](const auto& info) { return test_name(info.param); });
+
+// NaN/Inf found late: the double-buffered loop has already quantized every block before it,
+// so the old residual must come out untouched because it was never written. Large enough for
+// streaming stores; the bad element in the first, a middle and the last block.
+TEST(Int8, NonFiniteInALateBlockLeavesTheDoubleBufferedStateUnchanged) {
+  auto codec = make_codec("int8");
+  const size_t n = (size_t(1) << 20) + 5;
+  auto state = codec->make_state(TensorSpec::flat(n));
+  auto grad = random_gradient(n, 8);
+  encode(*codec, grad, *state);
+  encode(*codec, random_gradient(n, 9), *state);  // now double-buffered, next buffer in use once
+  const auto residual = state->residual();
+  const auto encodes = state->stats().encodes;
+  for (size_t at : {size_t(3), n / 2 + 1, n - 1}) {
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+      auto g = grad;
+      g[at] = bad;
+      std::vector<uint8_t> out(codec->encoded_bytes(state->spec()));
+      try {
+        codec->encode(view(g), *state, out);
+        FAIL() << "no error for " << bad << " at " << at;
+      } catch (const InvalidArgumentError& e) {
+        EXPECT_NE(std::string(e.what()).find("element " + std::to_string(at) + " of " + std::to_string(n)), std::string::npos)
+            << e.what();
+      }
+      ASSERT_EQ(state->residual(), residual) << at;
+      EXPECT_EQ(state->stats().encodes, encodes);
+    }
+  }
+  // It continues exactly as a state that never saw the bad gradients.
+  auto twin = codec->make_state(TensorSpec::flat(n));
+  encode(*codec, grad, *twin);
+  encode(*codec, random_gradient(n, 9), *twin);
+  auto next = random_gradient(n, 10);
+  EXPECT_EQ(encode(*codec, next, *state), encode(*codec, next, *twin));
+  EXPECT_EQ(state->residual(), twin->residual());
+}
+
 // ---------------------------------------------------------------------------------------------
 // PowerSGD.
 
