@@ -10,6 +10,7 @@
 #include <set>
 #include <thread>
 
+#include "collective/exchange.h"
 #include "collective/half.h"
 #include "collective/ring.h"
 #include "collective/step_attempt.h"
@@ -228,6 +229,11 @@ struct Communicator::Impl {
   // Ring channels, kept while the neighbours stay the same and nothing failed.
   std::optional<net::BulkChannel> to_next;
   std::optional<net::BulkChannel> from_prev;
+  // The direct exchange's channels to the members that are not ring neighbours, by rank (the
+  // ring channels serve the neighbours), for the member list `mesh_for` (ids in rank order):
+  // opened by the first operation that needs them, dropped when the members change.
+  std::vector<std::optional<net::BulkChannel>> mesh;
+  std::vector<PeerId> mesh_for;
   bool checking_gradients = false;  // inside reduce_step: refuse non-finite partial sums
   uint64_t failed_quorum = 0;  // the last attempt that failed here (reported to the coordinator)
   std::vector<PeerId> failed_lost;
@@ -252,65 +258,74 @@ struct Communicator::Impl {
   void drop_channels() {
     to_next.reset();
     from_prev.reset();
+    drop_mesh();
+  }
+  void drop_mesh() {
+    mesh.clear();
+    mesh_for.clear();
   }
 
   // Connects to the next rank and accepts from the previous one, concurrently (every member
-  // does both, so doing them in turn would deadlock the ring).
-  void ensure_ring(Deadline deadline, const CancelToken* cancel) {
+  // does both, so doing them in turn would deadlock the ring). with_mesh: also the mesh
+  // channels (the lower rank of each pair connects), in the same accept loop, so that no
+  // member's mesh stream arrives while another waits only for its ring neighbour.
+  void ensure_ring(Deadline deadline, const CancelToken* cancel, bool with_mesh = false) {
     const auto& q = *current;
     size_t n = q.members.size();
     if (n < 2) return;
-    const coord::Member& next = q.members[(my_rank + 1) % n];
-    const coord::Member& prev = q.members[(my_rank + n - 1) % n];
-    bool reuse_next = to_next && to_next->peer() == next.id;
-    bool reuse_prev = from_prev && from_prev->peer() == prev.id;
-    std::future<net::BulkChannel> connecting;
-    if (!reuse_next) {
-      to_next.reset();
-      Deadline d(std::min(deadline.at(), Clock::now() + options.connect_timeout));
-      connecting = std::async(std::launch::async, [&, d] {
-        return net::BulkChannel::connect(self, next.id, next.host, next.port, options.streams, options.bulk, d);
-      });
-    }
-    std::exception_ptr failure;
-    if (!reuse_prev) {
-      from_prev.reset();
-      try {
-        Deadline d(std::min(deadline.at(), Clock::now() + options.connect_timeout));
-        from_prev = net::BulkChannel::accept(*listener, prev.id, options.streams, d, cancel);
-      } catch (const TimeoutError&) {
-        failure = std::make_exception_ptr(PeerLostError(
-            prev.id.fingerprint(), fmt::format("ring neighbour {} did not connect within {} ms", prev.id.fingerprint(),
-                                               options.connect_timeout.count())));
-      } catch (...) {
-        failure = std::current_exception();
+    const size_t next_rank = (my_rank + 1) % n, prev_rank = (my_rank + n - 1) % n;
+    const coord::Member& next = q.members[next_rank];
+    const coord::Member& prev = q.members[prev_rank];
+    std::vector<LinkRequest> requests;
+    if (!(to_next && to_next->peer() == next.id)) requests.push_back({&next, true, &to_next, "ring neighbour"});
+    if (!(from_prev && from_prev->peer() == prev.id)) requests.push_back({&prev, false, &from_prev, "ring neighbour"});
+    if (with_mesh) {
+      std::vector<PeerId> ids;
+      for (const auto& m : q.members) ids.push_back(m.id);
+      if (mesh_for != ids) {
+        mesh.clear();
+        mesh.resize(n);
+        mesh_for = ids;
+        log::info("collective", "quorum {:x} (step {}): opening the direct exchange's mesh ({} members)", q.quorum_id,
+                  q.step, n);
+        for (size_t c = 0; c < n; ++c)
+          if (c != my_rank && c != next_rank && c != prev_rank)
+            requests.push_back({&q.members[c], my_rank < c, &mesh[c], "mesh peer"});
       }
     }
-    if (connecting.valid()) {
-      try {
-        to_next = connecting.get();
-      } catch (const Error& e) {
-        if (!failure)
-          failure = std::make_exception_ptr(
-              PeerLostError(next.id.fingerprint(), fmt::format("cannot reach ring neighbour {}: {}",
-                                                               next.id.fingerprint(), e.what())));
+    open_links(LinkSetup{self, *listener, options.streams, options.bulk, options.connect_timeout}, requests, deadline,
+               cancel);
+  }
+
+  // Every other member's channels for the direct exchange (after ensure_ring with the mesh).
+  MeshLinks mesh_links() {
+    const size_t n = current->members.size();
+    const size_t next_rank = (my_rank + 1) % n, prev_rank = (my_rank + n - 1) % n;
+    MeshLinks links{std::vector<net::BulkChannel*>(n), std::vector<net::BulkChannel*>(n)};
+    for (size_t c = 0; c < n; ++c) {
+      if (c == my_rank) continue;
+      if (c == next_rank || c == prev_rank) {  // with 2 members both: send forward, receive from behind
+        links.send[c] = c == next_rank ? &*to_next : &*from_prev;
+        links.recv[c] = c == prev_rank ? &*from_prev : &*to_next;
+      } else {
+        links.send[c] = links.recv[c] = &*mesh[c];
       }
     }
-    if (failure) std::rethrow_exception(failure);
+    return links;
   }
 
   // Runs `body` as one operation of the current quorum: sets up the ring, arms the abort watch,
   // and turns every failure into PeerLostError naming the peers the coordinator (or this
   // member) found lost. On failure the channels are dropped and the failure reported.
   template <typename Body>
-  void run_op(std::string_view what, Body body) {
+  void run_op(std::string_view what, Body body, bool with_mesh = false) {
     const coord::Quorum& q = quorum_or_throw();
     Deadline deadline = Deadline::after(options.op_timeout);
     CancelToken cancel;
     link->watch(q.quorum_id, &cancel);
     uint64_t seq = ++op_seq;
     try {
-      ensure_ring(deadline, &cancel);
+      ensure_ring(deadline, &cancel, with_mesh);
       RingContext ctx{q, my_rank, seq, to_next ? &*to_next : nullptr, from_prev ? &*from_prev : nullptr,
                       deadline, &cancel, options.chunk_bytes, options.fault_hook, checking_gradients};
       body(ctx);
@@ -409,6 +424,11 @@ const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
   // member, also those admitted by join token and so on nobody's allow-list.
   for (const auto& m : q->members) s.listener->allow(m.id);
   if (s.current && s.current->members.size() != q->members.size()) s.drop_channels();
+  // The mesh is kept only while the members stay the same: both ends of a pair then decide
+  // alike whether to reuse it (a member that was left out dropped all its channels).
+  std::vector<PeerId> ids;
+  for (const auto& m : q->members) ids.push_back(m.id);
+  if (s.mesh_for != ids) s.drop_mesh();
   s.my_rank = me.rank;
   s.op_seq = 0;  // operations are numbered per quorum, the same on every member
   s.current = std::move(*q);
@@ -501,6 +521,11 @@ void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
 
 void Communicator::run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body) {
   impl_->run_op(what, body);
+}
+
+void Communicator::run_mesh_op(std::string_view what, const std::function<void(RingContext&, const MeshLinks&)>& body) {
+  auto& s = *impl_;
+  s.run_op(what, [&](RingContext& ctx) { body(ctx, s.mesh_links()); }, /*with_mesh=*/true);
 }
 
 StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts) {

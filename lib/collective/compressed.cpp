@@ -1,12 +1,14 @@
 // The compressed all-reduce (docs/compression.md, "The compressed all-reduce"): encode once per
-// attempt, relay the encoded chunks to their owners, owner decode_accumulates in rank order in
-// fp32 and re-encodes, all-gather of the owners' payloads, everyone decodes the same bytes.
+// attempt, send the encoded chunks to their owners (directly over a mesh, or relayed along the
+// ring), owner decode_accumulates in rank order in fp32 and re-encodes, all-gather of the
+// owners' payloads, everyone decodes the same bytes.
 // Top-k can instead all-gather every member's whole-tensor payload.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
 
+#include "collective/exchange.h"
 #include "collective/ring.h"
 #include "collective/step_attempt.h"
 #include "meshtrain/collective.h"
@@ -192,15 +194,18 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
   }
 
   // Top-k: all-gather the whole-tensor payloads where that moves no more bytes than the owner
-  // path (whose relay costs about n(n-1)/2 chunk payloads plus the owners' all-gather).
+  // path (n-1 chunk payloads sent directly, or about n(n-1)/2 relayed, plus the owners'
+  // all-gather of n-1).
+  const bool direct = st.options.exchange == Exchange::Direct;
   bool all_gather = false;
   if (codec.id() == compress::CodecId::TopK) {
     const double whole = static_cast<double>(codec.encoded_bytes(count));
     const double chunk = static_cast<double>(codec.encoded_bytes(chunk_size(count, n, 0)));
+    const double owner_path = direct ? 2.0 * (n - 1) * chunk : (n - 1) * chunk * (n / 2.0 + 1.0);
     switch (st.options.sparse_gather) {
       case SparseGather::AllGather: all_gather = true; break;
       case SparseGather::Owner: all_gather = false; break;
-      case SparseGather::Auto: all_gather = (n - 1) * whole <= (n - 1) * chunk * (n / 2.0 + 1.0); break;
+      case SparseGather::Auto: all_gather = (n - 1) * whole <= owner_path; break;
     }
   }
   const size_t chunks = all_gather ? 1 : n;
@@ -263,16 +268,15 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       for (size_t c = 0; c < n; ++c) block = std::max(block, sizes[c] = payloads[c].size());
       std::vector<std::span<const uint8_t>> blocks(payloads.begin(), payloads.end());
       std::vector<uint8_t> owners(n * block, 0);  // payload of chunk c at c * block, padded
-      run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
-        ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
-        std::vector<std::vector<uint8_t>> gathered;
-        ring_gather_to_owners(ctx, blocks, gathered);
-        const size_t own = chunk_size(count, n, r);
-        std::vector<float> sum(own, 0.0f);
-        BufferView sum_view{sum.data(), own, DType::Float32};
-        for (size_t j = 0; j < n; ++j)  // rank order: the same sum on any rerun
-          decode_from(q.members[j], fmt::format("{} chunk {}", codec.name(), r),
-                      [&] { codec.decode_accumulate(gathered[j], sum_view); });
+      const size_t own = chunk_size(count, n, r);
+      std::vector<float> sum(own, 0.0f);
+      BufferView sum_view{sum.data(), own, DType::Float32};
+      // Rank order, whichever way the payloads came: the same sum on any rerun.
+      auto accumulate = [&](size_t j, std::span<const uint8_t> payload) {
+        decode_from(q.members[j], fmt::format("{} chunk {}", codec.name(), r),
+                    [&] { codec.decode_accumulate(payload, sum_view); });
+      };
+      auto reduce_and_gather = [&](RingContext& ctx) {
         if (divisor != 1.0f)
           for (float& x : sum) x /= divisor;
         std::vector<std::unique_ptr<CodecState>> owner_states;
@@ -286,10 +290,28 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
             codec.decode(std::span<const uint8_t>(owners.data() + c * block, sizes[c]),
                          BufferView{data + chunk_begin(count, n, c), chunk_size(count, n, c), DType::Float32});
           });
-      });
-      for (size_t k = 0; k + 1 < n; ++k) {
-        traffic.sent_bytes += (k + 1) * sizes[(r + 2 * n - k - 1) % n];
-        traffic.received_bytes += (k + 1) * sizes[(r + 2 * n - k - 2) % n];
+      };
+      if (direct) {
+        run_mesh_op("allreduce_compressed", [&](RingContext& ctx, const MeshLinks& links) {
+          ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
+          exchange_to_owners(ctx, links, blocks, accumulate);
+          reduce_and_gather(ctx);
+        });
+        for (size_t c = 0; c < n; ++c)
+          if (c != r) traffic.sent_bytes += sizes[c];
+        traffic.received_bytes += (n - 1) * sizes[r];
+      } else {
+        run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
+          ctx.reject_non_finite = false;
+          std::vector<std::vector<uint8_t>> gathered;
+          ring_gather_to_owners(ctx, blocks, gathered);
+          for (size_t j = 0; j < n; ++j) accumulate(j, gathered[j]);
+          reduce_and_gather(ctx);
+        });
+        for (size_t k = 0; k + 1 < n; ++k) {
+          traffic.sent_bytes += (k + 1) * sizes[(r + 2 * n - k - 1) % n];
+          traffic.received_bytes += (k + 1) * sizes[(r + 2 * n - k - 2) % n];
+        }
       }
       traffic.sent_bytes += (n - 1) * block;
       traffic.received_bytes += (n - 1) * block;

@@ -13,7 +13,7 @@
 // set_state_digest), and a quorum naming divergent members is written as "divergent S HEX,...".
 // --perturb-at: this member adds 1 to its first parameter before STEP (a diverged state).
 //                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]
-//                    [--shape ROWSxCOLS]]
+//                    [--shape ROWSxCOLS] [--exchange direct|ring]]
 //                   [--problem random|lsq] [--max-attempts N]
 //
 // --codec: the compressed all-reduce (reduce_step with a codec). --corrupt-at: at that step
@@ -97,6 +97,11 @@ int run(std::map<std::string, std::string>& a) {
   collective::CompressedOptions compressed;
   if (a.count("--codec")) codec = compress::make_codec(a.at("--codec"));
   if (a.count("--sparse-gather")) compressed.sparse_gather = parse_sparse_gather(a.at("--sparse-gather"));
+  if (a.count("--exchange")) {
+    const std::string& e = a.at("--exchange");
+    if (e != "direct" && e != "ring") throw InvalidArgumentError("--exchange " + e + " (direct, ring)");
+    compressed.exchange = e == "direct" ? collective::Exchange::Direct : collective::Exchange::Ring;
+  }
   if (a.count("--shape")) {
     const std::string& shape = a.at("--shape");
     compressed.shape = {std::stoull(shape.substr(0, shape.find('x'))), std::stoull(shape.substr(shape.find('x') + 1))};

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <thread>
 
 #include "collective/gradient.h"
 #include "collective/job.h"
@@ -113,6 +114,7 @@ struct CodecCase {
   std::string codec;
   std::string sparse_gather;
   std::string name;
+  std::string exchange = "direct";  // how the encoded chunks reach their owners
 };
 
 class CompressedAllreduce : public ::testing::TestWithParam<CodecCase> {};
@@ -120,14 +122,17 @@ class CompressedAllreduce : public ::testing::TestWithParam<CodecCase> {};
 }  // namespace
 
 // 4 processes, 3 steps: every member ends each step with the same bytes, and those bytes are
-// the reference algorithm's (which also fixes the residual each member must carry).
+// the reference algorithm's (which also fixes the residual each member must carry). Run with
+// the direct exchange and with the ring relay: both equal the same reference bytes, so the
+// two paths are bit-identical to each other for every codec.
 TEST_P(CompressedAllreduce, IdenticalOnAllPeersAndEqualToTheReference) {
   const CodecCase c = GetParam();
   const size_t count = 10007;
   const int peers = 4;
   Job job({.peers = peers, .min_peers = peers});
   job.start_coordinator();
-  for (int i = 0; i < peers; ++i) job.start_peer(i, 3, count, {"--codec", c.codec, "--sparse-gather", c.sparse_gather});
+  for (int i = 0; i < peers; ++i)
+    job.start_peer(i, 3, count, {"--codec", c.codec, "--sparse-gather", c.sparse_gather, "--exchange", c.exchange});
   for (int i = 0; i < peers; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
   auto codec = compress::make_codec(c.codec);
   const bool all_gather = c.sparse_gather == "allgather";
@@ -165,7 +170,14 @@ INSTANTIATE_TEST_SUITE_P(Codecs, CompressedAllreduce,
                                            CodecCase{"int8:block_size=64,rounding=stochastic,seed=3", "auto",
                                                      "int8_stochastic"},
                                            CodecCase{"topk:fraction=0.05", "auto", "topk_owner"},
-                                           CodecCase{"topk:fraction=0.05", "allgather", "topk_allgather"}),
+                                           CodecCase{"topk:fraction=0.05", "allgather", "topk_allgather"},
+                                           CodecCase{"none", "auto", "none_ring", "ring"},
+                                           CodecCase{"fp16", "auto", "fp16_ring", "ring"},
+                                           CodecCase{"bf16", "auto", "bf16_ring", "ring"},
+                                           CodecCase{"int8", "auto", "int8_ring", "ring"},
+                                           CodecCase{"int8:block_size=64,rounding=stochastic,seed=3", "auto",
+                                                     "int8_stochastic_ring", "ring"},
+                                           CodecCase{"topk:fraction=0.05", "owner", "topk_owner_ring", "ring"}),
                          [](const auto& info) { return info.param.name; });
 
 namespace {
@@ -268,24 +280,35 @@ TEST(CompressedPowerSgd, IdenticalOnAllPeersAndTheLowRankApproximationOfTheAvera
 
 namespace {
 
-// Peer 2 is SIGKILLed at ring step 1 of `phase` in step 2 (int8, error feedback on). The 3
-// survivors retry step 2 and finish; the retried result must be exactly a fresh compressed
-// all-reduce among the survivors started from the residuals they had on entry to step 2 (a
-// residual fed twice, or an owner re-encode of the aborted attempt kept, would change it),
-// and the residual each survivor leaves step 2 with is that fresh run's.
-void kill_mid_compressed(const std::string& phase) {
+// Peer 2 is SIGKILLed at index `at` of `phase` in step 2 (int8, error feedback on). With the
+// direct exchange, "reduce_scatter" index 0 is before its first payload leaves and index k after
+// it took k payloads for its own chunk; with the ring, the ring step. Every survivor's failed
+// attempt names peer 2 as lost. The 3 survivors retry step 2 and finish; the retried result
+// must be exactly a fresh compressed all-reduce among the survivors started from the residuals
+// they had on entry to step 2 (a residual fed twice, or an owner re-encode of the aborted
+// attempt kept, would change it), and the residual each survivor leaves step 2 with is that
+// fresh run's.
+void kill_mid_compressed(const std::string& phase, int at = 1, const std::string& exchange = "direct") {
   const size_t count = 20011;
   const std::string spec = "int8:block_size=128";
-  Job job({.peers = 4, .min_peers = 2, .quorum_timeout_ms = 5000, .heartbeat_timeout_ms = 2000});
+  Job job({.peers = 4, .min_peers = 2, .quorum_timeout_ms = 5000, .heartbeat_timeout_ms = 2000,
+           .capture_output = true});
   job.start_coordinator();
   for (int i = 0; i < 4; ++i) {
-    std::vector<std::string> extra = {"--codec", spec};
-    if (i == 2) extra.insert(extra.end(), {"--die-at", "2", "--die-phase", phase, "--die-ring-step", "1"});
+    std::vector<std::string> extra = {"--codec", spec, "--exchange", exchange};
+    if (i == 2)
+      extra.insert(extra.end(), {"--die-at", "2", "--die-phase", phase, "--die-ring-step", std::to_string(at)});
     job.start_peer(i, 3, count, extra);
   }
   EXPECT_EQ(job.peer(2).wait(60s), 128 + SIGKILL);
   for (int i : {0, 1, 3}) ASSERT_EQ(job.peer(i).wait(60s), 0) << "survivor " << i;
   const std::vector<int> survivors = {0, 1, 3};
+  const std::string victim = crypto::PeerId::from_hex(job.key(2)).fingerprint();
+  for (int i : survivors) {
+    const std::string log = read_text(job.log_path(i));
+    EXPECT_NE(log.find("step 2 attempt 1: "), std::string::npos) << "survivor " << i << " did not fail attempt 1";
+    EXPECT_NE(log.find("lost: " + victim), std::string::npos) << "survivor " << i << " did not name peer 2:\n" << log;
+  }
   EXPECT_EQ(ranks_of_step(job, survivors, 1).size(), 4u);
   std::vector<int> ranks = ranks_of_step(job, survivors, 2);
   ASSERT_EQ(ranks.size(), 3u);
@@ -314,7 +337,13 @@ void kill_mid_compressed(const std::string& phase) {
 }  // namespace
 
 TEST(CompressedFaults, PeerKilledWhileSendingToOwnersSurvivorsRetryOnce) { kill_mid_compressed("reduce_scatter"); }
+TEST(CompressedFaults, PeerKilledBeforeItsDirectSendsSurvivorsNameItAndRetry) {
+  kill_mid_compressed("reduce_scatter", 0);
+}
 TEST(CompressedFaults, PeerKilledDuringOwnersAllGatherSurvivorsRetryOnce) { kill_mid_compressed("all_gather"); }
+TEST(CompressedFaults, PeerKilledWhileRelayingToOwnersSurvivorsRetryOnce) {
+  kill_mid_compressed("reduce_scatter", 1, "ring");
+}
 
 // Peer 1 corrupts its payload for the next rank's chunk (0xff over the first body bytes: an
 // int8 scale that is NaN). The owner's decoder rejects it; the step fails on every member
@@ -339,4 +368,46 @@ TEST(CompressedFaults, CorruptPayloadIsRejectedNamingItsSender) {
       ++owners;
   }
   EXPECT_EQ(owners, 4) << "every member should report the owner's verdict on peer 1's payload";
+}
+
+// A member leaves after step 4 and another joins at step 5: the quorum keeps 4 members but
+// its member set changes. Every member opens the direct exchange's mesh once for the first
+// set (steps 1-4 reuse it) and once more for the new set; the joiner takes state, and every
+// step ends with the same bytes on all its members.
+TEST(CompressedMembership, MeshIsReusedWhileTheMembersStayAndRebuiltWhenTheyChange) {
+  const size_t count = 6007;
+  Job job({.peers = 5, .min_peers = 3, .quorum_timeout_ms = 3000, .capture_output = true});
+  job.start_coordinator();
+  const std::vector<std::string> flags = {"--codec", "int8", "--step-delay-ms", "300"};
+  for (int i = 0; i < 3; ++i) job.start_peer(i, 8, count, flags);
+  job.start_peer(3, 4, count, flags);  // steps 1-4, then leaves
+  for (int tries = 0; tries < 300 && !job.log(0).steps.count(3); ++tries) std::this_thread::sleep_for(20ms);
+  ASSERT_TRUE(job.log(0).steps.count(3));
+  std::vector<std::string> joiner = flags;
+  joiner.insert(joiner.end(), {"--join", "--start-step", "5"});
+  job.start_peer(4, 4, count, joiner);
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
+
+  for (uint64_t step = 1; step <= 4; ++step) EXPECT_EQ(ranks_of_step(job, {0, 1, 2, 3}, step).size(), 4u);
+  ASSERT_TRUE(job.log(4).steps.count(5)) << "the joiner did not take part in step 5";
+  EXPECT_EQ(job.log(0).steps.at(5).members, 4u);
+  EXPECT_EQ(ranks_of_step(job, {0, 1, 2, 4}, 5).size(), 3u);  // the joiner contributes nothing yet
+  for (uint64_t step = 6; step <= 8; ++step) EXPECT_EQ(ranks_of_step(job, {0, 1, 2, 4}, step).size(), 4u);
+
+  auto mesh_line = [&](uint64_t step) {
+    return fmt::format("quorum {:x} (step {}): opening the direct exchange's mesh", job.log(0).steps.at(step).quorum_id,
+                       step);
+  };
+  auto count_of = [](const std::string& text, const std::string& what) {
+    size_t n = 0;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+  };
+  for (int i : {0, 1, 2}) {
+    const std::string log = read_text(job.log_path(i));
+    EXPECT_NE(log.find(mesh_line(1)), std::string::npos) << "peer " << i;
+    EXPECT_NE(log.find(mesh_line(5)), std::string::npos) << "peer " << i;
+    EXPECT_EQ(count_of(log, "opening the direct exchange's mesh"), 2u) << "peer " << i << ":\n" << log;
+  }
+  EXPECT_NE(read_text(job.log_path(4)).find(mesh_line(5)), std::string::npos);
 }

@@ -1,0 +1,225 @@
+#include "collective/exchange.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <future>
+#include <map>
+#include <mutex>
+#include <thread>
+
+namespace meshtrain::collective {
+namespace {
+
+// Tags of the direct exchange: ring phase 3 (the compressed all-reduce's first phase, which an
+// operation runs either relayed or direct, never both) at a ring step no ring reaches, so a
+// frame of one can never pass for the other's; the low 16 bits are the piece index.
+constexpr uint32_t kExchangeTag = 3u << 30 | 0x3FFFu << 16;
+constexpr size_t kMaxPieces = 1u << 16;
+
+bool is_cancellation(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const Error& x) {
+    return x.code() == ErrorCode::Cancelled;
+  } catch (...) {
+    return false;
+  }
+}
+
+// The first failure of an operation's threads; a cancellation only when nothing else failed
+// (the threads woken by the cancel report it, the root cause is elsewhere).
+class FirstFailure {
+ public:
+  explicit FirstFailure(CancelToken* cancel) : cancel_(cancel) {}
+  void record(std::exception_ptr e) {
+    {
+      std::lock_guard lock(mutex);
+      const bool cancelled = is_cancellation(e);
+      if (!error_ || (error_cancelled_ && !cancelled)) {
+        error_ = e;
+        error_cancelled_ = cancelled;
+      }
+    }
+    cv.notify_all();
+    cancel_->cancel();
+  }
+  bool failed() const { return error_ != nullptr; }  // under `mutex`
+  void rethrow_if_failed() {
+    std::lock_guard lock(mutex);
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  std::mutex mutex;
+  std::condition_variable cv;
+
+ private:
+  CancelToken* cancel_;
+  std::exception_ptr error_;
+  bool error_cancelled_ = false;
+};
+
+}  // namespace
+
+void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
+                        const std::function<void(size_t rank, std::span<const uint8_t> block)>& take) {
+  const size_t n = ctx.quorum.members.size();
+  const size_t r = ctx.rank;
+  if (blocks.size() != n || links.send.size() != n || links.recv.size() != n)
+    throw InvalidArgumentError(fmt::format("direct exchange: {} blocks and {}/{} links for a quorum of {}",
+                                           blocks.size(), links.send.size(), links.recv.size(), n));
+  for (size_t c = 0; c < n; ++c)
+    if (c != r && (!links.send[c] || !links.recv[c]))
+      throw InternalError(fmt::format("direct exchange: no channel to rank {}", c));
+  if (ctx.fault_hook) ctx.fault_hook("reduce_scatter", 0);
+  const size_t mine = blocks[r].size();  // every member's block for this rank has this size
+  size_t largest = mine;
+  for (const auto& b : blocks) largest = std::max(largest, b.size());
+  const size_t piece_bytes = std::max({ctx.chunk_bytes, (largest + kMaxPieces - 1) / kMaxPieces, size_t{1}});
+  auto pieces_of = [&](size_t bytes) { return (bytes + piece_bytes - 1) / piece_bytes; };
+
+  FirstFailure failure(ctx.cancel);
+  std::vector<std::vector<uint8_t>> gathered(n);
+  std::vector<char> arrived(n, 0);
+  std::vector<std::thread> threads;
+  auto guarded = [&failure](auto body) {
+    return [&failure, body] {
+      try {
+        body();
+      } catch (...) {
+        failure.record(std::current_exception());
+      }
+    };
+  };
+  try {
+    for (size_t c = 0; c < n; ++c) {
+      if (c == r) continue;
+      threads.emplace_back(guarded([&, c] {
+        net::MessageHeader h;
+        h.type = net::kFirstUserMessageType;
+        h.quorum_id = ctx.quorum.quorum_id;
+        h.step = ctx.quorum.step;
+        h.op_seq = ctx.op_seq;
+        const auto& block = blocks[c];
+        for (size_t j = 0; j < pieces_of(block.size()); ++j) {
+          h.tag = kExchangeTag | static_cast<uint32_t>(j);
+          const size_t size = std::min(piece_bytes, block.size() - j * piece_bytes);
+          links.send[c]->send(h, crypto::ByteSpan(block.data() + j * piece_bytes, size), ctx.deadline, ctx.cancel);
+        }
+      }));
+      threads.emplace_back(guarded([&, c] {
+        RingContext from_c = ctx;  // receive_piece's checks, on the channel from rank c
+        from_c.from_prev = links.recv[c];
+        std::vector<uint8_t> block(mine), buf;
+        for (size_t j = 0; j < pieces_of(mine); ++j) {
+          const size_t size = std::min(piece_bytes, mine - j * piece_bytes);
+          receive_piece(from_c, kExchangeTag | static_cast<uint32_t>(j), size, buf);
+          std::memcpy(block.data() + j * piece_bytes, buf.data(), size);
+        }
+        std::lock_guard lock(failure.mutex);
+        gathered[c] = std::move(block);
+        arrived[c] = 1;
+        failure.cv.notify_all();
+      }));
+    }
+    // Every thread's waits end by ctx.deadline (or the peer timeout, or the cancel), so this
+    // one is bounded too; the margin only guards against a bug there.
+    const Clock::time_point limit =
+        ctx.deadline.is_never() ? Clock::time_point::max() : ctx.deadline.at() + std::chrono::seconds(5);
+    for (size_t j = 0; j < n; ++j) {
+      std::span<const uint8_t> block = blocks[r];
+      if (j != r) {
+        std::unique_lock lock(failure.mutex);
+        if (!failure.cv.wait_until(lock, limit, [&] { return arrived[j] || failure.failed(); }))
+          throw TimeoutError(fmt::format("direct exchange: rank {}'s block did not arrive by the deadline", j));
+        if (failure.failed()) break;
+        block = gathered[j];
+      }
+      take(j, block);
+      if (ctx.fault_hook) ctx.fault_hook("reduce_scatter", j + 1);
+    }
+  } catch (...) {
+    failure.record(std::current_exception());
+  }
+  for (auto& t : threads) t.join();
+  failure.rethrow_if_failed();
+}
+
+void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests, Deadline deadline,
+                const CancelToken* cancel) {
+  const Deadline d(std::min(deadline.at(), Clock::now() + setup.connect_timeout));
+  std::vector<std::future<net::BulkChannel>> connecting(requests.size());
+  size_t expected = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const LinkRequest& q = requests[i];
+    q.slot->reset();
+    if (q.connect) {
+      connecting[i] = std::async(std::launch::async, [&setup, &q, d] {
+        return net::BulkChannel::connect(setup.self, q.member->id, q.member->host, q.member->port, setup.streams,
+                                         setup.bulk, d);
+      });
+    } else {
+      ++expected;
+    }
+  }
+  std::exception_ptr failure;
+  // Streams by (peer, channel id) until each expected peer's channel is complete. Several peers
+  // connect at once, so one peer's streams must not be dropped while waiting for another's.
+  std::map<std::pair<std::string, uint64_t>, std::vector<std::optional<net::BulkStream>>> pending;
+  try {
+    while (expected > 0) {
+      net::BulkStream s = setup.listener.accept(d, cancel);
+      const LinkRequest* match = nullptr;
+      for (const auto& q : requests)
+        if (!q.connect && !q.slot->has_value() && q.member->id == s.peer()) match = &q;
+      if (!match || s.stream_count() != setup.streams || s.stream_index() >= setup.streams) {
+        log::warn("collective", "bulk stream from {} ({} streams) dropped: not an expected link of this quorum",
+                  s.peer().fingerprint(), s.stream_count());
+        continue;
+      }
+      const auto key = std::make_pair(s.peer().hex(), s.channel_id());
+      auto& slots = pending[key];
+      slots.resize(setup.streams);
+      const uint32_t index = s.stream_index();
+      if (slots[index]) {
+        log::warn("collective", "duplicate bulk stream {} of channel {:x} from {} dropped", index, s.channel_id(),
+                  s.peer().fingerprint());
+        continue;
+      }
+      slots[index] = std::move(s);
+      if (std::all_of(slots.begin(), slots.end(), [](const auto& x) { return x.has_value(); })) {
+        std::vector<net::BulkStream> ordered;
+        for (auto& x : slots) ordered.push_back(std::move(*x));
+        pending.erase(key);
+        match->slot->emplace(std::move(ordered));
+        --expected;
+      }
+    }
+  } catch (const TimeoutError&) {
+    for (const auto& q : requests)
+      if (!q.connect && !q.slot->has_value()) {
+        failure = std::make_exception_ptr(PeerLostError(
+            q.member->id.fingerprint(), fmt::format("{} {} did not connect within {} ms", q.role,
+                                                    q.member->id.fingerprint(), setup.connect_timeout.count())));
+        break;
+      }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (!connecting[i].valid()) continue;
+    const LinkRequest& q = requests[i];
+    try {
+      q.slot->emplace(connecting[i].get());
+    } catch (const Error& e) {
+      if (!failure)
+        failure = std::make_exception_ptr(PeerLostError(
+            q.member->id.fingerprint(), fmt::format("cannot reach {} {}: {}", q.role, q.member->id.fingerprint(),
+                                                    e.what())));
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace meshtrain::collective

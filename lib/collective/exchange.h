@@ -1,0 +1,63 @@
+// The direct exchange of the compressed all-reduce (docs/compression.md): every member sends
+// its encoded chunk c straight to the member of rank c, over channels to every other member
+// (a mesh), instead of relaying it along the ring. Also the setup of those channels.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "collective/ring.h"
+
+namespace meshtrain::collective {
+
+// This member's channels to every other member of the quorum, by rank: send[c] carries frames
+// to rank c, recv[c] from rank c (both null at c == own rank). A BulkStream carries both
+// directions, so the ring channels serve the ring neighbours and a mesh channel per pair the
+// others; one channel may be both send[c] and recv[c].
+struct MeshLinks {
+  std::vector<net::BulkChannel*> send;
+  std::vector<net::BulkChannel*> recv;
+};
+
+// blocks[c] is this member's block for rank c (every member's blocks[c] has the same size).
+// Sends blocks[c] to rank c for every c, concurrently, while receiving rank j's block for this
+// member's rank from every j. `take(j, block)` runs on the calling thread in rank order
+// (j = 0, 1, ..., n-1, this member's own block included) as soon as block j is in, so the
+// caller can decode while later blocks arrive. Frames carry the context's quorum, step and
+// op_seq and are checked like the ring's (receive_piece): frames of another quorum or step are
+// dropped, anything else unexpected is a ProtocolError naming the sender. The first failure
+// (a lost peer, a deadline, a take that throws) cancels the rest; it is rethrown after every
+// thread has ended. The ring fault hook sees phase "reduce_scatter" with index 0 before
+// anything is sent and index k after k blocks were taken.
+// This member sends sum over c != rank of blocks[c].size() bytes: (n-1)/n of its payload.
+void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
+                        const std::function<void(size_t rank, std::span<const uint8_t> block)>& take);
+
+// One channel to open: connect to `member` (connect = true) or accept its connection, into
+// *slot. `role` names the link in errors ("ring neighbour", "mesh peer").
+struct LinkRequest {
+  const coord::Member* member;
+  bool connect;
+  std::optional<net::BulkChannel>* slot;
+  const char* role;
+};
+
+// Opens every requested channel: the connects run concurrently while this thread accepts the
+// expected streams from the listener (assembling each peer's channel by channel id, so several
+// peers may connect at once; streams of anyone else, or with another stream count, are closed
+// and logged). Each wait ends at min(deadline, now + connect_timeout) or on cancel. A peer that
+// cannot be reached or does not connect in time fails with PeerLostError naming it.
+struct LinkSetup {
+  const crypto::Identity& self;
+  net::BulkListener& listener;
+  uint32_t streams;
+  const net::BulkOptions& bulk;
+  std::chrono::milliseconds connect_timeout;
+};
+void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests, Deadline deadline,
+                const CancelToken* cancel);
+
+}  // namespace meshtrain::collective
