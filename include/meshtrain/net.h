@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -291,6 +292,13 @@ class BulkChannel {
   Message recv(Deadline deadline, const CancelToken* cancel = nullptr);
   // Receives one message of any size (within Limits) into `payload`, reusing its capacity.
   MessageHeader recv(std::vector<uint8_t>& payload, Deadline deadline, const CancelToken* cancel = nullptr);
+  // Receives one message, choosing where its payload goes once the header is in (and checked):
+  // `place` returns a span of exactly header.payload_bytes to receive into, or nullopt to
+  // receive into `fallback` (resized) instead. Lets a caller land expected data in place and
+  // still read (and then refuse or drop) anything else.
+  using PlaceFn = std::function<std::optional<crypto::MutableByteSpan>(const MessageHeader&)>;
+  MessageHeader recv_placed(const PlaceFn& place, std::vector<uint8_t>& fallback, Deadline deadline,
+                            const CancelToken* cancel = nullptr);
 
  private:
   std::vector<BulkStream::Impl*> impls();

@@ -145,9 +145,19 @@ class Sender {
 
 }  // namespace
 
-void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf) {
+void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf, uint8_t* in_place) {
+  auto expected = [&](const net::MessageHeader& h) {
+    return h.quorum_id == ctx.quorum.quorum_id && h.step == ctx.quorum.step && h.op_seq == ctx.op_seq &&
+           h.tag == tag && h.payload_bytes == bytes;
+  };
+  // Only the expected piece lands in place; anything else goes to `buf` and is dropped or refused.
+  const net::BulkChannel::PlaceFn place = [&](const net::MessageHeader& h) -> std::optional<crypto::MutableByteSpan> {
+    if (in_place == nullptr || !expected(h)) return std::nullopt;
+    return crypto::MutableByteSpan(in_place, bytes);
+  };
   for (int stale = 0;; ++stale) {
-    net::MessageHeader h = ctx.from_prev->recv(buf, ctx.deadline, ctx.cancel);
+    net::MessageHeader h = ctx.from_prev->recv_placed(place, buf, ctx.deadline, ctx.cancel);
+    if (expected(h)) return;
     std::string who = ctx.from_prev->peer().fingerprint();
     if (h.quorum_id != ctx.quorum.quorum_id || h.step != ctx.quorum.step) {
       log::warn("collective", "dropped a frame from {} for quorum {:x} step {} (current: quorum {:x} step {})", who,
@@ -156,10 +166,8 @@ void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uin
         throw ProtocolError(fmt::format("peer {} keeps sending frames of another quorum", who));
       continue;
     }
-    if (h.op_seq != ctx.op_seq || h.tag != tag || buf.size() != bytes)
-      throw ProtocolError(fmt::format("peer {} sent op {} tag {:#x} ({} bytes) where op {} tag {:#x} ({} bytes) was "
-                                      "expected", who, h.op_seq, h.tag, buf.size(), ctx.op_seq, tag, bytes));
-    return;
+    throw ProtocolError(fmt::format("peer {} sent op {} tag {:#x} ({} bytes) where op {} tag {:#x} ({} bytes) was "
+                                    "expected", who, h.op_seq, h.tag, h.payload_bytes, ctx.op_seq, tag, bytes));
   }
 }
 
@@ -187,7 +195,7 @@ void check_ring(const RingContext& ctx) {
 
 // Throws PeerLostError naming the previous rank if the received fp32 piece (at byte `offset`
 // of the buffer) holds a NaN or Inf.
-void check_finite(const RingContext& ctx, const std::vector<uint8_t>& piece, size_t offset, size_t chunk) {
+void check_finite(const RingContext& ctx, std::span<const uint8_t> piece, size_t offset, size_t chunk) {
   const float* p = reinterpret_cast<const float*>(piece.data());
   for (size_t i = 0; i < piece.size() / sizeof(float); ++i)
     if (!std::isfinite(p[i])) {
@@ -259,10 +267,10 @@ void all_gather_phase(RingContext& ctx, uint8_t* data, const Layout& layout) {
       size_t chunk = mod(r - int64_t(k) - 1, n);
       for (size_t j = 0; j < layout.pieces(chunk); ++j) {
         size_t size = layout.piece_size(chunk, j);
-        receive_piece(ctx, make_tag(kAllGather, k, j), size, buf);
-        if (ctx.reject_non_finite) check_finite(ctx, buf, layout.piece_offset(chunk, j), chunk);
-        std::memcpy(data + layout.piece_offset(chunk, j), buf.data(), size);
-        if (k + 2 < n) sender.send(make_tag(kAllGather, k + 1, j), data + layout.piece_offset(chunk, j), size);
+        uint8_t* piece = data + layout.piece_offset(chunk, j);
+        receive_piece(ctx, make_tag(kAllGather, k, j), size, buf, piece);
+        if (ctx.reject_non_finite) check_finite(ctx, {piece, size}, layout.piece_offset(chunk, j), chunk);
+        if (k + 2 < n) sender.send(make_tag(kAllGather, k + 1, j), piece, size);
       }
     }
   });
@@ -344,8 +352,7 @@ void ring_gather_to_owners(RingContext& ctx, const std::vector<std::span<const u
         }
         for (size_t j = 0; j < rper; ++j) {
           const size_t size = std::min(piece_bytes, rblock - j * piece_bytes);
-          receive_piece(ctx, make_tag(kGatherToOwners, k, i * rper + j), size, buf);
-          std::memcpy(dst + j * piece_bytes, buf.data(), size);
+          receive_piece(ctx, make_tag(kGatherToOwners, k, i * rper + j), size, buf, dst + j * piece_bytes);
         }
       }
     }
@@ -363,10 +370,7 @@ void ring_broadcast(RingContext& ctx, uint8_t* data, size_t bytes, uint32_t root
     for (size_t j = 0; j < layout.pieces(0); ++j) {
       size_t size = layout.piece_size(0, j);
       uint8_t* piece = data + layout.piece_offset(0, j);
-      if (distance != 0) {
-        receive_piece(ctx, make_tag(kBroadcast, 0, j), size, buf);
-        std::memcpy(piece, buf.data(), size);
-      }
+      if (distance != 0) receive_piece(ctx, make_tag(kBroadcast, 0, j), size, buf, piece);
       if (distance + 1 < n) sender.send(make_tag(kBroadcast, 0, j), piece, size);
     }
   });

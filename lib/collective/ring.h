@@ -30,9 +30,11 @@ struct RingContext {
 };
 
 // Receives the piece tagged `tag` of this operation (exactly `bytes` long) from the previous
-// rank into `buf`. Frames of another quorum or step (an aborted attempt) are dropped with a log
-// line (at most 64 in a row); any other mismatch is a ProtocolError.
-void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf);
+// rank into `in_place` when given (its header is checked before any byte lands there), else
+// into `buf`. Frames of another quorum or step (an aborted attempt) are read into `buf` and
+// dropped with a log line (at most 64 in a row); any other mismatch is a ProtocolError.
+void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf,
+                   uint8_t* in_place = nullptr);
 
 // In place: data becomes sum / divisor over all members, identical bytes everywhere.
 void ring_allreduce(RingContext& ctx, float* data, size_t count, float divisor);

@@ -171,9 +171,26 @@ MessageHeader BulkChannel::recv_into(crypto::MutableByteSpan dest, Deadline dead
 }
 
 MessageHeader BulkChannel::recv(std::vector<uint8_t>& payload, Deadline deadline, const CancelToken* cancel) {
-  WireHeader w0 = streams_[0].impl_->recv_wire_header(deadline, cancel);
-  payload.resize(w0.header.payload_bytes);
-  receive_parts(impls(), w0, payload, deadline, cancel);
+  return recv_placed([](const MessageHeader&) { return std::nullopt; }, payload, deadline, cancel);
+}
+
+MessageHeader BulkChannel::recv_placed(const PlaceFn& place, std::vector<uint8_t>& fallback, Deadline deadline,
+                                       const CancelToken* cancel) {
+  BulkStream::Impl& first = *streams_[0].impl_;
+  WireHeader w0 = first.recv_wire_header(deadline, cancel);
+  std::optional<crypto::MutableByteSpan> dest = place(w0.header);
+  if (dest && dest->size() != w0.header.payload_bytes) {
+    // The caller's mistake, but the stream is now mid-message: it cannot be used further.
+    first.fd.reset();
+    first.recv_broken = true;
+    throw InvalidArgumentError(fmt::format("recv_placed: a {}-byte destination for a {}-byte message from {}",
+                                           dest->size(), w0.header.payload_bytes, first.peer_name));
+  }
+  if (!dest) {
+    fallback.resize(w0.header.payload_bytes);
+    dest = crypto::MutableByteSpan(fallback);
+  }
+  receive_parts(impls(), w0, *dest, deadline, cancel);
   return w0.header;
 }
 

@@ -156,6 +156,48 @@ INSTANTIATE_TEST_SUITE_P(
                       BulkCase{BulkSecurity::Plain, crypto::AeadAlgorithm::Aes256Gcm, 4, (2 << 20) + 1}),
     case_name);
 
+TEST(Bulk, RecvPlacedLandsOnlyTheChosenMessagesInPlace) {
+  Pair p;
+  BulkListener listener(p.b, {p.a.public_key()}, "127.0.0.1", 0);
+  std::vector<uint8_t> wanted(BulkChannel::kMinSplitBytes + 12345), other(777);  // split over 2 streams / not
+  test_support::fill_pattern(wanted, 1);
+  test_support::fill_pattern(other, 2);
+  auto sender = std::async(std::launch::async, [&] {
+    auto channel = BulkChannel::connect(p.a, p.b.public_key(), "127.0.0.1", listener.port(), 2, {}, Deadline::after(5s));
+    MessageHeader h;
+    h.tag = 7;
+    channel.send(h, other, Deadline::after(20s));
+    h.tag = 6;
+    channel.send(h, wanted, Deadline::after(20s));
+    channel.send(h, wanted, Deadline::after(20s));
+  });
+  auto channel = BulkChannel::accept(listener, p.a.public_key(), 2, Deadline::after(5s));
+  std::vector<uint8_t> in_place(wanted.size(), 0), fallback;
+  const BulkChannel::PlaceFn place = [&](const MessageHeader& h) -> std::optional<crypto::MutableByteSpan> {
+    if (h.tag != 6) return std::nullopt;
+    return crypto::MutableByteSpan(in_place);
+  };
+  // Tag 7 is not wanted: it goes to the fallback and the destination stays untouched.
+  EXPECT_EQ(channel.recv_placed(place, fallback, Deadline::after(20s)).tag, 7u);
+  EXPECT_EQ(fallback, other);
+  EXPECT_EQ(in_place, std::vector<uint8_t>(wanted.size(), 0));
+  EXPECT_EQ(channel.recv_placed(place, fallback, Deadline::after(20s)).tag, 6u);
+  EXPECT_EQ(in_place, wanted);
+  EXPECT_EQ(fallback, other);
+  // A destination of the wrong size is the caller's error, named, and the stream is given up.
+  std::vector<uint8_t> small(10);
+  const BulkChannel::PlaceFn wrong = [&](const MessageHeader&) -> std::optional<crypto::MutableByteSpan> {
+    return crypto::MutableByteSpan(small);
+  };
+  try {
+    channel.recv_placed(wrong, fallback, Deadline::after(20s));
+    ADD_FAILURE() << "a 10-byte destination for a larger message was accepted";
+  } catch (const InvalidArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("10-byte destination"), std::string::npos) << e.what();
+  }
+  sender.get();
+}
+
 TEST(Bulk, WrongServerIdentityRefusedByBothSides) {
   Pair p;
   auto other = crypto::Identity::generate();
