@@ -22,10 +22,6 @@
 // faulted) per operation. Both paths produce the same bits.
 #include <limits>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "compress/common.h"
 
 namespace meshtrain::compress {
@@ -49,32 +45,6 @@ class Int8State final : public ResidualState {
   std::vector<float> next_residual;
   bool encoded = false;
 };
-
-// Residual bytes at or above which the double-buffered loop writes the new residual with
-// non-temporal stores: it would not stay in the cache anyway, and a normal store would first
-// read the line it overwrites (a third stream of memory traffic).
-constexpr size_t kStreamingBytes = size_t(4) << 20;
-
-// dst[0, n) = src[0, n), bypassing the cache (x86-64: SSE streaming stores, part of the
-// baseline) when `streaming`; the caller fences once at the end.
-inline void store_floats(float* __restrict dst, const float* __restrict src, size_t n, bool streaming) {
-#if defined(__x86_64__)
-  if (streaming) {
-    size_t i = 0;
-    for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
-    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-    for (; i < n; ++i) dst[i] = src[i];
-    return;
-  }
-#endif
-  (void)streaming;
-  std::memcpy(dst, src, n * sizeof(float));
-}
-inline void streaming_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
-}
 
 // The loops, compiled per CPU level (MT_VECTOR_CLONES).
 
@@ -153,9 +123,7 @@ MT_VECTOR_CLONES size_t quantize_feedback_loop(const float* __restrict x, const 
                                                bool stochastic, uint64_t seed, uint64_t step,
                                                uint8_t* scales, uint8_t* __restrict q) {
   const size_t blocks = (n + block - 1) / block;
-  const bool streaming = n * sizeof(float) >= kStreamingBytes;
   alignas(64) float v[kChunk];
-  alignas(64) float next[kChunk];
   alignas(64) int8_t tmp[kChunk];
   for (size_t b = 0; b < blocks; ++b) {
     const size_t begin = b * block, len = std::min(block, n - begin);
@@ -171,14 +139,12 @@ MT_VECTOR_CLONES size_t quantize_feedback_loop(const float* __restrict x, const 
     // v is NaN/Inf where x is (the residual is finite); the rare hit names x's element.
     if (absmax_key >= 0x7f800000u) {
       const size_t bad = find_nonfinite(xb, len);
-      if (bad < len) {
-        streaming_fence();
-        return begin + bad;
-      }
+      if (bad < len) return begin + bad;
     }
     const float absmax = math::u2f(absmax_key);
     const float scale = math::int8_scale(absmax), inverse = math::int8_inverse(absmax);
     store<float>(scales, b, scale);
+    float* __restrict rb_new = r_new + begin;
     if (stochastic) {
       const uint32_t key = math::block_key(seed, step, b);
       for (size_t i = 0; i < len; ++i) {
@@ -186,18 +152,16 @@ MT_VECTOR_CLONES size_t quantize_feedback_loop(const float* __restrict x, const 
         tmp[i] = static_cast<int8_t>(static_cast<int32_t>(math::int8_stochastic(v[i], inverse, u)));
       }
       for (size_t i = 0; i < len; ++i)
-        next[i] = math::sub_rn(v[i], math::int8_value(static_cast<float>(tmp[i]), scale));
+        rb_new[i] = math::sub_rn(v[i], math::int8_value(static_cast<float>(tmp[i]), scale));
     } else {
       for (size_t i = 0; i < len; ++i) {
         const float t = math::int8_nearest(v[i], inverse);
         tmp[i] = static_cast<int8_t>(static_cast<int32_t>(t));
-        next[i] = math::sub_rn(v[i], math::int8_value(t, scale));
+        rb_new[i] = math::sub_rn(v[i], math::int8_value(t, scale));
       }
     }
     std::memcpy(q + begin, tmp, len);
-    store_floats(r_new + begin, next, len, streaming);
   }
-  streaming_fence();
   return n;
 }
 

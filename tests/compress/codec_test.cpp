@@ -462,8 +462,7 @@ TEST(Int8, AllZeroBlockAndSingleElementBlocks) {
 // lib/compress/int8.cpp) and a state's first encode updates it in place after a scan: both
 // must give the same bytes. A state kept across steps is compared with a fresh clone of a
 // twin per step (the compressed all-reduce's pattern, always the first-encode path), over
-// sizes that cross the streaming-store threshold (4 MiB) and a block over the 4096-element
-// chunk (in place every time).
+// odd sizes up to 4 MiB and a block over the 4096-element chunk (in place every time).
 class Int8Paths : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Int8Paths, KeptStateAndFreshClonesEncodeTheSameBytes) {
@@ -487,8 +486,8 @@ INSTANTIATE_TEST_SUITE_P(Int8, Int8Paths,
                          [](const auto& info) { return test_name(info.param); });
 
 // NaN/Inf found late: the double-buffered loop has already quantized every block before it,
-// so the old residual must come out untouched because it was never written. Large enough for
-// streaming stores; the bad element in the first, a middle and the last block.
+// so the old residual must come out untouched because it was never written. The bad element
+// in the first, a middle and the last block of 4 MiB.
 TEST(Int8, NonFiniteInALateBlockLeavesTheDoubleBufferedStateUnchanged) {
   auto codec = make_codec("int8");
   const size_t n = (size_t(1) << 20) + 5;
