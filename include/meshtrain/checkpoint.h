@@ -371,6 +371,9 @@ struct TransferOptions {
   uint32_t hash_threads = 2;                  // sender: hashing the state before sending
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};  // the whole transfer
   const CancelToken* cancel = nullptr;
+  // Test hook (sender), called after each block is handed to the channel (blocks_sent counts
+  // them). May kill the process to inject a sender lost mid-transfer.
+  std::function<void(uint64_t blocks_sent, uint64_t blocks_total)> after_block;
 };
 
 // Sends `state` (CPU tensors, read during the call) and waits for the receiver's verdict.

@@ -131,6 +131,7 @@ Manifest send_state(net::BulkChannel& channel, const State& state, const Transfe
     bh.step = m.step;
     bh.op_seq = k;
     channel.send(bh, payload, deadline, o.cancel);
+    if (o.after_block) o.after_block(k + 1, nblocks);
   }
   net::MessageHeader verdict = expect(channel, transfer::kVerdict, {}, deadline, o.cancel, "the receiver's verdict");
   if (verdict.tag != transfer::kOk)
@@ -227,6 +228,8 @@ LoadedState receive_state(net::BulkChannel& channel, const TransferOptions& o) {
   const uint64_t B = m.block_bytes;
   HostBuffer scratch;
   uint64_t index = 0;
+  uint64_t total_blocks = 0;
+  for (const auto& s : m.shards) total_blocks += s.block_sha256.size();
   try {
     for (const auto& s : m.shards) {
       for (uint64_t k = 0; k < s.block_sha256.size(); ++k, ++index) {
@@ -253,6 +256,12 @@ LoadedState receive_state(net::BulkChannel& channel, const TransferOptions& o) {
         cv.notify_one();
       }
     }
+  } catch (const PeerLostError& e) {
+    stop_hasher();
+    // Say how far the transfer got: nothing received so far is handed out.
+    throw PeerLostError(e.peer(), fmt::format("state transfer of step {} ({}): sender lost after {} of {} blocks; the "
+                                              "partial state is discarded: {}",
+                                              m.step, format_bytes(total), index, total_blocks, e.what()));
   } catch (...) {
     stop_hasher();
     throw;
