@@ -184,7 +184,8 @@ class Communicator {
 
   // A hash of this member's parameters before `step` (e.g. every N steps): sent with the
   // requests for that step, so the coordinator compares the members' digests and lists the
-  // members whose state diverged in Quorum::divergent (docs/step-protocol.md, R10).
+  // members whose state diverged in Quorum::divergent (docs/step-protocol.md, R10); those
+  // members are joiners of that quorum (take the state from state_source_rank, add zeros).
   void set_state_digest(uint64_t step, const crypto::Digest& digest);
 
   // Collectives against the current quorum. fp32, fp16 and bf16 buffers (CPU memory);

@@ -56,7 +56,8 @@ struct Quorum {
   std::vector<Member> members;  // ordered by rank
   int32_t state_source_rank = -1;
   // Members whose state digest (QuorumRequest::state_digest) differs from the one most members
-  // with state sent for this step: their parameters diverged from the job's (R10).
+  // with state sent for this step: their parameters diverged from the job's (R10). They are
+  // resynced like joiners: contributes = false, and state_source_rank is a majority member.
   std::vector<PeerId> divergent;
 
   size_t contributors() const;

@@ -592,17 +592,22 @@ struct Coordinator::Impl {
     q.step = step;
     bool any_state = false;
     for (const auto& [p, r] : w.requests) any_state = any_state || r.has_state;
+    // R10: a diverged member is resynced like a joiner: it takes the state of a member of the
+    // majority (one that sent a digest, when any did) and contributes nothing to this step.
+    q.divergent = divergent_members(step, w);
+    auto diverged = [&](const PeerId& p) { return std::binary_search(q.divergent.begin(), q.divergent.end(), p); };
+    const bool digests = !q.divergent.empty();
     std::vector<PeerId> joiners;
     uint32_t rank = 0;
     for (const auto& [p, r] : w.requests) {  // std::map: ordered by PeerId bytes (R2)
-      Member m{p, r.host, r.port, rank, !any_state || r.has_state};
-      if (m.contributes && any_state && q.state_source_rank < 0) q.state_source_rank = static_cast<int32_t>(rank);
+      Member m{p, r.host, r.port, rank, (!any_state || r.has_state) && !diverged(p)};
+      if (m.contributes && any_state && q.state_source_rank < 0 && (!digests || r.state_digest))
+        q.state_source_rank = static_cast<int32_t>(rank);
       if (!m.contributes) joiners.push_back(p);
       q.members.push_back(std::move(m));
       ++rank;
     }
     if (joiners.empty()) q.state_source_rank = -1;  // R3: nobody needs state
-    q.divergent = divergent_members(step, w);
 
     Attempt& a = attempts[q.quorum_id];
     a.quorum = q;

@@ -81,9 +81,19 @@ TEST_F(StateDigestTest, TheMinorityIsNamedDivergent) {
   // The status is published after the quorum is sent: hence eventually().
   Quorum q = ask(1, {digest(1), digest(7), digest(1), digest(1)});
   EXPECT_EQ(q.divergent, keys({1}));
+  // Resync: the diverged member contributes nothing and takes the state of a majority member.
+  EXPECT_FALSE(q.member(members_[1]->id()).contributes);
+  EXPECT_EQ(q.contributors(), 3u);
+  ASSERT_GE(q.state_source_rank, 0);
+  EXPECT_NE(q.members[q.state_source_rank].id, members_[1]->id());
+  EXPECT_TRUE(q.members[q.state_source_rank].contributes);
   EXPECT_TRUE(eventually([&] { return (*coordinator_)->status().state_divergences == 1u; }));
   q = ask(2, {digest(3), digest(3), digest(5), digest(6)});
   EXPECT_EQ(q.divergent, keys({2, 3}));
+  EXPECT_EQ(q.contributors(), 2u);
+  ASSERT_GE(q.state_source_rank, 0);
+  const PeerId& source = q.members[q.state_source_rank].id;
+  EXPECT_TRUE(source == members_[0]->id() || source == members_[1]->id());
   EXPECT_TRUE(eventually([&] { return (*coordinator_)->status().state_divergences == 2u; }));
   // A tie: the group holding the lowest peer id is taken as the job's state.
   q = ask(3, {digest(1), digest(1), digest(2), digest(2)});
@@ -113,8 +123,10 @@ TEST(StateDigestMessages, DigestAndDivergentRoundTripAndAreChecked) {
 }
 
 // Three collective_peer processes check their state every step; peer 2 adds 1 to a parameter
-// before step 3. From step 3 on (nothing resyncs it), every member learns that peer 2 diverged.
-TEST(StateDigestJob, ADivergedMemberIsNamedToEveryMember) {
+// before step 3. Every member learns at step 3 that peer 2 diverged; peer 2 takes the state of
+// a majority member (as a joiner does) and contributes nothing to step 3, so from step 4 on
+// the three agree again and end with identical parameters.
+TEST(StateDigestJob, ADivergedMemberIsNamedAndResynced) {
   using test_support::Job;
   Job job({.peers = 3, .min_peers = 3});
   job.start_coordinator();
@@ -125,7 +137,13 @@ TEST(StateDigestJob, ADivergedMemberIsNamedToEveryMember) {
   }
   for (int i = 0; i < 3; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
   for (int i = 0; i < 3; ++i) {
-    std::map<uint64_t, std::vector<std::string>> expected = {{3, {job.key(2)}}, {4, {job.key(2)}}};
+    std::map<uint64_t, std::vector<std::string>> expected = {{3, {job.key(2)}}};
     EXPECT_EQ(job.log(i).divergent, expected) << "peer " << i;
   }
+  std::vector<std::string> contributors = job.log(2).steps.at(3).contributors, majority = {job.key(0), job.key(1)};
+  std::sort(contributors.begin(), contributors.end());
+  std::sort(majority.begin(), majority.end());
+  EXPECT_EQ(contributors, majority);
+  for (uint64_t step = 3; step <= 4; ++step)
+    EXPECT_EQ(job.log(2).steps.at(step).params, job.log(0).steps.at(step).params) << "step " << step;
 }
