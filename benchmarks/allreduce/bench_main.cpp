@@ -3,7 +3,8 @@
 //   meshtrain-bench allreduce --peers N --size BYTES [--repeats R] [--warmup W] [--streams S]
 //       [--chunk-bytes B] [--plain|--encrypted] [--baseline gloo]
 //       [--wan hosts=K,rate=200mbit,delay=50ms] [--fault kill-during=reduce_scatter|all_gather]
-//       [--reduce-step] [--codec SPEC [--sparse-gather auto|owner|allgather] [--shape RxC]]
+//       [--reduce-step] [--codec SPEC [--sparse-gather auto|owner|allgather] [--shape RxC]
+//        [--exchange direct|ring]]
 //
 // Measures Communicator::allreduce (fp32, Sum) between N real processes on this machine, as
 // nccl-tests report it: per iteration the slowest member's time, the median over repeats,
@@ -64,6 +65,8 @@ options:
                             all-reduce; the plain ring's 2(n-1)/n x bytes without --codec) and
                             wire_vs_plain
   --sparse-gather MODE      top-k: auto (default), owner or allgather (see collective.h)
+  --exchange MODE           how encoded chunks reach their owners: direct (default; each member
+                            sends to each owner) or ring (relayed along the ring)
   --shape ROWSxCOLS         PowerSGD's matrix view of the buffer (rows x cols x 4 = --size)
   --heartbeat-timeout-ms MS the coordinator's (default 2000 with --fault, else 5000)
   --timeout-s T             give up on a job after T seconds (default 600)

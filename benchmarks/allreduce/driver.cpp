@@ -210,7 +210,8 @@ JobResult run_job(const AllreduceOptions& o, const Machine& m, const NetnsHosts*
       argv.push_back(std::to_string(o.wan->delay.count()));
     }
     if (o.reduce_step) argv.push_back("--reduce-step");
-    if (o.codec) argv.insert(argv.end(), {"--codec", *o.codec, "--sparse-gather", o.sparse_gather});
+    if (o.codec)
+      argv.insert(argv.end(), {"--codec", *o.codec, "--sparse-gather", o.sparse_gather, "--exchange", o.exchange});
     if (o.shape) argv.insert(argv.end(), {"--shape", *o.shape});
     if (o.fault) {
       for (std::string s : {std::string("--fault-phase"), o.fault->phase, std::string("--fault-iteration"),
@@ -525,6 +526,7 @@ int run_allreduce(const AllreduceOptions& o) {
         sparse_all_gather = sparse_all_gather || w.sparse_all_gather;
       }
       j.add("codec", o.codec ? compress::make_codec(*o.codec)->describe() : std::string("plain"));
+      if (o.codec) j.add("exchange", o.exchange);
       if (o.codec && compress::make_codec(*o.codec)->id() == compress::CodecId::TopK)
         j.add("sparse_gather", o.sparse_gather).add("sparse_all_gather", sparse_all_gather);
       if (o.shape) j.add("shape", *o.shape);

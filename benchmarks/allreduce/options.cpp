@@ -128,8 +128,8 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
   static const std::initializer_list<tools::Flags::Spec> kFlags = {
       {"--peers"}, {"--size"}, {"--bytes"}, {"--repeats"}, {"--warmup"}, {"--streams"}, {"--chunk-bytes"},
       {"--plain", false}, {"--encrypted", false}, {"--baseline"}, {"--wan"}, {"--fault"}, {"--reduce-step", false},
-      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--timeout-s"}, {"--heartbeat-timeout-ms"}, {"--python"},
-      {"--gloo-script"}, {"--netns-script"}, {"--verbose", false}};
+      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--exchange"}, {"--timeout-s"}, {"--heartbeat-timeout-ms"},
+      {"--python"}, {"--gloo-script"}, {"--netns-script"}, {"--verbose", false}};
   std::vector<std::string> storage = args;
   std::vector<char*> argv;
   for (auto& a : storage) argv.push_back(a.data());
@@ -186,6 +186,12 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
     o.sparse_gather = *v;
     if (o.sparse_gather != "auto" && o.sparse_gather != "owner" && o.sparse_gather != "allgather")
       throw UsageError(fmt::format("--sparse-gather: '{}' (auto, owner, allgather)", o.sparse_gather));
+  }
+  if (auto v = text("--exchange")) {
+    o.exchange = *v;
+    if (o.exchange != "direct" && o.exchange != "ring")
+      throw UsageError(fmt::format("--exchange: '{}' (direct, ring)", o.exchange));
+    if (!o.codec) throw UsageError("--exchange only matters with --codec (the compressed all-reduce)");
   }
   if (f.has("--timeout-s")) o.timeout_s = static_cast<int>(integer("--timeout-s", 1, 24 * 3600));
   if (f.has("--heartbeat-timeout-ms"))

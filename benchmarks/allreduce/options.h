@@ -50,6 +50,7 @@ struct AllreduceOptions {
   bool reduce_step = false;             // time Communicator::reduce_step (implied by --fault)
   std::optional<std::string> codec;     // --codec SPEC: the compressed all-reduce (compress::make_codec)
   std::string sparse_gather = "auto";   // top-k: auto, owner, allgather
+  std::string exchange = "direct";      // --exchange: how encoded chunks reach their owners (direct, ring)
   std::optional<std::string> shape;     // --shape ROWSxCOLS: PowerSGD's matrix view of the buffer
   int timeout_s = 600;                  // each job (coordinator + workers), and the baseline
   std::optional<int> heartbeat_timeout_ms;  // coordinator's; default 2000 with --fault, else 5000

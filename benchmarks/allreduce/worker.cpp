@@ -7,7 +7,7 @@
 //                  --security plain|encrypted --host ADDR [--relay-delay-us D]
 //                  [--op-timeout-ms MS] [--reduce-step] [--fault-phase P --fault-iteration K
 //                  --fault-ring-step S --death-file FILE] [--codec SPEC --sparse-gather MODE
-//                  [--shape ROWSxCOLS]]
+//                  [--shape ROWSxCOLS] [--exchange direct|ring]]
 //   Without --reduce-step and --fault-phase: next_quorum(1) once, then W + R iterations of
 //     barrier; fill(index + 1); barrier; t0; allreduce(Sum); t1; check
 //   where the barrier is an all-reduce of 16 floats per member (it completes on a member only
@@ -239,6 +239,8 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
                                : mode == "allgather" ? collective::SparseGather::AllGather
                                                      : collective::SparseGather::Auto;
   }
+  if (a.count("--exchange"))
+    compressed.exchange = a.at("--exchange") == "ring" ? collective::Exchange::Ring : collective::Exchange::Direct;
   if (a.count("--shape")) {
     const std::string& shape = a.at("--shape");
     compressed.shape = {std::stoull(shape.substr(0, shape.find('x'))), std::stoull(shape.substr(shape.find('x') + 1))};
