@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The GPU checks of compression (issue 4) and the torch CUDA checkpoint test, as one script for
+# a session that is lent a GPU machine (docs/compression.md, "Checking on a GPU"):
+#
+#   run(command="bash scripts/gpu-check.sh", carry=[".gpu-debs"], timeout_s=600)
+#
+# Stages, each under `timeout` and all under one deadline (9 minutes), each going on to the next
+# when one fails: the environment (nvidia-smi, torch), the Debian deps of .gpu-debs, configure
+# build-gpu (CUDA ON for sm_90, torch from python3's torch.utils.cmake_prefix_path; again with
+# torch OFF if that configure fails), build what the checks need, `ctest -L cuda`, the GPU
+# compression benchmarks (kernels against a device-to-device copy on 256 MiB; top-k of 1% of
+# 64M elements against torch.topk), their summary against the targets, then the torch glue and
+# its CUDA checkpoint test. Everything lands in $OUT (8 files: the device tool returns at most
+# 8): env.txt, stages.tsv (stage, exit code, seconds), build.log, ctest-cuda.log,
+# bench-gpu.jsonl, torch-topk.jsonl, summary.txt, torch-cuda.log.
+#
+# Without a GPU (no working nvidia-smi), or with --dry-run, it runs the same stages with longer
+# time limits and no deadline, so that configure, the CUDA build and `ctest -L cuda` (which
+# then skips with the CUDA runtime's reason) are checked on a development machine:
+#   BUILD_DIR=build-cuda bash scripts/gpu-check.sh --dry-run      (OUT defaults to BUILD_DIR/check-out)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+dry=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) dry=1 ;;
+    *) echo "usage: bash scripts/gpu-check.sh [--dry-run]   (env: BUILD_DIR, default build-gpu; OUT)" >&2; exit 2 ;;
+  esac
+done
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  [ $dry = 1 ] || echo "gpu-check: no working nvidia-smi: dry run (no GPU here)"
+  dry=1
+fi
+build=${BUILD_DIR:-build-gpu}
+out=${OUT:-$root/$build/check-out}
+mkdir -p "$out"
+for f in env.txt stages.tsv build.log ctest-cuda.log bench-gpu.jsonl torch-topk.jsonl summary.txt torch-cuda.log; do
+  : > "$out/$f"  # this run's files only (a dry run's OUT is kept between runs)
+done
+jobs=$(nproc 2>/dev/null || echo 4)
+
+start=$(date +%s)
+if [ $dry = 1 ]; then deadline=$((start + 4 * 3600)); scale=12; else deadline=$((start + 540)); scale=1; fi
+printf 'stage\trc\tseconds\tnote\n' > "$out/stages.tsv"
+
+# stage NAME MAX_SECONDS LOG COMMAND...: runs COMMAND under timeout (MAX_SECONDS x scale, at most
+# what is left before the deadline), appending to LOG; records the exit code and duration.
+# 124 = timed out; "skipped" = no time left.
+stage() {
+  local name=$1 max=$(($2 * scale)) log=$3; shift 3
+  local now left rc t0
+  now=$(date +%s); left=$((deadline - now))
+  [ $left -lt $max ] && max=$left
+  if [ $max -lt 10 ]; then
+    printf '%s\tskipped\t0\tno time left before the deadline\n' "$name" >> "$out/stages.tsv"
+    echo "== $name: skipped (deadline)"; return 1
+  fi
+  echo "== $name (limit ${max}s) $(date -u +%H:%M:%S)"
+  case $log in *.log) echo "== $name (limit ${max}s) $(date -u +%H:%M:%S)" >> "$log" ;; esac  # not into data files
+  t0=$(date +%s)
+  timeout --kill-after=10 "$max" "$@" >> "$log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$([ $rc = 124 ] && echo "timed out after ${max}s")" >> "$out/stages.tsv"
+  echo "   $name: rc $rc, $(($(date +%s) - t0)) s"
+  return $rc
+}
+
+# 1. The machine.
+{
+  echo "date: $(date -u +%FT%TZ)  dry run: $dry  build dir: $build  jobs: $jobs"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no .git)')"
+  uname -a
+  nvidia-smi 2>&1 || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm --format=csv 2>&1 || true
+  command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -2 || /usr/local/cuda/bin/nvcc --version 2>&1 | tail -2
+  cmake --version | head -1; (ninja --version 2>/dev/null | sed 's/^/ninja /') || true
+  python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "prefix", torch.utils.cmake_prefix_path)' 2>&1 || true
+} > "$out/env.txt" 2>&1
+
+# 2. Debian deps for the build (no package registry on the GPU host). Sourced: it exports paths.
+t0=$(date +%s)
+if [ -f .gpu-debs/use-debs.sh ]; then
+  echo "== deps $(date -u +%H:%M:%S)" >> "$out/build.log"
+  # shellcheck disable=SC1091
+  source .gpu-debs/use-debs.sh .gpu-debs /tmp/deps >> "$out/build.log" 2>&1; rc=$?
+else
+  echo "== deps: no .gpu-debs folder (bash ../shared/gpu/fetch-debs.sh .gpu-debs, then carry it)" >> "$out/build.log"; rc=1
+fi
+printf 'deps\t%s\t%s\t%s\n' "$rc" "$(($(date +%s) - t0))" "source .gpu-debs/use-debs.sh .gpu-debs /tmp/deps" >> "$out/stages.tsv"
+echo "   deps: rc $rc"
+
+# 3. Configure: CUDA for the H100 (sm_90), torch from python3's torch if it has one.
+nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null || true)
+generator=Ninja; command -v ninja >/dev/null 2>&1 || generator="Unix Makefiles"
+# A generator other than the one a reused build dir was made with is an error: keep its own.
+if [ -f "$build/CMakeCache.txt" ]; then
+  generator=$(sed -n 's/^CMAKE_GENERATOR:INTERNAL=//p' "$build/CMakeCache.txt")
+fi
+configure=(cmake -S . -B "$build" -G "$generator" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  -DMESHTRAIN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc_path"
+  -DCMAKE_PREFIX_PATH="${torch_prefix:+$torch_prefix;}${CMAKE_PREFIX_PATH:-}"
+  -DPython3_EXECUTABLE="$(command -v python3)" -DMESHTRAIN_TESTS=ON -DMESHTRAIN_BENCHMARKS=ON)
+torch=OFF
+if [ -n "$torch_prefix" ]; then
+  torch=ON
+  stage configure 150 "$out/build.log" "${configure[@]}" -DMESHTRAIN_TORCH=ON || {
+    torch=OFF
+    stage configure_without_torch 120 "$out/build.log" "${configure[@]}" -DMESHTRAIN_TORCH=OFF
+  }
+else
+  echo "== python3 has no torch: configuring without it" >> "$out/build.log"
+  stage configure 150 "$out/build.log" "${configure[@]}" -DMESHTRAIN_TORCH=OFF
+fi
+
+# 4. Build what the GPU checks need: the cuda-labelled tests and the benchmark (torch later).
+stage build 300 "$out/build.log" cmake --build "$build" -j"$jobs" \
+  --target compress_cuda_test cuda_runtime_test meshtrain-bench-compress
+
+# 5. The CUDA tests (on a host without a GPU they skip with the runtime's reason).
+stage ctest_cuda 150 "$out/ctest-cuda.log" \
+  ctest --test-dir "$build" -L cuda --output-on-failure --timeout 120 -j8
+
+# 6. Benchmarks: kernels alone against a device-to-device copy of the same 256 MiB, whole codec
+# calls, and top-k of 1% of 64M elements (error feedback off: the selection alone).
+stage bench_gpu 150 "$out/bench-gpu.jsonl" "$build/benchmarks/compress/meshtrain-bench-compress" \
+  --device cuda --bytes 268435456 --repeats 9 --codec fp16 --codec bf16 --codec int8 \
+  --codec int8:error_feedback=off --codec topk:fraction=0.01 --codec topk:fraction=0.01,error_feedback=off
+stage torch_topk 90 "$out/torch-topk.jsonl" python3 benchmarks/compress/torch_topk.py \
+  --count 67108864 --fraction 0.01 --repeats 9
+stage summary 20 "$out/summary.txt" python3 benchmarks/compress/gpu_summary.py \
+  "$out/bench-gpu.jsonl" "$out/torch-topk.jsonl"
+
+# 7. The torch glue and its CUDA checkpoint test (snapshot to pinned memory, restore on GPU).
+if [ $torch = ON ]; then
+  stage build_torch 240 "$out/build.log" cmake --build "$build" -j"$jobs" --target torch_test
+  stage torch_cuda 120 "$out/torch-cuda.log" "$build/tests/torch/torch_test" --gtest_filter='TorchCuda.*'
+else
+  echo "torch glue not configured (python3 has no torch, or configuring with it failed: build.log)" > "$out/torch-cuda.log"
+  printf 'torch_cuda\tskipped\t0\tno torch\n' >> "$out/stages.tsv"
+fi
+
+echo
+echo "== stages (total $(($(date +%s) - start)) s; dry run: $dry)"
+column -t -s $'\t' "$out/stages.tsv" 2>/dev/null || cat "$out/stages.tsv"
+echo "== ctest -L cuda ($(grep -c '(Skipped)' "$out/ctest-cuda.log" 2>/dev/null || echo 0) skipped)"
+grep -E "tests passed|\((Failed|Timeout|SEGFAULT|Subprocess aborted)\)|Not Run" "$out/ctest-cuda.log" | head -12
+grep -m1 -E "Skipped|skipped" "$out/ctest-cuda.log" | head -1
+grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$out/torch-cuda.log" 2>/dev/null | head -5
+echo "== summary"
+cat "$out/summary.txt" 2>/dev/null
+echo "(files in $out)"
