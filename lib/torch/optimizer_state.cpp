@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <typeinfo>
 
@@ -111,7 +112,13 @@ const OptimizerAdapter& adapter_for(const optim::Optimizer& optimizer) {
                                          c10::demangle(typeid(optimizer).name())));
 }
 
-std::string format_exact(double value) { return fmt::format("{:a}", value); }
+// printf's %a, not fmt's {:a}: fmt versions differ (fmt 12, bundled with torch 2.x, prints zero
+// as 0x0p-1022, fmt 9 as 0x0p+0), and the same state must give the same checkpoint with either.
+std::string format_exact(double value) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%a", value);
+  return text;
+}
 
 double parse_exact(std::string_view text, std::string_view what) {
   std::string copy(text);

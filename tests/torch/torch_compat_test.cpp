@@ -85,7 +85,12 @@ struct Fixed {
   explicit Fixed(bool filled) {
     namespace optim = torch::optim;
     std::vector<optim::OptimizerParamGroup> groups;
-    groups.emplace_back(model->fc->parameters(), std::make_unique<optim::AdamOptions>(optim::AdamOptions(0.01).amsgrad(true)));
+    // Every option of a group away from AdamOptions' defaults: torch 2.x replaces a group's options
+    // that are at their default value by the optimizer's (1.13 keeps them), so a group left at
+    // the defaults would differ between versions before any checkpoint is involved.
+    groups.emplace_back(model->fc->parameters(),
+                        std::make_unique<optim::AdamOptions>(
+                            optim::AdamOptions(0.01).betas({0.85, 0.995}).eps(1e-6).weight_decay(1e-4).amsgrad(true)));
     groups.emplace_back(model->norm->parameters());
     adam = std::make_unique<optim::Adam>(std::move(groups),
                                          optim::AdamOptions(1e-3).betas({0.8, 0.99}).eps(1e-7).amsgrad(true));
@@ -143,13 +148,13 @@ constexpr const char* kShardSha256[2] = {"53e32e86c35d1cbe285bd1eb3f54ccf43aa3dc
 constexpr const char* kMetadata =
     "torch.optimizer=adam\n"
     "torch.optimizer.group0.amsgrad=true\n"
-    "torch.optimizer.group0.beta1=0x1.ccccccccccccdp-1\n"
-    "torch.optimizer.group0.beta2=0x1.ff7ced916872bp-1\n"
-    "torch.optimizer.group0.eps=0x1.5798ee2308c3ap-27\n"
+    "torch.optimizer.group0.beta1=0x1.b333333333333p-1\n"
+    "torch.optimizer.group0.beta2=0x1.fd70a3d70a3d7p-1\n"
+    "torch.optimizer.group0.eps=0x1.0c6f7a0b5ed8dp-20\n"
     "torch.optimizer.group0.lr=0x1.47ae147ae147bp-7\n"
     "torch.optimizer.group0.params=fc.weight\n"
     "fc.bias\n"
-    "torch.optimizer.group0.weight_decay=0x0p+0\n"
+    "torch.optimizer.group0.weight_decay=0x1.a36e2eb1c432dp-14\n"
     "torch.optimizer.group1.amsgrad=true\n"
     "torch.optimizer.group1.beta1=0x1.999999999999ap-1\n"
     "torch.optimizer.group1.beta2=0x1.fae147ae147aep-1\n"
@@ -231,6 +236,7 @@ void expect_restored_equals_fixed(const fs::path& root) {
     EXPECT_EQ(w.lr(), r.lr());
     EXPECT_EQ(w.betas(), r.betas());
     EXPECT_EQ(w.eps(), r.eps());
+    EXPECT_EQ(w.weight_decay(), r.weight_decay());
     EXPECT_EQ(w.amsgrad(), r.amsgrad());
   }
   // The CPU generator's state came back: the next draw is the fixed seed's.
