@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <condition_variable>
-#include <cstring>
 #include <exception>
 #include <future>
 #include <map>
@@ -114,8 +113,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
         std::vector<uint8_t> block(mine), buf;
         for (size_t j = 0; j < pieces_of(mine); ++j) {
           const size_t size = std::min(piece_bytes, mine - j * piece_bytes);
-          receive_piece(from_c, kExchangeTag | static_cast<uint32_t>(j), size, buf);
-          std::memcpy(block.data() + j * piece_bytes, buf.data(), size);
+          receive_piece(from_c, kExchangeTag | static_cast<uint32_t>(j), size, buf, block.data() + j * piece_bytes);
         }
         std::lock_guard lock(failure.mutex);
         gathered[c] = std::move(block);
