@@ -73,7 +73,13 @@ struct OpenShard {
   const ShardInfo* info = nullptr;
   fs::path path;
   File file;
+  // The same file opened with O_DIRECT (invalid where the filesystem refuses it): aligned whole
+  // blocks are read with it straight from the disk into their destination, skipping the page
+  // cache copy, which costs about as much CPU as hashing half of the bytes.
+  File direct;
 };
+
+constexpr uint64_t kDirectAlignment = 4096;
 
 std::string where(const fs::path& dir, const ShardInfo& s) {
   return fmt::format("checkpoint {}: shard file {} (written by rank {}, global bytes [{}, {}))", dir.string(), s.file,
@@ -99,6 +105,8 @@ OpenShard open_shard(const fs::path& dir, const ShardInfo& s) {
   if (size > s.range.size())
     throw CorruptError(fmt::format("{} has {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  int direct = ::open(o.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  if (direct >= 0) o.direct = File(direct);
   return o;
 }
 
@@ -110,7 +118,16 @@ struct BlockTask {
 // Reads block `t` of its shard into `buf` and checks its digest.
 void read_block(const fs::path& dir, const OpenShard& s, uint64_t block_bytes, uint64_t k, uint8_t* buf, size_t size) {
   uint64_t file_off = k * block_bytes;
-  if (!pread_all(s.file.get(), buf, size, file_off, s.path))
+  auto aligned = [](uint64_t x) { return x % kDirectAlignment == 0; };
+  bool direct = s.direct && aligned(reinterpret_cast<uintptr_t>(buf)) && aligned(file_off) && aligned(size);
+  bool complete;
+  try {
+    complete = pread_all(direct ? s.direct.get() : s.file.get(), buf, size, file_off, s.path);
+  } catch (const IoError& e) {
+    if (!direct || e.errno_value() != EINVAL) throw;
+    complete = pread_all(s.file.get(), buf, size, file_off, s.path);  // a stricter O_DIRECT alignment
+  }
+  if (!complete)
     throw CorruptError(fmt::format("{} is truncated: ends inside block {}", where(dir, *s.info), k));
   crypto::Digest d = crypto::sha256({buf, size});
   if (d != s.info->block_sha256[k])
