@@ -9,7 +9,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
-#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -122,7 +121,6 @@ ShardRecord write_shard(const fs::path& dir, const SaveJob& job, const SaveOptio
 
   const uint64_t nblocks = (range.size() + block - 1) / block;
   std::vector<crypto::Digest> digests(nblocks);
-  std::unique_ptr<std::atomic<bool>[]> written(new std::atomic<bool>[nblocks]());
   std::atomic<uint64_t> next{0}, blocks_done{0}, bytes_done{0};
   std::atomic<bool> stop{false};
   const int fd = f.get();
@@ -140,37 +138,18 @@ ShardRecord write_shard(const fs::path& dir, const SaveJob& job, const SaveOptio
       for (const auto& s : segments) add_segment(s, iov, hash);
       digests[k] = hash.finish();
       pwritev_all(fd, iov, b.begin - range.begin, path);
-      written[k].store(true, std::memory_order_release);
       bytes_done += b.size();
       uint64_t done = ++blocks_done;
       if (o.after_block) o.after_block(done, nblocks);
     }
   };
   uint32_t threads = static_cast<uint32_t>(std::clamp<uint64_t>(o.io_threads, 1, std::max<uint64_t>(nblocks, 1)));
-  // Between the writers' blocks, this thread starts the disk writing back the blocks written so
-  // far (in file order), so that the disk works while the next blocks are hashed and the final
-  // fsync waits only for the tail. Without it the kernel starts writeback at its dirty
-  // thresholds, typically only at that fsync: the save then takes hashing + the whole disk time.
-  // Done here, not by the writers: sync_file_range blocks while the device queue is full, and a
-  // writer blocked there would not be hashing. Advisory: a write error resurfaces in fsync.
-  uint64_t flushed = 0;  // blocks handed to writeback
-  auto last_log = Clock::now();
-  auto tick = [&] {
-    uint64_t end = flushed;
-    while (end < nblocks && written[end].load(std::memory_order_acquire)) ++end;
-    if (end > flushed) {
-      uint64_t from = flushed * block, to = std::min(end * block, range.size());
-      ::sync_file_range(fd, static_cast<off_t>(from), static_cast<off_t>(to - from), SYNC_FILE_RANGE_WRITE);
-      flushed = end;
-    }
-    if (Clock::now() - last_log >= o.progress_interval) {
-      last_log = Clock::now();
-      double s = seconds_since(start);
-      log::info("checkpoint", "{}: {} of {} written ({:.2f} GB/s)", where, format_bytes(bytes_done),
-                format_bytes(range.size()), gbps(bytes_done, s));
-    }
+  auto progress = [&] {
+    double s = seconds_since(start);
+    log::info("checkpoint", "{}: {} of {} written ({:.2f} GB/s)", where, format_bytes(bytes_done), format_bytes(range.size()),
+              gbps(bytes_done, s));
   };
-  run_workers(threads, work, std::chrono::milliseconds(5), tick, stop);
+  run_workers(threads, work, o.progress_interval, progress, stop);
   fsync_fd(fd, path);
   f.close(path.string());
 
