@@ -94,13 +94,30 @@ class CodecState {
   virtual void reset();
   // An independent copy of everything later encodes depend on (residual, Q, encode counter,
   // stats; not scratch buffers), on the same device: a snapshot to roll an encode back to, as
-  // the compressed all-reduce does for a step that is retried. Blocks on a device copy.
+  // the compressed all-reduce does for PowerSGD (the other codecs stage, below). Blocks on a
+  // device copy.
   virtual std::unique_ptr<CodecState> clone() const = 0;
+
+  // Staged encodes, the cheap form of a snapshot for an encode that may have to be undone (the
+  // compressed all-reduce's attempt that fails or is retried). After stage(), every encode
+  // starts from the committed state (residual, encode counter, stats) and leaves its result
+  // pending: the committed state stays as it was, and a second staged encode replaces the
+  // first one's result (a staged encode that throws leaves nothing pending). commit_staged() makes the latest pending result the state,
+  // discard_staged() drops it; both end staging (and do nothing when not staging). The bytes
+  // and the committed result are those of an encode on a clone(). int8 and top-k write the new
+  // residual into a second buffer they keep (on the CPU: no copy; on a CUDA device the
+  // residual is copied once per stage()). none, fp16 and bf16 stage only the counters.
+  // PowerSGD states do not stage: stage() throws InvalidArgumentError (use clone()).
+  virtual void stage();
+  virtual void commit_staged();
+  virtual void discard_staged();
+  bool staging() const noexcept { return staging_; }
 
  protected:
   CodecState(CodecId codec, TensorSpec spec);
   CodecState(const CodecState&) = default;  // for clone()
   CodecStats& mutable_stats() noexcept { return stats_; }
+  bool staging_ = false;  // set and cleared by the stage() overrides
 
  private:
   CodecId codec_;

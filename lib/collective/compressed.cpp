@@ -82,9 +82,13 @@ struct CompressedState::Impl {
   MemberSide member;
   OwnerSide owner;
   CompressedTraffic traffic;
-  // Changes of the running attempt; they replace the above in commit().
+  // Changes of the running attempt; they replace the above in commit(). A kept partition or
+  // ownership encodes with its committed states staged (compress.h, CodecState::stage: the
+  // result is pending inside the state, nothing is copied) instead of a pending copy.
   std::optional<MemberSide> pending_member;
   std::optional<OwnerSide> pending_owner;
+  bool member_staged = false;
+  bool owner_staged = false;
   CompressedTraffic pending_traffic;
 
   void bind(const Codec& codec, size_t n) {
@@ -98,12 +102,20 @@ struct CompressedState::Impl {
     }
   }
   void commit() {
+    if (member_staged)
+      for (auto& s : member.states) s->commit_staged();
+    if (owner_staged) owner.state->commit_staged();
+    member_staged = owner_staged = false;
     if (pending_member) member = std::move(*pending_member);
     if (pending_owner) owner = std::move(*pending_owner);
     traffic = pending_traffic;
     discard();
   }
   void discard() {
+    if (member_staged)
+      for (auto& s : member.states) s->discard_staged();
+    if (owner_staged) owner.state->discard_staged();
+    member_staged = owner_staged = false;
     pending_member.reset();
     pending_owner.reset();
   }
@@ -211,9 +223,14 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
   const size_t chunks = all_gather ? 1 : n;
 
   try {
-    // Member side: encode this attempt's payloads from the committed state's copy.
+    // Member side: encode this attempt's payloads from the committed states, staged, or from
+    // fresh states for a new partition.
     std::vector<std::vector<uint8_t>> payloads;
-    if (contributes) {
+    if (contributes && st.member.chunks == chunks && st.member.carry.empty()) {
+      for (auto& s : st.member.states) s->stage();
+      st.member_staged = true;
+      payloads = encode_chunks(codec, data, count, chunks, st.member.states);
+    } else if (contributes) {
       st.pending_member = st.member.repartitioned(codec, count, chunks);
       MemberSide& m = *st.pending_member;
       std::vector<float> work;
@@ -257,11 +274,15 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       });
       traffic.sent_bytes = traffic.received_bytes = (n - 1) * block;
     } else {
-      // Owner side: the re-encode state of chunk r, fresh when ownership moved.
+      // Owner side: the re-encode state of chunk r, staged, or fresh when ownership moved.
+      std::unique_ptr<CodecState>* owner_state;
       if (st.owner.state && st.owner.chunks == n && st.owner.rank == r) {
-        st.pending_owner = OwnerSide{n, r, st.owner.state->clone()};
+        st.owner.state->stage();
+        st.owner_staged = true;
+        owner_state = &st.owner.state;
       } else {
         st.pending_owner = OwnerSide{n, r, codec.make_state(compress::TensorSpec::flat(chunk_size(count, n, r)))};
+        owner_state = &st.pending_owner->state;
       }
       std::vector<size_t> sizes(n);
       size_t block = 0;
@@ -280,9 +301,15 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
         if (divisor != 1.0f)
           for (float& x : sum) x /= divisor;
         std::vector<std::unique_ptr<CodecState>> owner_states;
-        owner_states.push_back(std::move(st.pending_owner->state));
-        std::vector<std::vector<uint8_t>> reduced = encode_chunks(codec, sum.data(), own, 1, owner_states);
-        st.pending_owner->state = std::move(owner_states[0]);
+        owner_states.push_back(std::move(*owner_state));
+        std::vector<std::vector<uint8_t>> reduced;
+        try {
+          reduced = encode_chunks(codec, sum.data(), own, 1, owner_states);
+        } catch (...) {
+          *owner_state = std::move(owner_states[0]);
+          throw;
+        }
+        *owner_state = std::move(owner_states[0]);
         std::memcpy(owners.data() + r * block, reduced[0].data(), reduced[0].size());
         ring_allgather_blocks(ctx, owners.data(), block);
         for (size_t c = 0; c < n; ++c)

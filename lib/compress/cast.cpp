@@ -135,6 +135,7 @@ class CastCodec final : public ApplyingCodec {
                 CudaStream stream) const override {
     check_grad(id(), grad, state);
     auto& s = state_as<CastState>(id(), state);
+    s.begin_encode();
     const size_t n = grad.count, bytes = encoded_bytes(s.spec());
     check_capacity(id(), out, bytes);
     uint8_t* body = out.data() + kPayloadHeaderBytes;

@@ -37,6 +37,11 @@ CodecState::CodecState(CodecId codec, TensorSpec spec)
 CodecState::~CodecState() = default;
 std::vector<float> CodecState::residual() const { return {}; }
 void CodecState::reset() { stats_ = CodecStats{}; }
+void CodecState::stage() {
+  throw InvalidArgumentError(fmt::format("{} states do not support staged encodes (use clone())", codec_name(codec_)));
+}
+void CodecState::commit_staged() {}
+void CodecState::discard_staged() {}
 
 Codec::~Codec() = default;
 
@@ -292,6 +297,49 @@ void Residual::swap_host(std::vector<float>& other) {
     throw InternalError(fmt::format("residual swap: {} host floats for a residual of {} on {}", other.size(),
                                     count_, device_ == DeviceKind::Cuda ? "cuda" : "cpu"));
   host_.swap(other);
+}
+
+void Residual::assign(const Residual& other) {
+  if (count_ != other.count_ || device_ != other.device_)
+    throw InternalError("residual assign: residuals of different size or device");
+  if (device_ != DeviceKind::Cuda) {
+    host_ = other.host_;
+    return;
+  }
+  cuda_call("restoring an error-feedback residual", [&] {
+    kc::copy_async(buffer_.data(), other.buffer_.data(), count_ * sizeof(float), buffer_.device(), nullptr);
+    kc::synchronize(buffer_.device(), nullptr);
+  });
+}
+
+void ResidualState::stage() {
+  discard_staged();
+  StateBase::stage();
+}
+
+void ResidualState::begin_in_place_staged_encode() {
+  if (!staging() || !has_residual_ || spec().device != DeviceKind::Cuda) return;
+  if (backup_) {
+    residual_.assign(*backup_);  // an earlier staged encode changed it: start from the committed one
+  } else {
+    backup_.emplace(residual_);
+  }
+}
+
+void ResidualState::commit_staged() {
+  if (staging() && staged_result() && has_residual_) {
+    if (spec().device != DeviceKind::Cuda) residual_.swap_host(spare_);
+    backup_.reset();
+  }
+  if (backup_) residual_ = std::move(*backup_);  // the last staged encode failed
+  backup_.reset();
+  StateBase::commit_staged();
+}
+
+void ResidualState::discard_staged() {
+  if (backup_) residual_ = std::move(*backup_);
+  backup_.reset();
+  StateBase::discard_staged();
 }
 
 void Residual::zero() {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -74,18 +75,49 @@ S& state_as(CodecId codec, CodecState& state) {
 class StateBase : public CodecState {
  public:
   StateBase(CodecId codec, TensorSpec spec) : CodecState(codec, std::move(spec)) {}
+  StateBase(const StateBase& other) : CodecState(other) { staging_ = false; }  // a clone is not staging
   using CodecState::mutable_stats;
-  // Called after each successful encode.
+  void reset() override {
+    discard_staged();
+    mutable_stats() = CodecStats{};
+  }
+
+  // Staging (compress.h): here the counters; ResidualState adds the residual.
+  void stage() override {
+    staging_ = true;
+    staged_ = false;
+  }
+  void commit_staged() override {
+    if (staging_ && staged_) mutable_stats() = staged_stats_;
+    staging_ = staged_ = false;
+  }
+  void discard_staged() override { staging_ = staged_ = false; }
+  // Called first by every encode: a staged encode that fails leaves nothing pending.
+  void begin_encode() { staged_ = false; }
+  // Called after each successful encode (the counters an encode starts from are stats(), the
+  // committed ones, also while staging).
   void record(size_t payload_bytes, uint64_t clamped = 0, uint64_t flushed = 0) {
-    CodecStats& s = mutable_stats();
+    CodecStats s = stats();
     ++s.encodes;
     s.last_payload_bytes = payload_bytes;
     s.last_clamped = clamped;
     s.total_clamped += clamped;
     s.last_flushed = flushed;
     s.total_flushed += flushed;
+    if (staging_) {
+      staged_stats_ = s;
+      staged_ = true;
+    } else {
+      mutable_stats() = s;
+    }
   }
-  void reset() override { mutable_stats() = CodecStats{}; }
+
+ protected:
+  bool staged_result() const { return staged_; }
+
+ private:
+  bool staged_ = false;  // staging, and the latest encode succeeded
+  CodecStats staged_stats_;
 };
 
 // An fp32 residual kept on the tensor's device (host vector or DeviceBuffer).
@@ -102,6 +134,8 @@ class Residual {
   // Exchanges the host buffer with `other` (same size), in O(1): a double-buffered encode
   // writes the next residual into `other` and swaps it in once nothing can fail any more.
   void swap_host(std::vector<float>& other);
+  // Copies `other` (same size and device) into this residual's memory.
+  void assign(const Residual& other);
 
  private:
   size_t count_ = 0;
@@ -120,18 +154,36 @@ class ResidualState : public StateBase {
   std::vector<float> residual() const override {
     return has_residual_ ? residual_.to_host() : std::vector<float>{};
   }
+  ResidualState(const ResidualState& other)  // clone(): the committed state, no spare or backup
+      : StateBase(other), has_residual_(other.has_residual_), residual_(other.residual_) {}
   void reset() override {
     StateBase::reset();
     if (has_residual_) residual_.zero();
   }
-  // Null without error feedback.
+  // Null without error feedback. While staging this is the committed residual: CPU encodes
+  // only read it and write spare(); CUDA encodes call begin_in_place_staged_encode() first.
   float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
-  // CPU states with error feedback: makes `next` the residual and leaves the old one in `next`.
-  void swap_residual(std::vector<float>& next) { residual_.swap_host(next); }
+  // CPU: the second buffer (count() floats, allocated on first use and kept): where a
+  // double-buffered encode writes the next residual, and where a staged encode leaves it.
+  std::vector<float>& spare() {
+    if (spare_.size() != count()) spare_.assign(count(), 0.0f);
+    return spare_;
+  }
+  // Unstaged CPU double buffering: makes spare() the residual (the old one becomes the spare).
+  void swap_residual() { residual_.swap_host(spare_); }
+  // CUDA with a residual, while staging: keeps (or restores) a copy of the committed residual
+  // so that the encode may update residual_data() in place.
+  void begin_in_place_staged_encode();
+
+  void stage() override;
+  void commit_staged() override;
+  void discard_staged() override;
 
  private:
   bool has_residual_ = false;
   Residual residual_;
+  std::vector<float> spare_;
+  std::optional<Residual> backup_;  // CUDA staging: the committed residual
 };
 
 // Base of the codecs whose decode and decode_accumulate are one routine with an accumulate flag.

@@ -16,10 +16,12 @@
 // buffer, and the two swap when the whole gradient has passed; a NaN/Inf shows in the block's
 // absmax (|NaN| and |Inf| have the largest keys) at no cost in the loop. The old residual is
 // never written, so nothing has to be restored. The price is 4 bytes per element more for a
-// state that is encoded repeatedly. A state's first encode (and blocks over kChunk) scans the
-// gradient first and updates the residual in place instead: the compressed all-reduce encodes
-// each kept state's fresh clone once, and a second buffer there would be allocated (and page
-// faulted) per operation. Both paths produce the same bits.
+// state that is encoded repeatedly. A state's first unstaged encode (and blocks over kChunk)
+// scans the gradient first and updates the residual in place instead (a one-off state, e.g. a
+// clone, would allocate and page-fault the second buffer for one use). Staged encodes
+// (compress.h; the compressed all-reduce) always take the double-buffered loop and leave the
+// new residual in the second buffer until commit_staged() swaps it in. Both loops produce the
+// same bits.
 #include <limits>
 
 #include "compress/common.h"
@@ -37,12 +39,14 @@ class Int8State final : public ResidualState {
   Int8State(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::Int8, std::move(spec), error_feedback) {}
   Int8State(const Int8State& other) : ResidualState(other) {}  // without the scratch
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<Int8State>(*this); }
+  void commit_staged() override {
+    if (staging() && staged_result()) encoded = true;
+    ResidualState::commit_staged();
+  }
 
-  kc::DeviceBuffer staging;
-  // CPU, error feedback: where the next residual is written (double buffering), allocated on
-  // this object's second encode; `encoded` says this object has encoded on the CPU before.
-  // Neither is copied by clone().
-  std::vector<float> next_residual;
+  kc::DeviceBuffer staging_buffer;
+  // CPU, error feedback: this object has encoded before, so the double-buffered loop (and
+  // its spare()) pays off. Not copied by clone().
   bool encoded = false;
 };
 
@@ -216,18 +220,28 @@ class Int8Codec final : public ApplyingCodec {
                 CudaStream stream) const override {
     check_grad(id(), grad, state);
     auto& s = state_as<Int8State>(id(), state);
+    s.begin_encode();
     const size_t n = grad.count, bytes = encoded_bytes(s.spec());
     check_capacity(id(), out, bytes);
     // A NaN/Inf gradient must leave the residual as it was. The CPU's double-buffered loop
-    // (a state encoded before) checks as it goes and never writes the old residual; so does
-    // the loop without error feedback, which has no state to protect. Otherwise (first encode,
-    // blocks over kChunk, CUDA) the gradient is scanned before anything changes.
+    // (a state encoded before, or any staged encode) checks as it goes and never writes the
+    // old residual; so does the loop without error feedback, which has no state to protect.
+    // Otherwise (first encode, blocks over kChunk, CUDA) the gradient is scanned before
+    // anything changes.
     float* residual = s.residual_data();
     const size_t block = o_.block_size, blocks = (n + block - 1) / block;
+    const bool staged = s.staging() && residual != nullptr;
     const bool double_buffered =
-        grad.device == DeviceKind::Cpu && residual != nullptr && block <= kChunk && s.encoded;
+        grad.device == DeviceKind::Cpu && residual != nullptr && block <= kChunk && (s.encoded || staged);
     if (grad.device == DeviceKind::Cuda || (residual != nullptr && !double_buffered))
       reject_nonfinite(id(), grad, stream);
+    if (staged && grad.device == DeviceKind::Cuda) s.begin_in_place_staged_encode();
+    if (staged && !double_buffered && grad.device == DeviceKind::Cpu) {
+      // Blocks over kChunk: the in-place loop on a copy, which becomes the pending residual.
+      std::vector<float>& pending = s.spare();
+      std::memcpy(pending.data(), residual, n * sizeof(float));
+      residual = pending.data();
+    }
     const bool stochastic = o_.rounding == Rounding::Stochastic;
     const uint64_t step = s.stats().encodes;
     uint8_t* scales = out.data() + kPayloadHeaderBytes;
@@ -235,25 +249,24 @@ class Int8Codec final : public ApplyingCodec {
     if (grad.device == DeviceKind::Cuda) {
       const size_t body = bytes - kPayloadHeaderBytes;
       cuda_call("int8 encode", [&] {
-        if (s.staging.bytes() < body) s.staging = kc::DeviceBuffer(body, grad.device_index);
-        float* d_scales = s.staging.as<float>();
+        if (s.staging_buffer.bytes() < body) s.staging_buffer = kc::DeviceBuffer(body, grad.device_index);
+        float* d_scales = s.staging_buffer.as<float>();
         kc::int8_quantize(static_cast<const float*>(grad.data), residual, n, o_.block_size,
                           stochastic, o_.seed, step, reinterpret_cast<int8_t*>(d_scales + blocks),
                           d_scales, grad.device_index, stream.handle);
-        kc::copy_async(scales, s.staging.data(), body, grad.device_index, stream.handle);
+        kc::copy_async(scales, s.staging_buffer.data(), body, grad.device_index, stream.handle);
         kc::synchronize(grad.device_index, stream.handle);
       });
     } else if (double_buffered) {
-      if (s.next_residual.size() != n) s.next_residual.assign(n, 0.0f);
-      if (quantize_feedback_loop(static_cast<const float*>(grad.data), residual, s.next_residual.data(), n,
+      if (quantize_feedback_loop(static_cast<const float*>(grad.data), residual, s.spare().data(), n,
                                  block, stochastic, o_.seed, step, scales, q) < n)
         reject_nonfinite(id(), grad, stream);  // throws; the residual was only read
-      s.swap_residual(s.next_residual);
+      if (!staged) s.swap_residual();          // staged: the spare is the pending residual
     } else {
       if (quantize_loop(static_cast<const float*>(grad.data), residual, n, block, stochastic, o_.seed, step,
                         scales, q) < n)
         reject_nonfinite(id(), grad, stream);
-      s.encoded = true;
+      if (!staged) s.encoded = true;
     }
     write_header(out, header(n));
     s.record(bytes);

@@ -30,6 +30,7 @@ class NoneCodec final : public ApplyingCodec {
                 CudaStream stream) const override {
     check_grad(id(), grad, state);
     auto& s = state_as<NoneState>(id(), state);
+    s.begin_encode();
     const size_t n = grad.count, bytes = encoded_bytes(s.spec());
     check_capacity(id(), out, bytes);
     reject_nonfinite(id(), grad, stream);

@@ -59,6 +59,8 @@ class PowerSgdState final : public StateBase {
       : StateBase(other), shape_(other.shape_), seed_(other.seed_), has_residual_(other.has_residual_),
         residual_(other.residual_), q_(other.q_) {}
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<PowerSgdState>(*this); }
+  // Q and the residual change in place through three calls (compress.h): no staging.
+  void stage() override { CodecState::stage(); }
   std::vector<float> residual() const override { return has_residual_ ? residual_ : std::vector<float>{}; }
   void reset() override {
     StateBase::reset();

@@ -104,6 +104,7 @@ class TopKCodec final : public ApplyingCodec {
                 CudaStream stream) const override {
     check_grad(id(), grad, state);
     auto& s = state_as<TopKState>(id(), state);
+    s.begin_encode();
     const size_t n = grad.count, bytes = encoded_bytes(s.spec());
     const uint64_t k = topk_k(o_.fraction, n);
     check_capacity(id(), out, bytes);
@@ -111,6 +112,7 @@ class TopKCodec final : public ApplyingCodec {
     uint8_t* idx = out.data() + kPayloadHeaderBytes;
     uint8_t* val = idx + 4 * k;
     if (n > 0 && grad.device == DeviceKind::Cuda) {
+      s.begin_in_place_staged_encode();
       encode_cuda(grad, s, k, idx, stream);
     } else if (n > 0) {
       encode_cpu(static_cast<const float*>(grad.data), n, s, k, idx, val);
@@ -122,26 +124,31 @@ class TopKCodec final : public ApplyingCodec {
 
  private:
   static void encode_cpu(const float* x, size_t n, TopKState& s, uint64_t k, uint8_t* idx, uint8_t* val) {
+    // v is the residual, updated in place; while staging it is the spare (the pending
+    // residual), formed from the committed residual r, which is only read.
+    const float* r = s.residual_data();
     float* v = s.residual_data();
     if (v == nullptr) {
       s.scratch.resize(n);
       v = s.scratch.data();
       std::memcpy(v, x, n * 4);
+    } else if (s.staging()) {
+      v = s.spare().data();
     }
     // Pass 1: v = x + residual, and the histogram of the top digit. Four interleaved
     // histograms, because gradient magnitudes crowd into a few bins.
     constexpr uint32_t kTop = 1u << 11;
     std::vector<uint64_t> h4(4 * kTop, 0);
-    const bool add = s.residual_data() != nullptr;
+    const bool add = r != nullptr;
     size_t i = 0;
     for (; i + 4 <= n; i += 4) {
       for (size_t j = 0; j < 4; ++j) {
-        if (add) v[i + j] = math::add_rn(x[i + j], v[i + j]);
+        if (add) v[i + j] = math::add_rn(x[i + j], r[i + j]);
         ++h4[j * kTop + (math::magnitude_key(v[i + j]) >> 20)];
       }
     }
     for (; i < n; ++i) {
-      if (add) v[i] = math::add_rn(x[i], v[i]);
+      if (add) v[i] = math::add_rn(x[i], r[i]);
       ++h4[math::magnitude_key(v[i]) >> 20];
     }
     std::vector<uint32_t> candidates;

@@ -485,6 +485,69 @@ INSTANTIATE_TEST_SUITE_P(Int8, Int8Paths,
                                            "int8:block_size=1000", "int8:block_size=5000"),
                          [](const auto& info) { return test_name(info.param); });
 
+// Staged encodes (CodecState::stage, what the compressed all-reduce's attempts use): a failed
+// attempt (staged encode, discarded) and a retry that encodes twice before committing give
+// the bytes, residual and counters of a single encode on a plain state, step after step; the
+// committed state does not move while staged; a staged encode that throws leaves nothing to
+// commit. Sizes cover the double-buffered and (block_size=5000) the in-place int8 loops.
+class Staged : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Staged, FailedAttemptThenRetryEqualsOneEncode) {
+  auto codec = make_codec(GetParam());
+  for (size_t n : {size_t(1), size_t(1000), size_t(100003)}) {
+    auto staged = codec->make_state(TensorSpec::flat(n));
+    auto plain = codec->make_state(TensorSpec::flat(n));
+    for (uint64_t step = 0; step < 4; ++step) {
+      auto grad = random_gradient(n, 300 + step);
+      const auto expected = encode(*codec, grad, *plain);
+      const auto committed = staged->residual();
+      const uint64_t encodes = staged->stats().encodes;
+      // The failed attempt: encoded, then discarded.
+      staged->stage();
+      encode(*codec, random_gradient(n, 900 + step), *staged);
+      EXPECT_EQ(staged->residual(), committed) << "a staged encode changed the committed residual";
+      staged->discard_staged();
+      EXPECT_FALSE(staged->staging());
+      // The retry: a first try replaced by a second, a rejected gradient, then committed.
+      staged->stage();
+      encode(*codec, random_gradient(n, 1900 + step), *staged);
+      ASSERT_EQ(encode(*codec, grad, *staged), expected) << "n " << n << " step " << step;
+      EXPECT_EQ(staged->stats().encodes, encodes);
+      staged->commit_staged();
+      ASSERT_EQ(staged->residual(), plain->residual()) << "n " << n << " step " << step;
+      EXPECT_EQ(staged->stats().encodes, plain->stats().encodes);
+      EXPECT_EQ(staged->stats().last_payload_bytes, plain->stats().last_payload_bytes);
+    }
+    // A staged encode that throws: committing afterwards keeps the state as it was.
+    auto bad = random_gradient(n, 5);
+    bad[n / 2] = std::nanf("");
+    const auto before = staged->residual();
+    const uint64_t encodes = staged->stats().encodes;
+    staged->stage();
+    EXPECT_THROW(encode(*codec, bad, *staged), InvalidArgumentError);
+    staged->commit_staged();
+    EXPECT_EQ(staged->residual(), before);
+    EXPECT_EQ(staged->stats().encodes, encodes);
+    auto grad = random_gradient(n, 6);
+    EXPECT_EQ(encode(*codec, grad, *staged), encode(*codec, grad, *plain)) << "n " << n;
+    EXPECT_EQ(staged->residual(), plain->residual());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, Staged,
+                         ::testing::Values("none", "fp16", "bf16", "int8",
+                                           "int8:block_size=64,rounding=stochastic,seed=3", "int8:block_size=5000",
+                                           "int8:block_size=1000,error_feedback=off", "topk:fraction=0.1",
+                                           "topk:fraction=0.001,error_feedback=off"),
+                         [](const auto& info) { return test_name(info.param); });
+
+TEST(PowerSgd, StatesDoNotStage) {
+  auto codec = make_codec("powersgd:rank=2");
+  auto state = codec->make_state(TensorSpec{{64, 48}});
+  EXPECT_THROW(state->stage(), InvalidArgumentError);
+  EXPECT_FALSE(state->staging());
+}
+
 // NaN/Inf found late: the double-buffered loop has already quantized every block before it,
 // so the old residual must come out untouched because it was never written. The bad element
 // in the first, a middle and the last block of 4 MiB.
