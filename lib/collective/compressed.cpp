@@ -141,21 +141,17 @@ void CompressedState::reset() {
 
 namespace {
 
-// Encodes `data` (count floats) as `chunks` payloads with `states`; checks the exact sizes the
-// ring frames are cut to.
-std::vector<std::vector<uint8_t>> encode_chunks(const Codec& codec, const float* data, size_t count, size_t chunks,
-                                                std::vector<std::unique_ptr<CodecState>>& states) {
-  std::vector<std::vector<uint8_t>> out(chunks);
-  for (size_t c = 0; c < chunks; ++c) {
-    const size_t size = chunk_size(count, chunks, c);
-    out[c].resize(codec.encoded_bytes(size));
-    BufferView chunk{const_cast<float*>(data) + chunk_begin(count, chunks, c), size, DType::Float32};
-    size_t written = codec.encode(chunk, *states[c], out[c]);
-    if (written != out[c].size())
-      throw InternalError(fmt::format("{} wrote {} bytes where encoded_bytes said {}; the compressed all-reduce needs "
-                                      "exact sizes", codec.describe(), written, out[c].size()));
-  }
-  return out;
+// Encodes chunk c of `chunks` of `data` (count floats) with `state` into `out`, sized by
+// encoded_bytes; checks the exact size the frames are cut to.
+void encode_chunk(const Codec& codec, const float* data, size_t count, size_t chunks, size_t c, CodecState& state,
+                  std::vector<uint8_t>& out) {
+  const size_t size = chunk_size(count, chunks, c);
+  out.resize(codec.encoded_bytes(size));
+  BufferView chunk{const_cast<float*>(data) + chunk_begin(count, chunks, c), size, DType::Float32};
+  size_t written = codec.encode(chunk, state, out);
+  if (written != out.size())
+    throw InternalError(fmt::format("{} wrote {} bytes where encoded_bytes said {}; the compressed all-reduce needs "
+                                    "exact sizes", codec.describe(), written, out.size()));
 }
 
 // Runs a decode of `member`'s payload; a payload the codec rejects fails the operation naming
@@ -225,34 +221,43 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
   try {
     // Member side: encode this attempt's payloads from the committed states, staged, or from
     // fresh states for a new partition.
-    std::vector<std::vector<uint8_t>> payloads;
+    std::vector<std::unique_ptr<CodecState>>* states = nullptr;
+    std::vector<std::unique_ptr<CodecState>> scratch;
+    std::vector<float> work;  // the gradient plus a carried residual, or a joiner's zeros
+    const float* source = data;
     if (contributes && st.member.chunks == chunks && st.member.carry.empty()) {
       for (auto& s : st.member.states) s->stage();
       st.member_staged = true;
-      payloads = encode_chunks(codec, data, count, chunks, st.member.states);
+      states = &st.member.states;
     } else if (contributes) {
       st.pending_member = st.member.repartitioned(codec, count, chunks);
       MemberSide& m = *st.pending_member;
-      std::vector<float> work;
-      const float* source = data;
       if (!m.carry.empty()) {
         work.assign(data, data + count);
         for (size_t i = 0; i < count; ++i) work[i] += m.carry[i];
         source = work.data();
         m.carry.clear();
       }
-      payloads = encode_chunks(codec, source, count, chunks, m.states);
+      states = &m.states;
     } else {
       // A joiner adds an encoded zero and keeps no residual.
-      std::vector<float> zeros(count, 0.0f);
-      std::vector<std::unique_ptr<CodecState>> scratch;
+      work.assign(count, 0.0f);
+      source = work.data();
       for (size_t c = 0; c < chunks; ++c)
         scratch.push_back(codec.make_state(compress::TensorSpec::flat(chunk_size(count, chunks, c))));
-      payloads = encode_chunks(codec, zeros.data(), count, chunks, scratch);
+      states = &scratch;
     }
-    if (st.options.payload_hook)
-      for (size_t c = 0; c < chunks; ++c)
-        st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
+    std::vector<std::vector<uint8_t>> payloads(chunks);
+    for (size_t c = 0; c < chunks; ++c) payloads[c].resize(codec.encoded_bytes(chunk_size(count, chunks, c)));
+    auto encode_payload = [&](size_t c) {
+      encode_chunk(codec, source, count, chunks, c, *(*states)[c], payloads[c]);
+      if (st.options.payload_hook) st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
+    };
+    // The direct exchange encodes each owner's chunk just before sending it (overlapped with
+    // the sends before it); the other paths encode everything first.
+    const bool encode_while_sending = direct && !all_gather;
+    if (!encode_while_sending)
+      for (size_t c = 0; c < chunks; ++c) encode_payload(c);
 
     CompressedTraffic traffic;
     traffic.gradient_bytes = count * sizeof(float);
@@ -300,17 +305,9 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       auto reduce_and_gather = [&](RingContext& ctx) {
         if (divisor != 1.0f)
           for (float& x : sum) x /= divisor;
-        std::vector<std::unique_ptr<CodecState>> owner_states;
-        owner_states.push_back(std::move(*owner_state));
-        std::vector<std::vector<uint8_t>> reduced;
-        try {
-          reduced = encode_chunks(codec, sum.data(), own, 1, owner_states);
-        } catch (...) {
-          *owner_state = std::move(owner_states[0]);
-          throw;
-        }
-        *owner_state = std::move(owner_states[0]);
-        std::memcpy(owners.data() + r * block, reduced[0].data(), reduced[0].size());
+        std::vector<uint8_t> reduced;
+        encode_chunk(codec, sum.data(), own, 1, 0, **owner_state, reduced);
+        std::memcpy(owners.data() + r * block, reduced.data(), reduced.size());
         ring_allgather_blocks(ctx, owners.data(), block);
         for (size_t c = 0; c < n; ++c)
           decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
@@ -321,7 +318,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       if (direct) {
         run_mesh_op("allreduce_compressed", [&](RingContext& ctx, const MeshLinks& links) {
           ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
-          exchange_to_owners(ctx, links, blocks, accumulate);
+          exchange_to_owners(ctx, links, blocks, accumulate, encode_payload);
           reduce_and_gather(ctx);
         });
         for (size_t c = 0; c < n; ++c)

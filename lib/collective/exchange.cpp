@@ -62,7 +62,8 @@ class FirstFailure {
 }  // namespace
 
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
-                        const std::function<void(size_t rank, std::span<const uint8_t> block)>& take) {
+                        const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
+                        const std::function<void(size_t rank)>& produce) {
   const size_t n = ctx.quorum.members.size();
   const size_t r = ctx.rank;
   if (blocks.size() != n || links.send.size() != n || links.recv.size() != n)
@@ -81,6 +82,11 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
   FirstFailure failure(ctx.cancel);
   std::vector<std::vector<uint8_t>> gathered(n);
   std::vector<char> arrived(n, 0);
+  std::vector<char> ready(n, produce ? 0 : 1);  // blocks[c] holds its bytes
+  // Every thread's waits end by ctx.deadline (or the peer timeout, or the cancel), so this
+  // one is bounded too; the margin only guards against a bug there.
+  const Clock::time_point limit =
+      ctx.deadline.is_never() ? Clock::time_point::max() : ctx.deadline.at() + std::chrono::seconds(5);
   std::vector<std::thread> threads;
   auto guarded = [&failure](auto body) {
     return [&failure, body] {
@@ -100,6 +106,12 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
         h.quorum_id = ctx.quorum.quorum_id;
         h.step = ctx.quorum.step;
         h.op_seq = ctx.op_seq;
+        {
+          std::unique_lock lock(failure.mutex);
+          if (!failure.cv.wait_until(lock, limit, [&] { return ready[c] || failure.failed(); }))
+            throw TimeoutError(fmt::format("direct exchange: the block for rank {} was not encoded by the deadline", c));
+          if (failure.failed()) return;
+        }
         const auto& block = blocks[c];
         for (size_t j = 0; j < pieces_of(block.size()); ++j) {
           h.tag = kExchangeTag | static_cast<uint32_t>(j);
@@ -121,22 +133,40 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
         failure.cv.notify_all();
       }));
     }
-    // Every thread's waits end by ctx.deadline (or the peer timeout, or the cancel), so this
-    // one is bounded too; the margin only guards against a bug there.
-    const Clock::time_point limit =
-        ctx.deadline.is_never() ? Clock::time_point::max() : ctx.deadline.at() + std::chrono::seconds(5);
-    for (size_t j = 0; j < n; ++j) {
-      std::span<const uint8_t> block = blocks[r];
-      if (j != r) {
-        std::unique_lock lock(failure.mutex);
-        if (!failure.cv.wait_until(lock, limit, [&] { return arrived[j] || failure.failed(); }))
-          throw TimeoutError(fmt::format("direct exchange: rank {}'s block did not arrive by the deadline", j));
-        if (failure.failed()) break;
-        block = gathered[j];
+    size_t next_take = 0;
+    // Takes blocks in rank order: those already in (wait = false), or all (wait = true).
+    auto take_in_order = [&](bool wait) {
+      while (next_take < n) {
+        const size_t j = next_take;
+        std::span<const uint8_t> block = blocks[r];
+        {
+          std::unique_lock lock(failure.mutex);
+          auto in = [&] { return (j == r ? ready[r] : arrived[j]) || failure.failed(); };
+          if (!wait && !in()) return;
+          if (!failure.cv.wait_until(lock, limit, in))
+            throw TimeoutError(fmt::format("direct exchange: rank {}'s block did not arrive by the deadline", j));
+          if (failure.failed()) return;
+          if (j != r) block = gathered[j];
+        }
+        take(j, block);
+        ++next_take;
+        if (ctx.fault_hook) ctx.fault_hook("reduce_scatter", j + 1);
       }
-      take(j, block);
-      if (ctx.fault_hook) ctx.fault_hook("reduce_scatter", j + 1);
+    };
+    if (produce) {
+      for (size_t k = 1; k <= n; ++k) {
+        const size_t c = (r + k) % n;
+        produce(c);
+        {
+          std::lock_guard lock(failure.mutex);
+          if (failure.failed()) break;
+          ready[c] = 1;
+        }
+        failure.cv.notify_all();
+        if (k < n) take_in_order(false);
+      }
     }
+    take_in_order(true);
   } catch (...) {
     failure.record(std::current_exception());
   }

@@ -26,7 +26,12 @@ struct MeshLinks {
 // Sends blocks[c] to rank c for every c, concurrently, while receiving rank j's block for this
 // member's rank from every j. `take(j, block)` runs on the calling thread in rank order
 // (j = 0, 1, ..., n-1, this member's own block included) as soon as block j is in, so the
-// caller can decode while later blocks arrive. Frames carry the context's quorum, step and
+// caller can decode while later blocks arrive.
+// With `produce`, the blocks' bytes are not ready yet (their sizes are): produce(c) fills
+// blocks[c] on the calling thread, for c = rank+1, rank+2, ..., rank (wrapping; this member's
+// own block last, as it is not sent), and the send to rank c starts as soon as produce(c)
+// returned, so encoding the next block overlaps sending the previous ones; blocks that came in
+// meanwhile are taken between two produce calls. Frames carry the context's quorum, step and
 // op_seq and are checked like the ring's (receive_piece): frames of another quorum or step are
 // dropped, anything else unexpected is a ProtocolError naming the sender. The first failure
 // (a lost peer, a deadline, a take that throws) cancels the rest; it is rethrown after every
@@ -34,7 +39,8 @@ struct MeshLinks {
 // anything is sent and index k after k blocks were taken.
 // This member sends sum over c != rank of blocks[c].size() bytes: (n-1)/n of its payload.
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
-                        const std::function<void(size_t rank, std::span<const uint8_t> block)>& take);
+                        const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
+                        const std::function<void(size_t rank)>& produce = {});
 
 // One channel to open: connect to `member` (connect = true) or accept its connection, into
 // *slot. `role` names the link in errors ("ring neighbour", "mesh peer").
