@@ -302,24 +302,33 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
         decode_from(q.members[j], fmt::format("{} chunk {}", codec.name(), r),
                     [&] { codec.decode_accumulate(payload, sum_view); });
       };
-      auto reduce_and_gather = [&](RingContext& ctx) {
+      auto reencode = [&] {
         if (divisor != 1.0f)
           for (float& x : sum) x /= divisor;
         std::vector<uint8_t> reduced;
         encode_chunk(codec, sum.data(), own, 1, 0, **owner_state, reduced);
         std::memcpy(owners.data() + r * block, reduced.data(), reduced.size());
+      };
+      auto decode_owner = [&](size_t c, std::span<const uint8_t> payload) {
+        decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
+          codec.decode(payload.first(sizes[c]),
+                       BufferView{data + chunk_begin(count, n, c), chunk_size(count, n, c), DType::Float32});
+        });
+      };
+      auto reduce_and_gather = [&](RingContext& ctx) {
+        reencode();
         ring_allgather_blocks(ctx, owners.data(), block);
-        for (size_t c = 0; c < n; ++c)
-          decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
-            codec.decode(std::span<const uint8_t>(owners.data() + c * block, sizes[c]),
-                         BufferView{data + chunk_begin(count, n, c), chunk_size(count, n, c), DType::Float32});
-          });
+        for (size_t c = 0; c < n; ++c) decode_owner(c, std::span<const uint8_t>(owners.data() + c * block, block));
       };
       if (direct) {
         run_mesh_op("allreduce_compressed", [&](RingContext& ctx, const MeshLinks& links) {
           ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
           exchange_to_owners(ctx, links, blocks, accumulate, encode_payload);
-          reduce_and_gather(ctx);
+          // The owners' payloads go straight to everyone too (the same (n-1) x block bytes as
+          // the ring's all-gather), each decoded as it arrives.
+          reencode();
+          const std::vector<std::span<const uint8_t>> reduced(n, std::span<const uint8_t>(owners.data() + r * block, block));
+          exchange_to_owners(ctx, links, reduced, decode_owner, {}, ExchangePhase::AllGather);
         });
         for (size_t c = 0; c < n; ++c)
           if (c != r) traffic.sent_bytes += sizes[c];

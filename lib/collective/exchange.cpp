@@ -15,6 +15,7 @@ namespace {
 // operation runs either relayed or direct, never both) at a ring step no ring reaches, so a
 // frame of one can never pass for the other's; the low 16 bits are the piece index.
 constexpr uint32_t kExchangeTag = 3u << 30 | 0x3FFFu << 16;
+constexpr uint32_t kAllGatherTag = 3u << 30 | 0x3FFEu << 16;  // the owners' direct all-gather
 constexpr size_t kMaxPieces = 1u << 16;
 
 bool is_cancellation(const std::exception_ptr& e) {
@@ -63,7 +64,9 @@ class FirstFailure {
 
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        const std::function<void(size_t rank)>& produce) {
+                        const std::function<void(size_t rank)>& produce, ExchangePhase phase) {
+  const uint32_t tag_base = phase == ExchangePhase::AllGather ? kAllGatherTag : kExchangeTag;
+  const char* hook_phase = phase == ExchangePhase::AllGather ? "all_gather" : "reduce_scatter";
   const size_t n = ctx.quorum.members.size();
   const size_t r = ctx.rank;
   if (blocks.size() != n || links.send.size() != n || links.recv.size() != n)
@@ -72,7 +75,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
   for (size_t c = 0; c < n; ++c)
     if (c != r && (!links.send[c] || !links.recv[c]))
       throw InternalError(fmt::format("direct exchange: no channel to rank {}", c));
-  if (ctx.fault_hook) ctx.fault_hook("reduce_scatter", 0);
+  if (ctx.fault_hook) ctx.fault_hook(hook_phase, 0);
   const size_t mine = blocks[r].size();  // every member's block for this rank has this size
   size_t largest = mine;
   for (const auto& b : blocks) largest = std::max(largest, b.size());
@@ -114,7 +117,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
         }
         const auto& block = blocks[c];
         for (size_t j = 0; j < pieces_of(block.size()); ++j) {
-          h.tag = kExchangeTag | static_cast<uint32_t>(j);
+          h.tag = tag_base | static_cast<uint32_t>(j);
           const size_t size = std::min(piece_bytes, block.size() - j * piece_bytes);
           links.send[c]->send(h, crypto::ByteSpan(block.data() + j * piece_bytes, size), ctx.deadline, ctx.cancel);
         }
@@ -125,7 +128,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
         std::vector<uint8_t> block(mine), buf;
         for (size_t j = 0; j < pieces_of(mine); ++j) {
           const size_t size = std::min(piece_bytes, mine - j * piece_bytes);
-          receive_piece(from_c, kExchangeTag | static_cast<uint32_t>(j), size, buf, block.data() + j * piece_bytes);
+          receive_piece(from_c, tag_base | static_cast<uint32_t>(j), size, buf, block.data() + j * piece_bytes);
         }
         std::lock_guard lock(failure.mutex);
         gathered[c] = std::move(block);
@@ -150,7 +153,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
         }
         take(j, block);
         ++next_take;
-        if (ctx.fault_hook) ctx.fault_hook("reduce_scatter", j + 1);
+        if (ctx.fault_hook) ctx.fault_hook(hook_phase, j + 1);
       }
     };
     if (produce) {

@@ -38,9 +38,13 @@ struct MeshLinks {
 // thread has ended. The ring fault hook sees phase "reduce_scatter" with index 0 before
 // anything is sent and index k after k blocks were taken.
 // This member sends sum over c != rank of blocks[c].size() bytes: (n-1)/n of its payload.
+// The second use (phase AllGather: every blocks[c] is the owner's reduced chunk, taken from
+// every owner as it arrives) has its own frame tags and fault hook phase "all_gather".
+enum class ExchangePhase { ToOwners, AllGather };
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        const std::function<void(size_t rank)>& produce = {});
+                        const std::function<void(size_t rank)>& produce = {},
+                        ExchangePhase phase = ExchangePhase::ToOwners);
 
 // One channel to open: connect to `member` (connect = true) or accept its connection, into
 // *slot. `role` names the link in errors ("ring neighbour", "mesh peer").
