@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 
+#include <cstring>
 #include <thread>
 
 #include "checkpoint/helpers.h"
@@ -196,6 +197,56 @@ TEST(RoundTrip, ReadRangeMatchesLayout) {
   const auto& src = s.tensors[5].bytes;
   EXPECT_TRUE(std::equal(out.begin(), out.end(), src.begin() + 4097));
   EXPECT_THROW(c.read_range({0, c.manifest().total_bytes + 1}, std::span<uint8_t>()), InvalidArgumentError);
+}
+
+// One reader of a multi-writer checkpoint: shards 1.. land at 64-byte (not 4 KiB) cuts of the
+// result buffer, so their blocks are read with O_DIRECT through a bounce buffer. Blocks larger
+// than one bounce chunk, a block size that is not a multiple of 4 KiB (later blocks start at
+// unaligned file offsets) and shards that end inside a page.
+class BounceTest : public ::testing::TestWithParam<uint64_t> {};
+
+TEST_P(BounceTest, OneReaderOfThreeWritersGetsByteIdenticalTensorsAndDamageIsNamed) {
+  TempDir dir;
+  TestState s = make_test_state(21, 400, 64);  // ~17 MiB: ~5.6 MiB shards
+  SaveOptions o = small_blocks();
+  o.block_bytes = GetParam();
+  fs::path step_dir = save_with_writers(dir.path(), s, 3, o).dir;
+  Checkpoint c = Checkpoint::open(dir.path());
+  bool misaligned_shard = false;
+  for (const auto& sh : c.manifest().shards) misaligned_shard |= sh.range.begin % 4096 != 0;
+  ASSERT_TRUE(misaligned_shard) << "no shard starts at an unaligned cut: the bounce path is not exercised";
+  expect_equal(c.load(0, 1), s);
+
+  uint64_t off = (9u << 19);  // 4.5 MiB: past the first 4 MiB bounce chunk
+  flip_byte(step_dir / "shard-1-of-3.bin", off);
+  expect_error<CorruptError>([&] { c.load(0, 1); },
+                             {"shard-1-of-3.bin", "block " + std::to_string(off / GetParam()) + " ", "SHA-256"});
+}
+
+INSTANTIATE_TEST_SUITE_P(BlockBytes, BounceTest, ::testing::Values(uint64_t{8} << 20, (uint64_t{1} << 20) + 64));
+
+// tmpfs refuses O_DIRECT: loads fall back to the page cache there.
+TEST(RoundTrip, SaveAndLoadOnTmpfs) {
+  std::error_code ec;
+  if (!fs::is_directory("/dev/shm", ec)) GTEST_SKIP() << "/dev/shm is not available on this machine";
+  std::string pattern = "/dev/shm/meshtrain-test-XXXXXX";
+  if (!::mkdtemp(pattern.data())) GTEST_SKIP() << "cannot create a directory under /dev/shm: " << std::strerror(errno);
+  struct Remove {
+    fs::path p;
+    ~Remove() {
+      std::error_code e;
+      fs::remove_all(p, e);
+    }
+  } tmp{pattern};
+  TestState s = make_test_state(23, 500, 4);
+  fs::path step_dir = save_with_writers(tmp.p, s, 4).dir;
+  Checkpoint c = Checkpoint::open(tmp.p);
+  expect_equal(c.load(0, 1), s);
+  std::vector<LoadedState> pieces;
+  for (uint32_t r = 0; r < 4; ++r) pieces.push_back(c.load(r, 4));
+  expect_pieces_equal(pieces, s);
+  flip_byte(step_dir / "shard-2-of-4.bin", 100);
+  expect_error<CorruptError>([&] { c.load(0, 1); }, {"shard-2-of-4.bin", "block 0", "SHA-256"});
 }
 
 // ---- damage --------------------------------------------------------------------------------
