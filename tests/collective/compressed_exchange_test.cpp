@@ -119,6 +119,61 @@ TEST(DirectExchange, EveryOwnerTakesEveryBlockInRankOrderAndStaleFramesAreDroppe
   }
 }
 
+// With `produce`, the blocks are filled while the exchange runs: each member produces the
+// blocks in the order rank+1, ..., rank (its own last), and still takes every member's block
+// in rank order with the right bytes. Then the second use, phase AllGather (every block is
+// the member's own), on the same channels in the same operation: every member takes every
+// member's block.
+TEST(DirectExchange, ProducedBlocksAreSentAsTheyAreFilledThenAllGathered) {
+  Mesh mesh(4);
+  mesh.open_all();
+  const size_t block_bytes = 10000;
+  struct Seen {
+    std::vector<size_t> produced;
+    std::vector<std::pair<size_t, std::vector<uint8_t>>> taken, gathered;
+  };
+  std::vector<std::unique_ptr<CancelToken>> cancels;
+  for (size_t i = 0; i < 4; ++i) cancels.push_back(std::make_unique<CancelToken>());
+  std::vector<std::future<Seen>> done;
+  for (size_t i = 0; i < 4; ++i)
+    done.push_back(std::async(std::launch::async, [&, i] {
+      Seen seen;
+      std::vector<std::vector<uint8_t>> mine(4, std::vector<uint8_t>(block_bytes, 0));
+      std::vector<std::span<const uint8_t>> blocks(mine.begin(), mine.end());
+      RingContext ctx{mesh.quorum, static_cast<uint32_t>(i), 1, nullptr, nullptr, Deadline::after(10s),
+                      cancels[i].get(), 4096, mesh.no_hook};
+      exchange_to_owners(
+          ctx, mesh.links(i), blocks,
+          [&](size_t j, std::span<const uint8_t> b) { seen.taken.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end())); },
+          [&](size_t c) {
+            seen.produced.push_back(c);
+            const std::vector<uint8_t> b = block_of(i, c, block_bytes);
+            std::copy(b.begin(), b.end(), mine[c].begin());  // in place: `blocks` points there
+          });
+      const std::vector<std::span<const uint8_t>> own(4, std::span<const uint8_t>(mine[i]));
+      exchange_to_owners(
+          ctx, mesh.links(i), own,
+          [&](size_t j, std::span<const uint8_t> b) {
+            seen.gathered.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end()));
+          },
+          {}, ExchangePhase::AllGather);
+      return seen;
+    }));
+  for (size_t i = 0; i < 4; ++i) {
+    Seen seen = done[i].get();
+    ASSERT_EQ(seen.produced.size(), 4u);
+    for (size_t k = 0; k < 4; ++k) EXPECT_EQ(seen.produced[k], (i + 1 + k) % 4) << "member " << i;
+    ASSERT_EQ(seen.taken.size(), 4u) << "member " << i;
+    ASSERT_EQ(seen.gathered.size(), 4u) << "member " << i;
+    for (size_t j = 0; j < 4; ++j) {
+      EXPECT_EQ(seen.taken[j].first, j) << "member " << i << " took out of rank order";
+      EXPECT_EQ(seen.taken[j].second, block_of(j, i, block_bytes)) << "member " << i << ", block of " << j;
+      EXPECT_EQ(seen.gathered[j].first, j);
+      EXPECT_EQ(seen.gathered[j].second, block_of(j, j, block_bytes)) << "member " << i << ", gathered from " << j;
+    }
+  }
+}
+
 // A frame of the current attempt but another operation, from member 1: member 0's exchange
 // fails with a ProtocolError naming member 1.
 TEST(DirectExchange, FrameOfAnotherOperationIsRefusedNamingItsSender) {
