@@ -234,6 +234,10 @@ struct Communicator::Impl {
   // opened by the first operation that needs them, dropped when the members change.
   std::vector<std::optional<net::BulkChannel>> mesh;
   std::vector<PeerId> mesh_for;
+  // Streams that members opened before this member expected them (see LinkSetup::early), for
+  // the member set early_for.
+  std::vector<net::BulkStream> early_streams;
+  std::vector<PeerId> early_for;
   bool checking_gradients = false;  // inside reduce_step: refuse non-finite partial sums
   uint64_t failed_quorum = 0;  // the last attempt that failed here (reported to the coordinator)
   std::vector<PeerId> failed_lost;
@@ -259,6 +263,7 @@ struct Communicator::Impl {
     to_next.reset();
     from_prev.reset();
     drop_mesh();
+    early_streams.clear();
   }
   void drop_mesh() {
     mesh.clear();
@@ -279,9 +284,13 @@ struct Communicator::Impl {
     std::vector<LinkRequest> requests;
     if (!(to_next && to_next->peer() == next.id)) requests.push_back({&next, true, &to_next, "ring neighbour"});
     if (!(from_prev && from_prev->peer() == prev.id)) requests.push_back({&prev, false, &from_prev, "ring neighbour"});
+    std::vector<PeerId> ids;
+    for (const auto& m : q.members) ids.push_back(m.id);
+    if (early_for != ids) {
+      early_streams.clear();
+      early_for = ids;
+    }
     if (with_mesh) {
-      std::vector<PeerId> ids;
-      for (const auto& m : q.members) ids.push_back(m.id);
       if (mesh_for != ids) {
         mesh.clear();
         mesh.resize(n);
@@ -293,8 +302,8 @@ struct Communicator::Impl {
             requests.push_back({&q.members[c], my_rank < c, &mesh[c], "mesh peer"});
       }
     }
-    open_links(LinkSetup{self, *listener, options.streams, options.bulk, options.connect_timeout}, requests, deadline,
-               cancel);
+    open_links(LinkSetup{self, *listener, options.streams, options.bulk, options.connect_timeout, &early_streams, &ids},
+               requests, deadline, cancel);
   }
 
   // Every other member's channels for the direct exchange (after ensure_ring with the mesh).

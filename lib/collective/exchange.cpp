@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <deque>
 #include <exception>
 #include <future>
 #include <map>
@@ -198,13 +199,35 @@ void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests
   // Streams by (peer, channel id) until each expected peer's channel is complete. Several peers
   // connect at once, so one peer's streams must not be dropped while waiting for another's.
   std::map<std::pair<std::string, uint64_t>, std::vector<std::optional<net::BulkStream>>> pending;
+  // Streams kept by an earlier call come first, in the order they arrived.
+  std::deque<net::BulkStream> backlog;
+  if (setup.early) {
+    for (auto& s : *setup.early) backlog.push_back(std::move(s));
+    setup.early->clear();
+  }
+  auto member = [&](const PeerId& p) {
+    return setup.members && std::find(setup.members->begin(), setup.members->end(), p) != setup.members->end();
+  };
+  const size_t early_limit = setup.members ? setup.members->size() * setup.streams : 0;
+  auto next_stream = [&]() -> net::BulkStream {
+    if (backlog.empty()) return setup.listener.accept(d, cancel);
+    net::BulkStream s = std::move(backlog.front());
+    backlog.pop_front();
+    return s;
+  };
   try {
     while (expected > 0) {
-      net::BulkStream s = setup.listener.accept(d, cancel);
+      net::BulkStream s = next_stream();
       const LinkRequest* match = nullptr;
       for (const auto& q : requests)
         if (!q.connect && !q.slot->has_value() && q.member->id == s.peer()) match = &q;
-      if (!match || s.stream_count() != setup.streams || s.stream_index() >= setup.streams) {
+      const bool well_formed = s.stream_count() == setup.streams && s.stream_index() < setup.streams;
+      if (!match && well_formed && setup.early && member(s.peer()) && setup.early->size() < early_limit) {
+        log::debug("collective", "bulk stream from {} kept for a later link of this quorum", s.peer().fingerprint());
+        setup.early->push_back(std::move(s));
+        continue;
+      }
+      if (!match || !well_formed) {
         log::warn("collective", "bulk stream from {} ({} streams) dropped: not an expected link of this quorum",
                   s.peer().fingerprint(), s.stream_count());
         continue;
@@ -237,6 +260,13 @@ void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests
       }
   } catch (...) {
     failure = std::current_exception();
+  }
+  // Kept streams not used here, and channels still incomplete, wait for a later call.
+  if (setup.early) {
+    for (auto& s : backlog) setup.early->push_back(std::move(s));
+    for (auto& [key, slots] : pending)
+      for (auto& slot : slots)
+        if (slot) setup.early->push_back(std::move(*slot));
   }
   for (size_t i = 0; i < requests.size(); ++i) {
     if (!connecting[i].valid()) continue;

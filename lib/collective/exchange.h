@@ -60,12 +60,18 @@ struct LinkRequest {
 // peers may connect at once; streams of anyone else, or with another stream count, are closed
 // and logged). Each wait ends at min(deadline, now + connect_timeout) or on cancel. A peer that
 // cannot be reached or does not connect in time fails with PeerLostError naming it.
+// Streams of a quorum member that this call does not expect (a member already opening the
+// mesh while this one opens only its ring links) are kept in *early, when given, and taken
+// from there by a later call, instead of being dropped; the caller empties *early whenever the
+// member set changes or its channels are dropped.
 struct LinkSetup {
   const crypto::Identity& self;
   net::BulkListener& listener;
   uint32_t streams;
   const net::BulkOptions& bulk;
   std::chrono::milliseconds connect_timeout;
+  std::vector<net::BulkStream>* early = nullptr;
+  const std::vector<PeerId>* members = nullptr;  // whose unexpected streams go to *early
 };
 void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests, Deadline deadline,
                 const CancelToken* cancel);
