@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -303,6 +304,25 @@ class BulkChannel {
  private:
   std::vector<BulkStream::Impl*> impls();
   std::vector<BulkStream> streams_;
+};
+
+// Puts accepted BulkStreams back together into channels: the streams of one channel (same
+// peer and channel id) are kept until all `streams` of it are in. Streams of several peers and
+// channels may arrive interleaved. BulkChannel::accept uses it for one peer; a member opening
+// links to several peers at once uses it for all of them.
+class BulkChannelAssembler {
+ public:
+  explicit BulkChannelAssembler(uint32_t streams);
+  ~BulkChannelAssembler();
+  // Returns the channel `stream` completes, if any. A stream whose stream count differs from
+  // the assembler's, or whose index was already received for its channel, is logged and dropped.
+  std::optional<BulkChannel> add(BulkStream stream);
+  // Hands back the streams of channels not complete yet (the assembler is empty afterwards).
+  std::vector<BulkStream> take_incomplete();
+
+ private:
+  uint32_t streams_;
+  std::map<std::pair<PeerId, uint64_t>, std::vector<std::optional<BulkStream>>> pending_;
 };
 
 }  // namespace meshtrain::net

@@ -5,7 +5,6 @@
 #include <deque>
 #include <exception>
 #include <future>
-#include <map>
 #include <mutex>
 #include <thread>
 
@@ -105,11 +104,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
     for (size_t c = 0; c < n; ++c) {
       if (c == r) continue;
       threads.emplace_back(guarded([&, c] {
-        net::MessageHeader h;
-        h.type = net::kFirstUserMessageType;
-        h.quorum_id = ctx.quorum.quorum_id;
-        h.step = ctx.quorum.step;
-        h.op_seq = ctx.op_seq;
+        net::MessageHeader h = frame_header(ctx);
         {
           std::unique_lock lock(failure.mutex);
           if (!failure.cv.wait_until(lock, limit, [&] { return ready[c] || failure.failed(); }))
@@ -196,9 +191,9 @@ void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests
     }
   }
   std::exception_ptr failure;
-  // Streams by (peer, channel id) until each expected peer's channel is complete. Several peers
-  // connect at once, so one peer's streams must not be dropped while waiting for another's.
-  std::map<std::pair<std::string, uint64_t>, std::vector<std::optional<net::BulkStream>>> pending;
+  // Several peers connect at once, so one peer's streams must not be dropped while waiting for
+  // another's: the assembler keeps each (peer, channel id) until its channel is complete.
+  net::BulkChannelAssembler assembler(setup.streams);
   // Streams kept by an earlier call come first, in the order they arrived.
   std::deque<net::BulkStream> backlog;
   if (setup.early) {
@@ -232,21 +227,8 @@ void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests
                   s.peer().fingerprint(), s.stream_count());
         continue;
       }
-      const auto key = std::make_pair(s.peer().hex(), s.channel_id());
-      auto& slots = pending[key];
-      slots.resize(setup.streams);
-      const uint32_t index = s.stream_index();
-      if (slots[index]) {
-        log::warn("collective", "duplicate bulk stream {} of channel {:x} from {} dropped", index, s.channel_id(),
-                  s.peer().fingerprint());
-        continue;
-      }
-      slots[index] = std::move(s);
-      if (std::all_of(slots.begin(), slots.end(), [](const auto& x) { return x.has_value(); })) {
-        std::vector<net::BulkStream> ordered;
-        for (auto& x : slots) ordered.push_back(std::move(*x));
-        pending.erase(key);
-        match->slot->emplace(std::move(ordered));
+      if (auto channel = assembler.add(std::move(s))) {
+        match->slot->emplace(std::move(*channel));
         --expected;
       }
     }
@@ -264,9 +246,7 @@ void open_links(const LinkSetup& setup, const std::vector<LinkRequest>& requests
   // Kept streams not used here, and channels still incomplete, wait for a later call.
   if (setup.early) {
     for (auto& s : backlog) setup.early->push_back(std::move(s));
-    for (auto& [key, slots] : pending)
-      for (auto& slot : slots)
-        if (slot) setup.early->push_back(std::move(*slot));
+    for (auto& s : assembler.take_incomplete()) setup.early->push_back(std::move(s));
   }
   for (size_t i = 0; i < requests.size(); ++i) {
     if (!connecting[i].valid()) continue;

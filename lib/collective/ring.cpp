@@ -107,11 +107,7 @@ class Sender {
     if (thread_.joinable()) thread_.join();
   }
   void loop() {
-    net::MessageHeader h;
-    h.type = net::kFirstUserMessageType;
-    h.quorum_id = ctx_.quorum.quorum_id;
-    h.step = ctx_.quorum.step;
-    h.op_seq = ctx_.op_seq;
+    net::MessageHeader h = frame_header(ctx_);
     for (;;) {
       Item item;
       {
@@ -144,6 +140,15 @@ class Sender {
 };
 
 }  // namespace
+
+net::MessageHeader frame_header(const RingContext& ctx) {
+  net::MessageHeader h;
+  h.type = net::kFirstUserMessageType;
+  h.quorum_id = ctx.quorum.quorum_id;
+  h.step = ctx.quorum.step;
+  h.op_seq = ctx.op_seq;
+  return h;
+}
 
 void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uint8_t>& buf, uint8_t* in_place) {
   auto expected = [&](const net::MessageHeader& h) {

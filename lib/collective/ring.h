@@ -29,6 +29,9 @@ struct RingContext {
   bool reject_non_finite = false;
 };
 
+// The header of this operation's frames (type, quorum, step, op_seq); the sender sets the tag.
+net::MessageHeader frame_header(const RingContext& ctx);
+
 // Receives the piece tagged `tag` of this operation (exactly `bytes` long) from the previous
 // rank into `in_place` when given (its header is checked before any byte lands there), else
 // into `buf`. Frames of another quorum or step (an aborted attempt) are read into `buf` and

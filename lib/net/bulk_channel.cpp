@@ -86,7 +86,7 @@ BulkChannel BulkChannel::connect(const crypto::Identity& self, const PeerId& pee
 
 BulkChannel BulkChannel::accept(BulkListener& listener, const PeerId& peer, uint32_t streams, Deadline deadline,
                                 const CancelToken* cancel) {
-  std::map<uint64_t, std::vector<std::optional<BulkStream>>> pending;
+  BulkChannelAssembler assembler(streams);
   for (;;) {
     BulkStream s = listener.accept(deadline, cancel);
     if (s.peer() != peer || s.stream_count() != streams) {
@@ -94,24 +94,44 @@ BulkChannel BulkChannel::accept(BulkListener& listener, const PeerId& peer, uint
                 s.peer().fingerprint(), s.stream_count(), peer.fingerprint(), streams);
       continue;
     }
-    auto& slots = pending[s.channel_id()];
-    slots.resize(streams);
-    uint32_t index = s.stream_index();
-    if (slots[index]) {
-      log::warn("net", "duplicate bulk stream {} of channel {:x} from {} dropped", index, s.channel_id(),
-                peer.fingerprint());
-      continue;
-    }
-    uint64_t channel = s.channel_id();
-    slots[index] = std::move(s);
-    bool complete = true;
-    for (auto& slot : slots) complete = complete && slot.has_value();
-    if (complete) {
-      std::vector<BulkStream> ordered;
-      for (auto& slot : pending[channel]) ordered.push_back(std::move(*slot));
-      return BulkChannel(std::move(ordered));
-    }
+    if (auto channel = assembler.add(std::move(s))) return std::move(*channel);
   }
+}
+
+BulkChannelAssembler::BulkChannelAssembler(uint32_t streams) : streams_(streams) {}
+BulkChannelAssembler::~BulkChannelAssembler() = default;
+
+std::optional<BulkChannel> BulkChannelAssembler::add(BulkStream stream) {
+  const uint32_t index = stream.stream_index();
+  if (stream.stream_count() != streams_ || index >= streams_) {
+    log::warn("net", "bulk stream {} of {} from {} dropped: channels of {} streams expected", index,
+              stream.stream_count(), stream.peer().fingerprint(), streams_);
+    return std::nullopt;
+  }
+  const auto key = std::make_pair(stream.peer(), stream.channel_id());
+  auto& slots = pending_[key];
+  slots.resize(streams_);
+  if (slots[index]) {
+    log::warn("net", "duplicate bulk stream {} of channel {:x} from {} dropped", index, stream.channel_id(),
+              stream.peer().fingerprint());
+    return std::nullopt;
+  }
+  slots[index] = std::move(stream);
+  for (const auto& slot : slots)
+    if (!slot) return std::nullopt;
+  std::vector<BulkStream> ordered;
+  for (auto& slot : slots) ordered.push_back(std::move(*slot));
+  pending_.erase(key);
+  return BulkChannel(std::move(ordered));
+}
+
+std::vector<BulkStream> BulkChannelAssembler::take_incomplete() {
+  std::vector<BulkStream> out;
+  for (auto& [key, slots] : pending_)
+    for (auto& slot : slots)
+      if (slot) out.push_back(std::move(*slot));
+  pending_.clear();
+  return out;
 }
 
 void BulkChannel::send(const MessageHeader& header, crypto::ByteSpan payload, Deadline deadline,
