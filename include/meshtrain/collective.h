@@ -65,6 +65,11 @@ struct CommunicatorOptions {
   // After a local failure, how long to wait for the coordinator's Abort that names the peer
   // actually lost (a neighbour that aborted can look lost from here).
   std::chrono::milliseconds blame_grace{300};
+  // The CUDA stream that buffers on a CUDA device are read and written on (nullptr: the legacy
+  // default stream, which is torch's current stream unless the caller switched streams). A
+  // collective orders itself after the work already enqueued there and has written its result
+  // when it returns.
+  compress::CudaStream cuda_stream;
   // Test hook: called at each ring step ("reduce_scatter" or "all_gather", index); may kill the
   // process to inject a fault at a precise point.
   std::function<void(std::string_view phase, size_t ring_step)> fault_hook;
@@ -174,6 +179,7 @@ class Communicator {
 
   const PeerId& id() const;
   uint16_t bulk_port() const;
+  const CommunicatorOptions& options() const;
 
   // Asks the coordinator for the quorum of `step` and makes it current. Blocks up to
   // quorum_timeout (TimeoutError). Throws StepMissedError when the coordinator says this member
@@ -188,7 +194,8 @@ class Communicator {
   // members are joiners of that quorum (take the state from state_source_rank, add zeros).
   void set_state_digest(uint64_t step, const crypto::Digest& digest);
 
-  // Collectives against the current quorum. fp32, fp16 and bf16 buffers (CPU memory);
+  // Collectives against the current quorum. fp32, fp16 and bf16 buffers, in CPU memory or on
+  // a CUDA device (staged through host memory: one copy each way, on options.cuda_stream);
   // reduction in fp32. Avg divides by the number of contributing members; a non-contributing
   // member (joiner) adds zeros. Throw PeerLostError naming the lost peers, TimeoutError after
   // op_timeout.
@@ -204,7 +211,7 @@ class Communicator {
   // from the gradients as they were on entry. Gives up after max_attempts (rethrows).
   StepResult reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts = 5);
 
-  // The compressed all-reduce of an fp32 CPU buffer with `codec` (none, fp16, bf16, int8,
+  // The compressed all-reduce of an fp32 buffer with `codec` (none, fp16, bf16, int8,
   // topk, powersgd). Every member must use the same codec configuration (payload sizes that
   // disagree fail the operation with a ProtocolError). PowerSGD runs by linearity instead of
   // through owners: two plain all-reduces, of P = M Q and of Q = M^T P (compress.h), with the
@@ -214,6 +221,11 @@ class Communicator {
   // unspecified. A gradient with NaN or Inf is refused (InvalidArgumentError naming the
   // element) before anything is sent. A payload a peer's decoder rejects fails the operation
   // with PeerLostError naming that peer. Throws PeerLostError / TimeoutError like allreduce.
+  // A buffer on a CUDA device is encoded there (the codec's kernels, error feedback kept on the
+  // device) and the reduced chunks are decoded there; only payloads cross to the host, where
+  // owners reduce in fp32 as for CPU buffers, so CPU and CUDA members of one job get the same
+  // bytes. PowerSGD stages a CUDA buffer through host memory. One CompressedState serves one
+  // device: using it with a buffer elsewhere is an InvalidArgumentError.
   void allreduce_compressed(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
 
   // reduce_step through the compressed all-reduce: each attempt starts from the gradients and

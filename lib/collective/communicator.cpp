@@ -10,6 +10,7 @@
 #include <set>
 #include <thread>
 
+#include "collective/device.h"
 #include "collective/exchange.h"
 #include "collective/half.h"
 #include "collective/ring.h"
@@ -378,6 +379,7 @@ Communicator::~Communicator() = default;
 
 const PeerId& Communicator::id() const { return impl_->self.public_key(); }
 uint16_t Communicator::bulk_port() const { return impl_->listener->port(); }
+const CommunicatorOptions& Communicator::options() const { return impl_->options; }
 const coord::Quorum& Communicator::quorum() const { return impl_->quorum_or_throw(); }
 uint32_t Communicator::rank() const { return impl_->my_rank; }
 void Communicator::set_state_digest(uint64_t step, const crypto::Digest& digest) {
@@ -446,11 +448,12 @@ const coord::Quorum& Communicator::next_quorum(uint64_t step, bool has_state) {
   return *s.current;
 }
 
-void Communicator::allreduce(BufferView buffer, ReduceOp op) {
-  if (buffer.device != DeviceKind::Cpu)
-    throw InvalidArgumentError("allreduce: only CPU buffers are supported by this build (CUDA staging comes with train/)");
+void Communicator::allreduce(BufferView device_buffer, ReduceOp op) {
+  device::require_supported("allreduce", device_buffer);
   auto& s = *impl_;
   const coord::Quorum& q = s.quorum_or_throw();
+  device::HostView host(device_buffer, s.options.cuda_stream);
+  const BufferView& buffer = host.view();
   const bool contributes = q.member(id()).contributes;
   const size_t contributors = q.contributors();
   std::vector<float> work;
@@ -489,31 +492,42 @@ void Communicator::allreduce(BufferView buffer, ReduceOp op) {
     for (size_t i = 0; i < buffer.count; ++i)
       h[i] = buffer.dtype == DType::Float16 ? float_to_half(work[i]) : float_to_bf16(work[i]);
   }
+  host.write_back();
 }
 
 void Communicator::broadcast(BufferView buffer, uint32_t root_rank) {
+  device::require_supported("broadcast", buffer);
   auto& s = *impl_;
   const coord::Quorum& q = s.quorum_or_throw();
   if (root_rank >= q.members.size())
     throw InvalidArgumentError(fmt::format("broadcast: root rank {} but the quorum has {} members", root_rank,
                                            q.members.size()));
+  const bool root = s.my_rank == root_rank;
+  device::HostView host(buffer, s.options.cuda_stream, /*load=*/root);
   s.run_op("broadcast", [&](RingContext& ctx) {
-    ring_broadcast(ctx, static_cast<uint8_t*>(buffer.data), buffer.bytes(), root_rank);
+    ring_broadcast(ctx, static_cast<uint8_t*>(host.view().data), buffer.bytes(), root_rank);
   });
+  if (!root) host.write_back();
 }
 
 void Communicator::allgather(BufferView in, BufferView out) {
+  device::require_supported("allgather", in);
+  device::require_supported("allgather", out);
   auto& s = *impl_;
   const size_t n = s.quorum_or_throw().members.size();
   if (in.dtype != out.dtype || out.count != in.count * n)
     throw InvalidArgumentError(fmt::format("allgather: out must hold {} x {} {} elements, has {} {}", n, in.count,
                                            dtype_name(in.dtype), out.count, dtype_name(out.dtype)));
-  auto* dst = static_cast<uint8_t*>(out.data);
-  std::memcpy(dst + s.my_rank * in.bytes(), in.data, in.bytes());
+  device::HostView host(out, s.options.cuda_stream, /*load=*/false);
+  auto* dst = static_cast<uint8_t*>(host.view().data);
+  device::copy_to_host(in, dst + s.my_rank * in.bytes(), s.options.cuda_stream);
   s.run_op("allgather", [&](RingContext& ctx) { ring_allgather_blocks(ctx, dst, in.bytes()); });
+  host.write_back();
 }
 
 void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
+  device::require_supported("reduce_scatter", in);
+  device::require_supported("reduce_scatter", out);
   auto& s = *impl_;
   const coord::Quorum& q = s.quorum_or_throw();
   const size_t n = q.members.size();
@@ -521,11 +535,11 @@ void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
     throw InvalidArgumentError(fmt::format("reduce_scatter: float32 buffers with in = {} x out ({} elements); got in "
                                            "{} {}, out {} {}", n, out.count, in.count, dtype_name(in.dtype), out.count,
                                            dtype_name(out.dtype)));
-  std::vector<float> work(static_cast<float*>(in.data), static_cast<float*>(in.data) + in.count);
-  if (!q.member(id()).contributes) std::fill(work.begin(), work.end(), 0.0f);
+  std::vector<float> work(in.count, 0.0f);
+  if (q.member(id()).contributes) device::copy_to_host(in, work.data(), s.options.cuda_stream);
   float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(q.contributors(), 1)) : 1.0f;
   s.run_op("reduce_scatter", [&](RingContext& ctx) { ring_reduce_scatter_blocks(ctx, work.data(), out.count, divisor); });
-  std::memcpy(out.data, work.data() + s.my_rank * out.count, out.bytes());
+  device::copy_from_host(work.data() + s.my_rank * out.count, out, s.options.cuda_stream);
 }
 
 void Communicator::run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body) {
@@ -538,17 +552,18 @@ void Communicator::run_mesh_op(std::string_view what, const std::function<void(R
 }
 
 StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts) {
+  device::require_supported("reduce_step", gradients);
   struct PlainAttempt final : StepAttempt {
     Communicator& comm;
     BufferView gradients;
     std::vector<uint8_t> original;
     PlainAttempt(Communicator& c, BufferView g)
-        : comm(c), gradients(g), original(static_cast<uint8_t*>(g.data), static_cast<uint8_t*>(g.data) + g.bytes()) {}
+        : comm(c), gradients(g), original(device::host_copy(g, c.options().cuda_stream)) {}
     void run() override {
       rollback();
       comm.allreduce(gradients, ReduceOp::Avg);
     }
-    void rollback() override { std::memcpy(gradients.data, original.data(), original.size()); }
+    void rollback() override { device::copy_from_host(original.data(), gradients, comm.options().cuda_stream); }
   } attempt(*this, gradients);
   return run_step(step, attempt, max_attempts);
 }

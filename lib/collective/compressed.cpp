@@ -8,6 +8,7 @@
 #include <cstring>
 #include <optional>
 
+#include "collective/device.h"
 #include "collective/exchange.h"
 #include "collective/ring.h"
 #include "collective/step_attempt.h"
@@ -22,6 +23,19 @@ using compress::CodecState;
 size_t chunk_begin(size_t count, size_t chunks, size_t c) { return count * c / chunks; }
 size_t chunk_size(size_t count, size_t chunks, size_t c) {
   return chunk_begin(count, chunks, c + 1) - chunk_begin(count, chunks, c);
+}
+// Chunk c of `chunks` of an fp32 buffer: its view, and the spec of a codec state for it.
+BufferView chunk_of(const BufferView& buffer, size_t chunks, size_t c) {
+  BufferView chunk = buffer;
+  chunk.data = static_cast<float*>(buffer.data) + chunk_begin(buffer.count, chunks, c);
+  chunk.count = chunk_size(buffer.count, chunks, c);
+  return chunk;
+}
+compress::TensorSpec chunk_spec(size_t count, size_t chunks, size_t c, const BufferView& device) {
+  return compress::TensorSpec::flat(chunk_size(count, chunks, c), device.device, device.device_index);
+}
+std::string device_name(const BufferView& b) {
+  return b.device == DeviceKind::Cuda ? fmt::format("cuda:{}", b.device_index) : std::string("the CPU");
 }
 
 // A member's error feedback for one partition of the buffer into `chunks` chunks.
@@ -51,13 +65,14 @@ struct MemberSide {
     }
     return out;
   }
-  // The same error feedback over `n` chunks: fresh states, the old residual carried.
-  MemberSide repartitioned(const Codec& codec, size_t count, size_t n) const {
+  // The same error feedback over `n` chunks: fresh states on `device`'s device, the old
+  // residual carried.
+  MemberSide repartitioned(const Codec& codec, size_t count, size_t n, const BufferView& device) const {
     if (chunks == n) return copy();
     MemberSide m;
     m.chunks = n;
     m.carry = residual(count);
-    for (size_t c = 0; c < n; ++c) m.states.push_back(codec.make_state(compress::TensorSpec::flat(chunk_size(count, n, c))));
+    for (size_t c = 0; c < n; ++c) m.states.push_back(codec.make_state(chunk_spec(count, n, c, device)));
     return m;
   }
 };
@@ -79,6 +94,7 @@ struct CompressedState::Impl {
   CompressedOptions options;
   std::string codec_config;  // describe() of the codec it is bound to; empty before first use
   size_t count = 0;
+  std::string device;  // where the bound buffer lives (its states' residuals are there too)
   MemberSide member;
   OwnerSide owner;
   CompressedTraffic traffic;
@@ -91,14 +107,17 @@ struct CompressedState::Impl {
   bool owner_staged = false;
   CompressedTraffic pending_traffic;
 
-  void bind(const Codec& codec, size_t n) {
+  void bind(const Codec& codec, const BufferView& buffer) {
     std::string config = codec.describe();
+    std::string where = device_name(buffer);
     if (codec_config.empty()) {
       codec_config = config;
-      count = n;
-    } else if (codec_config != config || count != n) {
-      throw InvalidArgumentError(fmt::format("CompressedState is bound to {} over {} elements; used with {} over {}",
-                                             codec_config, count, config, n));
+      count = buffer.count;
+      device = where;
+    } else if (codec_config != config || count != buffer.count || device != where) {
+      throw InvalidArgumentError(fmt::format("CompressedState is bound to {} over {} elements on {}; used with {} over "
+                                             "{} on {}",
+                                             codec_config, count, device, config, buffer.count, where));
     }
   }
   void commit() {
@@ -141,14 +160,13 @@ void CompressedState::reset() {
 
 namespace {
 
-// Encodes chunk c of `chunks` of `data` (count floats) with `state` into `out`, sized by
-// encoded_bytes; checks the exact size the frames are cut to.
-void encode_chunk(const Codec& codec, const float* data, size_t count, size_t chunks, size_t c, CodecState& state,
-                  std::vector<uint8_t>& out) {
-  const size_t size = chunk_size(count, chunks, c);
-  out.resize(codec.encoded_bytes(size));
-  BufferView chunk{const_cast<float*>(data) + chunk_begin(count, chunks, c), size, DType::Float32};
-  size_t written = codec.encode(chunk, state, out);
+// Encodes chunk c of `chunks` of `source` with `state` into `out`, sized by encoded_bytes;
+// checks the exact size the frames are cut to.
+void encode_chunk(const Codec& codec, const BufferView& source, size_t chunks, size_t c, CodecState& state,
+                  std::vector<uint8_t>& out, compress::CudaStream stream) {
+  const BufferView chunk = chunk_of(source, chunks, c);
+  out.resize(codec.encoded_bytes(chunk.count));
+  size_t written = codec.encode(chunk, state, out, stream);
   if (written != out.size())
     throw InternalError(fmt::format("{} wrote {} bytes where encoded_bytes said {}; the compressed all-reduce needs "
                                     "exact sizes", codec.describe(), written, out.size()));
@@ -178,26 +196,29 @@ void Communicator::allreduce_compressed(BufferView buffer, const compress::Codec
 
 void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& codec, CompressedState& state,
                                       ReduceOp op) {
-  if (buffer.device != DeviceKind::Cpu || buffer.dtype != DType::Float32)
-    throw InvalidArgumentError(fmt::format("allreduce_compressed: needs a float32 CPU buffer, got {} on {}",
-                                           dtype_name(buffer.dtype),
-                                           buffer.device == DeviceKind::Cpu ? "the CPU" : "a CUDA device"));
+  if (buffer.dtype != DType::Float32)
+    throw InvalidArgumentError(fmt::format("allreduce_compressed: needs a float32 buffer, got {} on {}",
+                                           dtype_name(buffer.dtype), device_name(buffer)));
+  device::require_supported("allreduce_compressed", buffer);
+  const compress::CudaStream stream = options().cuda_stream;
   CompressedState::Impl& st = *state.impl_;
   st.discard();
-  st.bind(codec, buffer.count);
+  st.bind(codec, buffer);
   const coord::Quorum& q = quorum();
   const size_t n = q.members.size();
   const uint32_t r = rank();
   const size_t count = buffer.count;
-  float* data = static_cast<float*>(buffer.data);
   const bool contributes = q.member(id()).contributes;
   const float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(q.contributors(), 1)) : 1.0f;
   if (contributes)
-    for (size_t i = 0; i < count; ++i)
-      if (!std::isfinite(data[i]))
-        throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count, data[i]));
+    if (size_t i = device::find_nonfinite(buffer, stream); i != count)
+      throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count,
+                                             device::element(buffer, i, stream)));
   if (codec.id() == compress::CodecId::PowerSgd) {
-    powersgd_attempt(buffer, codec, state, op);
+    // The power iteration runs on the CPU (compress.h): a CUDA buffer is staged through the host.
+    device::HostView host(buffer, stream);
+    powersgd_attempt(host.view(), codec, state, op);
+    host.write_back();
     return;
   }
 
@@ -223,34 +244,35 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     // fresh states for a new partition.
     std::vector<std::unique_ptr<CodecState>>* states = nullptr;
     std::vector<std::unique_ptr<CodecState>> scratch;
-    std::vector<float> work;  // the gradient plus a carried residual, or a joiner's zeros
-    const float* source = data;
+    std::optional<device::Floats> work;  // the gradient plus a carried residual, or a joiner's zeros
+    BufferView source = buffer;
     if (contributes && st.member.chunks == chunks && st.member.carry.empty()) {
       for (auto& s : st.member.states) s->stage();
       st.member_staged = true;
       states = &st.member.states;
     } else if (contributes) {
-      st.pending_member = st.member.repartitioned(codec, count, chunks);
+      st.pending_member = st.member.repartitioned(codec, count, chunks, buffer);
       MemberSide& m = *st.pending_member;
-      if (!m.carry.empty()) {
-        work.assign(data, data + count);
-        for (size_t i = 0; i < count; ++i) work[i] += m.carry[i];
-        source = work.data();
+      if (!m.carry.empty()) {  // rare (the quorum size changed): summed on the host
+        std::vector<float> sum(count);
+        device::copy_to_host(buffer, sum.data(), stream);
+        for (size_t i = 0; i < count; ++i) sum[i] += m.carry[i];
+        work.emplace(sum, buffer, stream);
+        source = work->view();
         m.carry.clear();
       }
       states = &m.states;
     } else {
       // A joiner adds an encoded zero and keeps no residual.
-      work.assign(count, 0.0f);
-      source = work.data();
-      for (size_t c = 0; c < chunks; ++c)
-        scratch.push_back(codec.make_state(compress::TensorSpec::flat(chunk_size(count, chunks, c))));
+      work.emplace(count, buffer);
+      source = work->view();
+      for (size_t c = 0; c < chunks; ++c) scratch.push_back(codec.make_state(chunk_spec(count, chunks, c, buffer)));
       states = &scratch;
     }
     std::vector<std::vector<uint8_t>> payloads(chunks);
     for (size_t c = 0; c < chunks; ++c) payloads[c].resize(codec.encoded_bytes(chunk_size(count, chunks, c)));
     auto encode_payload = [&](size_t c) {
-      encode_chunk(codec, source, count, chunks, c, *(*states)[c], payloads[c]);
+      encode_chunk(codec, source, chunks, c, *(*states)[c], payloads[c], stream);
       if (st.options.payload_hook) st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
     };
     // The direct exchange encodes each owner's chunk just before sending it (overlapped with
@@ -269,17 +291,22 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
         ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
         ring_allgather_blocks(ctx, everyone.data(), block);
-        std::fill(data, data + count, 0.0f);
+        // Summed on the host (sparse payloads: cheap), then copied to a CUDA buffer.
+        device::HostView host(buffer, stream, /*load=*/false);
+        float* sum = static_cast<float*>(host.view().data);
+        std::fill(sum, sum + count, 0.0f);
         for (size_t j = 0; j < n; ++j)
           decode_from(q.members[j], codec.name(), [&] {
-            codec.decode_accumulate(std::span<const uint8_t>(everyone.data() + j * block, block), buffer);
+            codec.decode_accumulate(std::span<const uint8_t>(everyone.data() + j * block, block), host.view());
           });
         if (divisor != 1.0f)
-          for (size_t i = 0; i < count; ++i) data[i] /= divisor;
+          for (size_t i = 0; i < count; ++i) sum[i] /= divisor;
+        host.write_back();
       });
       traffic.sent_bytes = traffic.received_bytes = (n - 1) * block;
     } else {
-      // Owner side: the re-encode state of chunk r, staged, or fresh when ownership moved.
+      // Owner side, on the host whatever the buffer's device (so that CPU and CUDA members
+      // reduce alike): the re-encode state of chunk r, staged, or fresh when ownership moved.
       std::unique_ptr<CodecState>* owner_state;
       if (st.owner.state && st.owner.chunks == n && st.owner.rank == r) {
         st.owner.state->stage();
@@ -306,13 +333,12 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
         if (divisor != 1.0f)
           for (float& x : sum) x /= divisor;
         std::vector<uint8_t> reduced;
-        encode_chunk(codec, sum.data(), own, 1, 0, **owner_state, reduced);
+        encode_chunk(codec, sum_view, 1, 0, **owner_state, reduced, stream);
         std::memcpy(owners.data() + r * block, reduced.data(), reduced.size());
       };
       auto decode_owner = [&](size_t c, std::span<const uint8_t> payload) {
         decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
-          codec.decode(payload.first(sizes[c]),
-                       BufferView{data + chunk_begin(count, n, c), chunk_size(count, n, c), DType::Float32});
+          codec.decode(payload.first(sizes[c]), chunk_of(buffer, n, c), stream);
         });
       };
       auto reduce_and_gather = [&](RingContext& ctx) {
@@ -416,6 +442,7 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
 
 StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, const compress::Codec& codec,
                                      CompressedState& state, uint32_t max_attempts) {
+  device::require_supported("reduce_step", gradients);
   struct CompressedAttempt final : StepAttempt {
     Communicator& comm;
     BufferView gradients;
@@ -423,15 +450,14 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, const 
     CompressedState& state;
     std::vector<uint8_t> original;
     CompressedAttempt(Communicator& c, BufferView g, const compress::Codec& k, CompressedState& s)
-        : comm(c), gradients(g), codec(k), state(s),
-          original(static_cast<uint8_t*>(g.data), static_cast<uint8_t*>(g.data) + g.bytes()) {}
+        : comm(c), gradients(g), codec(k), state(s), original(device::host_copy(g, c.options().cuda_stream)) {}
     void run() override {
-      std::memcpy(gradients.data, original.data(), original.size());
+      device::copy_from_host(original.data(), gradients, comm.options().cuda_stream);
       comm.compressed_attempt(gradients, codec, state, ReduceOp::Avg);
     }
     void rollback() override {
       state.impl_->discard();
-      std::memcpy(gradients.data, original.data(), original.size());
+      device::copy_from_host(original.data(), gradients, comm.options().cuda_stream);
     }
     void commit() override { state.impl_->commit(); }
   } attempt(*this, gradients, codec, state);

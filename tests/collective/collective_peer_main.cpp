@@ -14,12 +14,14 @@
 // --perturb-at: this member adds 1 to its first parameter before STEP (a diverged state).
 //                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]
 //                    [--shape ROWSxCOLS] [--exchange direct|ring]]
-//                   [--problem random|lsq] [--max-attempts N]
+//                   [--problem random|lsq] [--max-attempts N] [--device cpu|cuda]
 //
 // --codec: the compressed all-reduce (reduce_step with a codec). --corrupt-at: at that step
 // this member's payload for the next rank's chunk gets 0xff in its first body bytes.
 // --problem lsq: the gradient is that of the least-squares shard of member `seed`
 // (collective/least_squares.h), at the current parameters.
+// --device cuda: the gradient is reduced from a buffer on CUDA device 0 (copied there before
+// each step and back after it); the parameters stay on the CPU.
 //
 // Output (--out): one line per step:
 //   step S quorum QID attempts A members M contributors HEX,HEX,... result SHA params SHA
@@ -35,6 +37,7 @@
 #include <optional>
 #include <thread>
 
+#include "kernels/compress/api.h"
 #include "support/flags.h"
 #include "meshtrain/collective.h"
 #include "collective/gradient.h"
@@ -107,6 +110,10 @@ int run(std::map<std::string, std::string>& a) {
     compressed.shape = {std::stoull(shape.substr(0, shape.find('x'))), std::stoull(shape.substr(shape.find('x') + 1))};
   }
   const uint64_t corrupt_at = a.count("--corrupt-at") ? std::stoull(a.at("--corrupt-at")) : 0;
+  const std::string device = a.count("--device") ? a.at("--device") : "cpu";
+  if (device != "cpu" && device != "cuda") throw InvalidArgumentError("--device " + device + " (cpu, cuda)");
+  std::optional<cuda::compress::DeviceBuffer> device_gradient;
+  if (device == "cuda") device_gradient.emplace(count * sizeof(float), 0);
   collective::Communicator comm(self, o);
   if (corrupt_at)
     compressed.payload_hook = [&](uint32_t owner, std::span<uint8_t> payload) {
@@ -150,6 +157,10 @@ int run(std::map<std::string, std::string>& a) {
     std::vector<float> g = least_squares ? shard->gradient_at(params) : test_support::gradient(seed, step, count);
     const std::string prefix = a.at("--out") + "." + std::to_string(step);
     BufferView view{g.data(), g.size(), DType::Float32};
+    if (device_gradient) {
+      cuda::compress::copy_async(device_gradient->data(), g.data(), count * sizeof(float), 0, nullptr);
+      view = BufferView{device_gradient->data(), count, DType::Float32, DeviceKind::Cuda, 0};
+    }
     collective::StepResult r;
     if (codec) {
       write_floats(prefix + ".before.bin", compressed_state.member_residual());
@@ -157,6 +168,10 @@ int run(std::map<std::string, std::string>& a) {
       write_floats(prefix + ".after.bin", compressed_state.member_residual());
     } else {
       r = comm.reduce_step(step, view, max_attempts);
+    }
+    if (device_gradient) {
+      cuda::compress::copy_async(g.data(), device_gradient->data(), count * sizeof(float), 0, nullptr);
+      cuda::compress::synchronize(0, nullptr);
     }
     for (size_t i = 0; i < count; ++i) params[i] -= 0.5f * g[i];
     std::string contributors;

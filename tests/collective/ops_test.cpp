@@ -8,6 +8,7 @@
 
 #include "collective/gradient.h"
 #include "collective/half.h"
+#include "kernels/compress/api.h"
 #include "meshtrain/collective.h"
 
 using namespace meshtrain;
@@ -216,6 +217,36 @@ TEST(Collectives, RejectsUnusableBuffers) {
   std::vector<float> x = {1, 2, 3, 4};
   job.comm(0).allreduce(BufferView{x.data(), 4, DType::Float32}, ReduceOp::Avg);
   EXPECT_EQ(x, std::vector<float>({1, 2, 3, 4}));
+}
+
+// Buffers on a CUDA device in a build without CUDA: every collective refuses them, naming the
+// operation and the device, before anything is sent. (With CUDA: tests/collective/cuda_test.cpp.)
+TEST(Collectives, CudaBuffersInABuildWithoutCudaAreRefused) {
+  if (cuda::compress::available()) GTEST_SKIP() << "built with CUDA: collective_cuda_test covers CUDA buffers";
+  InProcessJob job(1);
+  job.comm(0).next_quorum(1);
+  float fake = 0;  // never dereferenced: the device check comes first
+  const BufferView on_gpu{&fake, 1, DType::Float32, DeviceKind::Cuda, 0};
+  const BufferView on_cpu{&fake, 1, DType::Float32};
+  auto expect_refused = [](const std::string& op, auto&& call) {
+    try {
+      call();
+      ADD_FAILURE() << op << " took a CUDA buffer in a build without CUDA";
+    } catch (const InvalidArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find(op + ": buffer is on cuda:0 but meshtrain was built without CUDA"),
+                std::string::npos) << e.what();
+    }
+  };
+  Communicator& c = job.comm(0);
+  expect_refused("allreduce", [&] { c.allreduce(on_gpu, ReduceOp::Sum); });
+  expect_refused("broadcast", [&] { c.broadcast(on_gpu, 0); });
+  expect_refused("allgather", [&] { c.allgather(on_cpu, on_gpu); });
+  expect_refused("reduce_scatter", [&] { c.reduce_scatter(on_gpu, on_cpu, ReduceOp::Sum); });
+  auto codec = compress::make_codec("int8");
+  CompressedState state;
+  expect_refused("allreduce_compressed", [&] { c.allreduce_compressed(on_gpu, *codec, state, ReduceOp::Avg); });
+  expect_refused("reduce_step", [&] { c.reduce_step(2, on_gpu); });
+  expect_refused("reduce_step", [&] { c.reduce_step(2, on_gpu, *codec, state); });
 }
 
 TEST(Collectives, NonFiniteGradientIsRefusedBeforeSending) {

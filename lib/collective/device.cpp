@@ -1,0 +1,96 @@
+#include "collective/device.h"
+
+#include <cstring>
+
+#include "compress/common.h"
+
+namespace meshtrain::collective::device {
+
+namespace kc = cuda::compress;
+using compress::detail::cuda_call;
+
+namespace {
+
+bool on_cuda(const BufferView& b) { return b.device == DeviceKind::Cuda; }
+
+void copy(void* dst, const void* src, size_t bytes, const BufferView& device_side, CudaStream stream,
+          std::string_view what) {
+  cuda_call(what, [&] {
+    kc::copy_async(dst, src, bytes, device_side.device_index, stream.handle);
+    kc::synchronize(device_side.device_index, stream.handle);
+  });
+}
+
+}  // namespace
+
+void require_supported(std::string_view op, const BufferView& buffer) {
+  compress::detail::check_device_supported(op, buffer.device, buffer.device_index);
+}
+
+void copy_to_host(const BufferView& buffer, void* host, CudaStream stream) {
+  if (!on_cuda(buffer)) {
+    if (buffer.bytes()) std::memcpy(host, buffer.data, buffer.bytes());
+    return;
+  }
+  copy(host, buffer.data, buffer.bytes(), buffer, stream, "copying a collective's buffer to the host");
+}
+
+void copy_from_host(const void* host, const BufferView& buffer, CudaStream stream) {
+  if (!on_cuda(buffer)) {
+    if (buffer.bytes()) std::memcpy(buffer.data, host, buffer.bytes());
+    return;
+  }
+  copy(buffer.data, host, buffer.bytes(), buffer, stream, "copying a collective's result to the device");
+}
+
+std::vector<uint8_t> host_copy(const BufferView& buffer, CudaStream stream) {
+  std::vector<uint8_t> bytes(buffer.bytes());
+  copy_to_host(buffer, bytes.data(), stream);
+  return bytes;
+}
+
+float element(const BufferView& buffer, size_t i, CudaStream stream) {
+  BufferView one = buffer;
+  one.data = static_cast<float*>(buffer.data) + i;
+  one.count = 1;
+  float v = 0;
+  copy_to_host(one, &v, stream);
+  return v;
+}
+
+size_t find_nonfinite(const BufferView& buffer, CudaStream stream) {
+  return compress::detail::find_nonfinite(buffer, stream);
+}
+
+Floats::Floats(size_t count, const BufferView& like) : view_{nullptr, count, DType::Float32, like.device, like.device_index} {
+  if (on_cuda(like)) {
+    device_ = cuda_call("allocating a device buffer",
+                        [&] { return kc::DeviceBuffer(count * sizeof(float), like.device_index); });  // zero-filled
+    view_.data = device_.data();
+  } else {
+    host_.assign(count, 0.0f);
+    view_.data = host_.data();
+  }
+}
+
+Floats::Floats(std::span<const float> values, const BufferView& like, CudaStream stream) : Floats(values.size(), like) {
+  copy_from_host(values.data(), view_, stream);
+}
+
+BufferView Floats::view() const { return view_; }
+
+HostView::HostView(const BufferView& buffer, CudaStream stream, bool load)
+    : buffer_(buffer), host_(buffer), stream_(stream) {
+  if (!on_cuda(buffer)) return;
+  bytes_.resize(buffer.bytes());
+  host_.data = bytes_.data();
+  host_.device = DeviceKind::Cpu;
+  host_.device_index = 0;
+  if (load) copy_to_host(buffer, bytes_.data(), stream);
+}
+
+void HostView::write_back() {
+  if (on_cuda(buffer_)) copy_from_host(bytes_.data(), buffer_, stream_);
+}
+
+}  // namespace meshtrain::collective::device

@@ -1,0 +1,61 @@
+// Buffers on a CUDA device in the collectives. The plain collectives stage such a buffer
+// through host memory (the ring runs over host bytes: one copy in, one copy out); the
+// compressed all-reduce encodes and decodes on the device and only payloads cross to the host.
+// On the CPU every function here is a plain memcpy or a view of the buffer itself, so the CPU
+// and CUDA paths of a collective are the same code.
+#pragma once
+
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "kernels/compress/api.h"
+#include "meshtrain/compress.h"
+#include "meshtrain/core.h"
+
+namespace meshtrain::collective::device {
+
+using compress::CudaStream;
+
+// InvalidArgumentError naming `op` when `buffer` is on a CUDA device and this build has no CUDA.
+void require_supported(std::string_view op, const BufferView& buffer);
+
+// Copies all of `buffer`'s bytes to / from host memory; blocks until done.
+void copy_to_host(const BufferView& buffer, void* host, CudaStream stream);
+void copy_from_host(const void* host, const BufferView& buffer, CudaStream stream);
+std::vector<uint8_t> host_copy(const BufferView& buffer, CudaStream stream);
+
+// Element i of an fp32 buffer (for error messages).
+float element(const BufferView& buffer, size_t i, CudaStream stream);
+// Index of the first NaN / Inf of an fp32 buffer, or buffer.count.
+size_t find_nonfinite(const BufferView& buffer, CudaStream stream);
+
+// `count` fp32 values on `like`'s device: zeros, or a copy of host values.
+class Floats {
+ public:
+  Floats(size_t count, const BufferView& like);
+  Floats(std::span<const float> values, const BufferView& like, CudaStream stream);
+  BufferView view() const;
+
+ private:
+  BufferView view_;
+  std::vector<float> host_;
+  cuda::compress::DeviceBuffer device_;
+};
+
+// A buffer's bytes in host memory: the buffer itself on the CPU, else a host copy (loaded
+// when `load`) that write_back() copies to the device.
+class HostView {
+ public:
+  HostView(const BufferView& buffer, CudaStream stream, bool load = true);
+  const BufferView& view() const { return host_; }
+  void write_back();
+
+ private:
+  BufferView buffer_;
+  BufferView host_;
+  CudaStream stream_;
+  std::vector<uint8_t> bytes_;
+};
+
+}  // namespace meshtrain::collective::device

@@ -1,0 +1,93 @@
+// Collectives on buffers on a CUDA device, between real processes (label cuda: they skip with
+// the CUDA runtime's reason on a host without a GPU). Members 0 and 2 of each job reduce from
+// buffers on CUDA device 0 (encoded and decoded by the codecs' kernels), the others from CPU
+// buffers: every member must end each step with the bytes of the all-CPU algorithm.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "collective/compressed_reference.h"
+#include "collective/gradient.h"
+#include "collective/job.h"
+#include "kernels/runtime.h"
+#include "meshtrain/compress.h"
+
+using namespace meshtrain;
+using namespace meshtrain::test_support;
+using namespace std::chrono_literals;
+
+#define SKIP_WITHOUT_CUDA()                                                                   \
+  do {                                                                                        \
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::runtime_description(); \
+  } while (0)
+
+namespace {
+
+std::vector<std::string> with_device(int peer, std::vector<std::string> flags) {
+  if (peer % 2 == 0) flags.insert(flags.end(), {"--device", "cuda"});
+  return flags;
+}
+
+class CudaCompressedAllreduce : public ::testing::TestWithParam<CodecCase> {};
+
+}  // namespace
+
+// 4 processes (2 on CUDA), 3 steps: the reference algorithm's bytes on every member, and each
+// member's residual after step 3 is the reference's (error feedback kept on the device is fed
+// exactly once a step, like the CPU's). compressed_reference.h has the checks.
+TEST_P(CudaCompressedAllreduce, MixedCpuAndCudaMembersGetTheReferenceBytes) {
+  SKIP_WITHOUT_CUDA();
+  expect_reference_bytes(GetParam(), [](int peer) { return with_device(peer, {}); });
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, CudaCompressedAllreduce,
+                         ::testing::Values(CodecCase{"none", "auto", "none"}, CodecCase{"fp16", "auto", "fp16"},
+                                           CodecCase{"bf16", "auto", "bf16"}, CodecCase{"int8", "auto", "int8"},
+                                           CodecCase{"int8:block_size=64,rounding=stochastic,seed=3", "auto",
+                                                     "int8_stochastic"},
+                                           CodecCase{"int8", "auto", "int8_ring", "ring"},
+                                           CodecCase{"topk:fraction=0.05", "owner", "topk_owner"},
+                                           CodecCase{"topk:fraction=0.05", "allgather", "topk_allgather"}),
+                         [](const auto& info) { return info.param.name; });
+
+// The plain all-reduce stages CUDA buffers through the host: the same bytes on every member,
+// close to the exact average.
+TEST(CudaAllreduce, MixedCpuAndCudaMembersGetIdenticalAverages) {
+  SKIP_WITHOUT_CUDA();
+  const size_t count = 100003;
+  Job job({.peers = 3, .min_peers = 3});
+  job.start_coordinator();
+  for (int i = 0; i < 3; ++i) job.start_peer(i, 2, count, with_device(i, {}));
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
+  for (uint64_t step = 1; step <= 2; ++step) {
+    ASSERT_EQ(ranks_of_step(job, {0, 1, 2}, step).size(), 3u);
+    std::vector<float> got = job.result(1, step);
+    ASSERT_EQ(got.size(), count);
+    double worst = 0;
+    for (size_t k = 0; k < count; ++k) {
+      double avg = 0;
+      for (int i = 0; i < 3; ++i) avg += gradient(Job::seed(i), step, count)[k] / 3.0;
+      worst = std::max(worst, std::abs(got[k] - avg));
+    }
+    EXPECT_LT(worst, 1e-5) << "step " << step;
+  }
+}
+
+// PowerSGD stages CUDA buffers through the host: the same bytes on every member.
+TEST(CudaAllreduce, PowerSgdWithCudaMembersIsIdenticalOnAllMembers) {
+  SKIP_WITHOUT_CUDA();
+  Job job({.peers = 4, .min_peers = 4});
+  job.start_coordinator();
+  for (int i = 0; i < 4; ++i)
+    job.start_peer(i, 3, 10000, with_device(i, {"--codec", "powersgd:rank=4,seed=9", "--shape", "100x100"}));
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
+  for (uint64_t step = 1; step <= 3; ++step) EXPECT_EQ(ranks_of_step(job, {0, 1, 2, 3}, step).size(), 4u);
+}
+
+// A member killed mid-step: CUDA survivors discard their staged device residuals, repartition
+// (4 -> 3 members: the old residual is carried into the gradient on the device) and the retried
+// step is exactly a fresh run from their entry states.
+TEST(CudaCompressedFaults, PeerKilledWhileSendingToOwnersCudaSurvivorsRetryFromTheirEntryState) {
+  SKIP_WITHOUT_CUDA();
+  kill_mid_compressed("reduce_scatter", 1, "direct", {0, 1});
+}
