@@ -4,7 +4,7 @@
 //       [--chunk-bytes B] [--plain|--encrypted] [--baseline gloo]
 //       [--wan hosts=K,rate=200mbit,delay=50ms] [--fault kill-during=reduce_scatter|all_gather]
 //       [--reduce-step] [--codec SPEC [--sparse-gather auto|owner|allgather] [--shape RxC]
-//        [--exchange direct|ring]]
+//        [--exchange direct|ring]] [--device cpu|cuda]
 //
 // Measures Communicator::allreduce (fp32, Sum) between N real processes on this machine, as
 // nccl-tests report it: per iteration the slowest member's time, the median over repeats,
@@ -68,6 +68,10 @@ options:
   --exchange MODE           how encoded chunks reach their owners: direct (default; each member
                             sends to each owner) or ring (relayed along the ring)
   --shape ROWSxCOLS         PowerSGD's matrix view of the buffer (rows x cols x 4 = --size)
+  --device cpu|cuda         where each worker's buffer lives (default cpu). cuda: CUDA device 0
+                            of this host for every worker; filled and checked on the host,
+                            copied outside the timed region. With --codec the codecs' kernels
+                            encode and decode there; plain all-reduces stage through the host
   --heartbeat-timeout-ms MS the coordinator's (default 2000 with --fault, else 5000)
   --timeout-s T             give up on a job after T seconds (default 600)
   --python PATH             interpreter for the baseline (default /usr/bin/python3)
@@ -76,7 +80,7 @@ options:
   --verbose                 workers and coordinator log at info (default warn; MESHTRAIN_LOG wins)
 
 Exit codes: 0 done (a skipped baseline is only a warning), 1 a run failed or a result was
-wrong, 2 usage error, 77 --wan without network namespaces.
+wrong, 2 usage error, 77 --wan without network namespaces or --device cuda without a device.
 )";
 
 std::vector<std::string> rest(int argc, char** argv, int from) { return {argv + from, argv + argc}; }

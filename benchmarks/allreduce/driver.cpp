@@ -16,6 +16,7 @@
 
 #include "child.h"
 #include "json.h"
+#include "kernels/runtime.h"
 #include "meshtrain/compress.h"
 #include "meshtrain/crypto.h"
 #include "netns.h"
@@ -213,6 +214,7 @@ JobResult run_job(const AllreduceOptions& o, const Machine& m, const NetnsHosts*
     if (o.codec)
       argv.insert(argv.end(), {"--codec", *o.codec, "--sparse-gather", o.sparse_gather, "--exchange", o.exchange});
     if (o.shape) argv.insert(argv.end(), {"--shape", *o.shape});
+    if (o.device != "cpu") argv.insert(argv.end(), {"--device", o.device});
     if (o.fault) {
       for (std::string s : {std::string("--fault-phase"), o.fault->phase, std::string("--fault-iteration"),
                             std::to_string(o.fault_iteration()), std::string("--fault-ring-step"),
@@ -415,6 +417,10 @@ void emit(const std::string& line) {
 int run_allreduce(const AllreduceOptions& o) {
   install_interrupt_handlers();
   const Machine m = machine();
+  if (o.device == "cuda" && cuda::device_count() == 0) {
+    progress("--device cuda needs a CUDA device: {}", cuda::runtime_description());
+    return 77;
+  }
   std::unique_ptr<NetnsHosts> net;
   if (o.wan) {
     const std::string script = find_resource(o.netns_script, "MESHTRAIN_NETNS_SCRIPT", "netns.sh",
@@ -526,6 +532,7 @@ int run_allreduce(const AllreduceOptions& o) {
         sparse_all_gather = sparse_all_gather || w.sparse_all_gather;
       }
       j.add("codec", o.codec ? compress::make_codec(*o.codec)->describe() : std::string("plain"));
+      j.add("device", o.device);
       if (o.codec) j.add("exchange", o.exchange);
       if (o.codec && compress::make_codec(*o.codec)->id() == compress::CodecId::TopK)
         j.add("sparse_gather", o.sparse_gather).add("sparse_all_gather", sparse_all_gather);

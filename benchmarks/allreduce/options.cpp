@@ -128,7 +128,8 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
   static const std::initializer_list<tools::Flags::Spec> kFlags = {
       {"--peers"}, {"--size"}, {"--bytes"}, {"--repeats"}, {"--warmup"}, {"--streams"}, {"--chunk-bytes"},
       {"--plain", false}, {"--encrypted", false}, {"--baseline"}, {"--wan"}, {"--fault"}, {"--reduce-step", false},
-      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--exchange"}, {"--timeout-s"}, {"--heartbeat-timeout-ms"},
+      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--exchange"}, {"--device"}, {"--timeout-s"},
+      {"--heartbeat-timeout-ms"},
       {"--python"}, {"--gloo-script"}, {"--netns-script"}, {"--verbose", false}};
   std::vector<std::string> storage = args;
   std::vector<char*> argv;
@@ -193,6 +194,10 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
       throw UsageError(fmt::format("--exchange: '{}' (direct, ring)", o.exchange));
     if (!o.codec) throw UsageError("--exchange only matters with --codec (the compressed all-reduce)");
   }
+  if (auto v = text("--device")) {
+    o.device = *v;
+    if (o.device != "cpu" && o.device != "cuda") throw UsageError(fmt::format("--device: '{}' (cpu, cuda)", o.device));
+  }
   if (f.has("--timeout-s")) o.timeout_s = static_cast<int>(integer("--timeout-s", 1, 24 * 3600));
   if (f.has("--heartbeat-timeout-ms"))
     o.heartbeat_timeout_ms = static_cast<int>(integer("--heartbeat-timeout-ms", 100, 600000));
@@ -236,6 +241,8 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
                                    o.fault_iteration(), o.warmup));
     if (o.baseline) throw UsageError("--baseline and --fault do not combine (the baseline has no fault mode)");
   }
+  if (o.device == "cuda" && o.baseline)
+    throw UsageError("--baseline gloo reduces CPU tensors; it does not combine with --device cuda");
   if (o.wan) {
     if (o.baseline) throw UsageError("--baseline gloo runs on loopback only; drop --wan or --baseline");
   }

@@ -7,7 +7,7 @@
 //                  --security plain|encrypted --host ADDR [--relay-delay-us D]
 //                  [--op-timeout-ms MS] [--reduce-step] [--fault-phase P --fault-iteration K
 //                  --fault-ring-step S --death-file FILE] [--codec SPEC --sparse-gather MODE
-//                  [--shape ROWSxCOLS] [--exchange direct|ring]]
+//                  [--shape ROWSxCOLS] [--exchange direct|ring]] [--device cuda]
 //   Without --reduce-step and --fault-phase: next_quorum(1) once, then W + R iterations of
 //     barrier; fill(index + 1); barrier; t0; allreduce(Sum); t1; check
 //   where the barrier is an all-reduce of 16 floats per member (it completes on a member only
@@ -18,6 +18,8 @@
 //   loop's step as it sees it); with --fault-phase the worker that is the victim (has --death-file) writes
 //   CLOCK_MONOTONIC nanoseconds to FILE and raises SIGKILL at ring step S of phase P of
 //   iteration K.
+//   With --device cuda the buffer is on CUDA device 0: filled on the host and copied there before
+//   t0, copied back after t1 for the check.
 //   With --codec: allreduce_compressed / reduce_step with that codec instead (and "wire_sent_bytes",
 //   "wire_received_bytes": the payload bytes of the last iteration, "sparse_all_gather").
 //   Prints one JSON line on stdout: {"index", "rank", "peers", "verified", "seconds": [...],
@@ -53,6 +55,7 @@
 #include <thread>
 
 #include "json.h"
+#include "kernels/compress/api.h"
 #include "meshtrain/collective.h"
 #include "meshtrain/compress.h"
 #include "meshtrain/coord.h"
@@ -250,6 +253,21 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
   collective::Communicator comm(self, o);
   const size_t count = bytes / sizeof(float);
   std::vector<float> buffer(count);
+  // --device cuda: the collective's buffer is `device_buffer`; `buffer` is its host image.
+  std::optional<cuda::compress::DeviceBuffer> device_buffer;
+  if (a.count("--device") && a.at("--device") == "cuda") device_buffer.emplace(count * sizeof(float), 0);
+  BufferView view{buffer.data(), buffer.size(), DType::Float32};
+  if (device_buffer) view = BufferView{device_buffer->data(), count, DType::Float32, DeviceKind::Cuda, 0};
+  auto to_device = [&] {
+    if (!device_buffer) return;
+    cuda::compress::copy_async(device_buffer->data(), buffer.data(), count * sizeof(float), 0, nullptr);
+    cuda::compress::synchronize(0, nullptr);
+  };
+  auto to_host = [&] {
+    if (!device_buffer) return;
+    cuda::compress::copy_async(buffer.data(), device_buffer->data(), count * sizeof(float), 0, nullptr);
+    cuda::compress::synchronize(0, nullptr);
+  };
   std::vector<double> seconds;
   std::vector<int64_t> start_ns, end_ns, attempts, members;
   bool verified = true;
@@ -301,12 +319,12 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
     }
     std::vector<float> barrier(16 * quorum_size, 0.0f);
     BufferView barrier_view{barrier.data(), barrier.size(), DType::Float32};
-    BufferView view{buffer.data(), buffer.size(), DType::Float32};
     for (int it = 0; it < warmup + repeats; ++it) {
       // Barrier, fill, barrier: a member that finished the last iteration early must not fill
       // 'bytes' of memory while the others are still being timed (2 cores here).
       comm.allreduce(barrier_view, collective::ReduceOp::Sum);
       std::fill(buffer.begin(), buffer.end(), mine);
+      to_device();
       comm.allreduce(barrier_view, collective::ReduceOp::Sum);
       int64_t t0 = monotonic_ns();
       if (codec) {
@@ -320,14 +338,15 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
       end_ns.push_back(t1);
       attempts.push_back(1);
       members.push_back(static_cast<int64_t>(quorum_size));
+      to_host();
       check(expected, it);
     }
   } else {
     for (int it = 0; it < warmup + repeats; ++it) {
       std::fill(buffer.begin(), buffer.end(), mine);
+      to_device();
       g_iteration.store(it);
       int64_t t0 = monotonic_ns();
-      const BufferView view{buffer.data(), buffer.size(), DType::Float32};
       collective::StepResult r = codec ? comm.reduce_step(static_cast<uint64_t>(it + 1), view, *codec, compressed_state)
                                        : comm.reduce_step(static_cast<uint64_t>(it + 1), view);
       int64_t t1 = monotonic_ns();
@@ -338,6 +357,7 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
       end_ns.push_back(t1);
       attempts.push_back(r.attempts);
       members.push_back(static_cast<int64_t>(r.quorum.members.size()));
+      to_host();
       double sum = 0;
       for (const auto& c : r.contributors) {
         auto f = indices.find(c.hex());
