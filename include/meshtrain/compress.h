@@ -236,6 +236,10 @@ LowRankShape powersgd_shape(const CodecState& state);
 void powersgd_project(BufferView grad, CodecState& state, std::span<float> p);
 void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q);
 void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out);
+// For a member that added zeros to this step (a joiner, or one back after missed steps): takes
+// the step's q as its next warm start, as powersgd_finish does for the contributors, and keeps
+// its residual and counters. Its next contribution then uses the same Q as everyone else's.
+void powersgd_adopt_q(CodecState& state, std::span<const float> q);
 
 // ---- payloads
 // The header every payload starts with, as read by inspect_payload. 32 bytes, little-endian.

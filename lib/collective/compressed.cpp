@@ -400,8 +400,8 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
                                            "buffer {}", spec.count(), count));
   auto ring_bytes = [n](size_t bytes) { return static_cast<uint64_t>(bytes * 2 * (n - 1) / n); };
   try {
-    // A joiner adds zeros through a scratch state (its own keeps its residual; its Q may then
-    // lag the others', which weakens that step's approximation but not the result's identity).
+    // A joiner adds zeros through a scratch state; its own keeps its residual and takes the
+    // step's q as its next warm start (powersgd_adopt_q), like the contributors' states.
     MemberSide m;
     m.chunks = 1;
     m.states.push_back(contributes && !st.member.states.empty() ? st.member.states[0]->clone() : codec.make_state(spec));
@@ -431,6 +431,13 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       if (op == ReduceOp::Sum)
         for (size_t i = 0; i < count; ++i) data[i] *= contributors;
       traffic.sent_bytes = traffic.received_bytes = ring_bytes((p.size() + q.size()) * sizeof(float));
+      if (!contributes) {
+        MemberSide kept;
+        kept.chunks = 1;
+        kept.states.push_back(st.member.states.empty() ? codec.make_state(spec) : st.member.states[0]->clone());
+        compress::powersgd_adopt_q(*kept.states[0], q);
+        st.pending_member = std::move(kept);
+      }
     }
     if (contributes) st.pending_member = std::move(m);
     st.pending_traffic = traffic;

@@ -351,6 +351,13 @@ void powersgd_finish(CodecState& state, std::span<const float> p, std::span<cons
   s.record(0);
 }
 
+void powersgd_adopt_q(CodecState& state, std::span<const float> q) {
+  constexpr std::string_view what = "powersgd_adopt_q";
+  PowerSgdState& s = low_rank_state(state, what);
+  check_span(what, "q", q.size(), s.shape().cols * s.shape().rank);
+  std::copy(q.begin(), q.end(), s.q().begin());
+}
+
 std::unique_ptr<Codec> make_powersgd_codec(const PowerSgdOptions& options) {
   return std::make_unique<PowerSgdCodec>(options);
 }

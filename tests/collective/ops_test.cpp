@@ -19,15 +19,18 @@ namespace {
 
 class InProcessJob {
  public:
-  explicit InProcessJob(int peers) {
+  // min_peers: contributors a quorum needs (default: all of them).
+  explicit InProcessJob(int peers, int min_peers = 0) {
     for (int i = 0; i < peers; ++i) ids_.push_back(crypto::Identity::generate());
     net::AllowList members;
     for (auto& id : ids_) members.add(id.public_key());
     coord::CoordinatorOptions co;
     co.bind_endpoint = "tcp://127.0.0.1:0";
     co.allowed = members;
-    co.min_peers = static_cast<uint32_t>(peers);
-    co.startup_grace = 0ms;
+    co.min_peers = static_cast<uint32_t>(min_peers > 0 ? min_peers : peers);
+    // With fewer min_peers than members, a grace lets every member announce itself before
+    // the first quorum forms (else it could form with the first one to ask).
+    co.startup_grace = min_peers > 0 && min_peers < peers ? 2000ms : 0ms;
     coordinator_ = std::make_unique<coord::Coordinator>(coordinator_id_, co);
     thread_ = std::thread([this] { coordinator_->run(stop_); });
     for (auto& id : ids_) {
@@ -334,5 +337,75 @@ TEST(Collectives, CompressedSumOfRankOneGradients) {
               << "step " << step << " element " << r * cols + c;
         }
     }
+  }
+}
+
+// PowerSGD with a member that is a joiner at step 2 (it adds zeros): it must take that step's Q
+// as its warm start, so that at step 3 both members project onto the same Q. The results of
+// all three steps equal the algorithm recomputed here from compress.h's powersgd_* calls (two
+// members: each all-reduced sum has two terms, so its order does not matter).
+TEST(Collectives, PowerSgdJoinerTakesTheStepsWarmStart) {
+  InProcessJob job(2, /*min_peers=*/1);
+  const size_t rows = 30, cols = 20, count = rows * cols;
+  const std::string spec = "powersgd:rank=2,seed=5";
+  auto codec = compress::make_codec(spec);
+  CompressedOptions options;
+  options.shape = {rows, cols};
+  std::vector<CompressedState> states;
+  for (int i = 0; i < 2; ++i) states.emplace_back(options);
+
+  std::vector<std::unique_ptr<compress::CodecState>> reference;
+  for (int i = 0; i < 2; ++i) reference.push_back(codec->make_state(compress::TensorSpec{{rows, cols}}));
+  const compress::LowRankShape shape = compress::powersgd_shape(*reference[0]);
+  ASSERT_EQ(shape.rank, 2u);
+  auto view = [](std::vector<float>& v) { return BufferView{v.data(), v.size(), DType::Float32}; };
+  // One step of the reference: members in `contributing` add their gradients, the others zeros.
+  auto reference_step = [&](uint64_t step, const std::vector<bool>& contributing) {
+    std::vector<float> p(shape.rows * shape.rank, 0.0f), q(shape.cols * shape.rank, 0.0f);
+    std::vector<std::vector<float>> ps(2, p), qs(2, q);
+    std::vector<std::unique_ptr<compress::CodecState>> scratch(2);
+    auto state_of = [&](int i) -> compress::CodecState& {
+      if (contributing[i]) return *reference[i];
+      if (!scratch[i]) scratch[i] = codec->make_state(compress::TensorSpec{{rows, cols}});
+      return *scratch[i];
+    };
+    for (int i = 0; i < 2; ++i) {
+      std::vector<float> g = contributing[i] ? test_support::gradient(i, step, count) : std::vector<float>(count, 0.0f);
+      compress::powersgd_project(view(g), state_of(i), ps[i]);
+    }
+    for (size_t k = 0; k < p.size(); ++k) p[k] = ps[0][k] + ps[1][k];
+    for (int i = 0; i < 2; ++i) {
+      std::vector<float> mine = p;
+      compress::powersgd_back_project(state_of(i), mine, qs[i]);
+      if (i == 0) p = mine;
+    }
+    const float contributors = static_cast<float>(std::count(contributing.begin(), contributing.end(), true));
+    for (size_t k = 0; k < q.size(); ++k) q[k] = (qs[0][k] + qs[1][k]) / contributors;
+    std::vector<float> out(count);
+    for (int i = 0; i < 2; ++i) {
+      std::vector<float> o(count);
+      compress::powersgd_finish(state_of(i), p, q, view(o));
+      if (contributing[i]) out = o;
+      else compress::powersgd_adopt_q(*reference[i], q);
+    }
+    return out;
+  };
+
+  for (uint64_t step = 1; step <= 3; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const bool second_joins = step == 2;
+    std::vector<std::vector<float>> data = {test_support::gradient(0, step, count),
+                                            test_support::gradient(1, step, count)};
+    std::vector<std::future<void>> done;
+    for (int i = 0; i < 2; ++i)
+      done.push_back(std::async(std::launch::async, [&, i] {
+        job.comm(i).next_quorum(100 + step, /*has_state=*/!(i == 1 && second_joins));
+        job.comm(i).allreduce_compressed(view(data[i]), *codec, states[i], ReduceOp::Avg);
+      }));
+    for (auto& f : done) f.get();
+    ASSERT_EQ(job.comm(0).quorum().contributors(), second_joins ? 1u : 2u);
+    const std::vector<float> expected = reference_step(step, {true, !second_joins});
+    for (int i = 0; i < 2; ++i)
+      EXPECT_EQ(std::memcmp(data[i].data(), expected.data(), count * sizeof(float)), 0) << "member " << i;
   }
 }
