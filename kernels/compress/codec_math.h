@@ -118,9 +118,13 @@ MT_HD float bf16_to_fp32(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16
 constexpr float kInt8Max = 127.0f;
 
 // scale = absmax / 127 (the value one quantum stands for); inverse = 127 / absmax; both 0 for
-// an all-zero block.
-MT_HD float int8_scale(float absmax) { return absmax > 0.0f ? div_rn(absmax, kInt8Max) : 0.0f; }
-MT_HD float int8_inverse(float absmax) { return absmax > 0.0f ? div_rn(kInt8Max, absmax) : 0.0f; }
+// a block whose absmax is below 2^-120, all-zero blocks included. Below that 127 / absmax
+// overflows to Inf: every non-zero element became +-127 and every zero 0 * Inf = NaN, a NaN
+// residual that silenced the block for good (a block without gradient for ~14 steps of error
+// feedback decays that far). Such a block is sent as zeros and its residual keeps the values.
+constexpr float kInt8MinAbsmax = 0x1p-120f;  // 127 / 2^-120 < FLT_MAX
+MT_HD float int8_scale(float absmax) { return absmax >= kInt8MinAbsmax ? div_rn(absmax, kInt8Max) : 0.0f; }
+MT_HD float int8_inverse(float absmax) { return absmax >= kInt8MinAbsmax ? div_rn(kInt8Max, absmax) : 0.0f; }
 
 // Round to nearest even for |y| < 2^22: the addition of 1.5 * 2^23 drops the fraction bits.
 MT_HD float round_even(float y) { return sub_rn(add_rn(y, 12582912.0f), 12582912.0f); }

@@ -151,11 +151,13 @@ class ResidualState : public StateBase {
     if (error_feedback) residual_ = Residual(count(), this->spec().device, this->spec().device_index);
     has_residual_ = error_feedback;
   }
+  // While a CUDA state stages, residual_ holds the pending result and backup_ the committed one
+  // (the CPU keeps the pending one in spare_): both read the committed residual.
   std::vector<float> residual() const override {
-    return has_residual_ ? residual_.to_host() : std::vector<float>{};
+    return has_residual_ ? committed().to_host() : std::vector<float>{};
   }
   ResidualState(const ResidualState& other)  // clone(): the committed state, no spare or backup
-      : StateBase(other), has_residual_(other.has_residual_), residual_(other.residual_) {}
+      : StateBase(other), has_residual_(other.has_residual_), residual_(other.committed()) {}
   void reset() override {
     StateBase::reset();
     if (has_residual_) residual_.zero();
@@ -180,6 +182,8 @@ class ResidualState : public StateBase {
   void discard_staged() override;
 
  private:
+  const Residual& committed() const { return backup_ ? *backup_ : residual_; }
+
   bool has_residual_ = false;
   Residual residual_;
   std::vector<float> spare_;

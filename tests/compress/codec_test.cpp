@@ -458,6 +458,37 @@ TEST(Int8, AllZeroBlockAndSingleElementBlocks) {
   for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(out[i], x[i], std::fabs(x[i]) * 1e-6) << i;
 }
 
+// A block whose absmax is below 2^-120 (where 127 / absmax overflows) is sent as zeros and its
+// residual keeps the values, exactly. Before, non-zero elements went out as +-127 quanta and
+// zeros became NaN residuals, after which the block decoded to 0 forever: what a block left
+// without gradient decays to under error feedback.
+TEST(Int8, TinyBlocksAreSentAsZerosAndKeptInTheResidual) {
+  for (const char* spec : {"int8:block_size=4", "int8:block_size=4,rounding=stochastic,seed=2"}) {
+    SCOPED_TRACE(spec);
+    auto codec = make_codec(spec);
+    const std::vector<float> tiny = {1e-37f, 0.0f, 5e-38f, -2e-38f, 0x1p-121f, -0x1p-122f, 0.0f, 0.0f};
+    auto state = codec->make_state(TensorSpec::flat(tiny.size()));
+    EXPECT_EQ(decode(*codec, encode(*codec, tiny, *state), tiny.size()), std::vector<float>(tiny.size(), 0.0f));
+    EXPECT_EQ(state->residual(), tiny);
+  }
+  // Decay: one gradient, then none for 40 steps; the residual shrinks ~254x a step but stays
+  // finite, and the block still carries a later gradient.
+  auto codec = make_codec("int8");
+  const size_t n = 1024;
+  auto state = codec->make_state(TensorSpec::flat(n));
+  std::vector<float> grad(n);
+  for (size_t i = 0; i < n; ++i) grad[i] = 1e-3f * std::sin(0.37f * static_cast<float>(i));
+  encode(*codec, grad, *state);
+  const std::vector<float> zeros(n, 0.0f);
+  for (int step = 0; step < 40; ++step) {
+    encode(*codec, zeros, *state);
+    for (float r : state->residual()) ASSERT_TRUE(std::isfinite(r)) << "step " << step;
+  }
+  std::vector<float> one(n, 0.0f);
+  one[0] = 1.0f;
+  EXPECT_NEAR(decode(*codec, encode(*codec, one, *state), n)[0], 1.0f, 1.0f / 254);
+}
+
 // A state encoded before writes its next residual into a second buffer (double buffering,
 // lib/compress/int8.cpp) and a state's first encode updates it in place after a scan: both
 // must give the same bytes. A state kept across steps is compared with a fresh clone of a

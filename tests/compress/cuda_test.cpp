@@ -170,6 +170,75 @@ TEST(CudaTopK, TiesAndDegenerateInputsMatchTheCpu) {
   }
 }
 
+// int8 blocks whose absmax is below 2^-120 (sent as zeros, residual kept: codec_math.h), with
+// both roundings and a decay of 30 zero steps: the GPU's payloads and residuals are the CPU's.
+TEST(CudaInt8, TinyBlocksAndDecayingResidualsMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  for (const char* spec : {"int8:block_size=4", "int8:block_size=4,rounding=stochastic,seed=2"}) {
+    SCOPED_TRACE(spec);
+    auto codec = make_codec(spec);
+    const std::vector<float> first = {1e-37f, 0.0f, 5e-38f, -2e-38f, 0x1p-121f, -0x1p-122f, 0.0f, 0.0f,
+                                      1e-3f,  -2e-3f, 0.0f, 3e-4f};
+    const size_t n = first.size();
+    auto cpu_state = codec->make_state(TensorSpec::flat(n));
+    auto gpu_state = codec->make_state(TensorSpec::flat(n, DeviceKind::Cuda, 0));
+    for (int step = 0; step < 30; ++step) {
+      const std::vector<float> x = step == 0 ? first : std::vector<float>(n, 0.0f);
+      DeviceVector d(x, stream.raw());
+      std::vector<uint8_t> gpu(codec->encoded_bytes(n));
+      codec->encode(d.view(), *gpu_state, gpu, stream.get());
+      ASSERT_EQ(encode(*codec, x, *cpu_state), gpu) << "step " << step;
+      expect_same_bits(cpu_state->residual(), gpu_state->residual(), "residual at step " + std::to_string(step));
+    }
+  }
+}
+
+// Staged encodes on the device (what the compressed all-reduce does with CUDA gradients): a
+// discarded attempt and a retry that encodes twice give a plain CPU state's bytes and residual;
+// while staging, residual() and clone() show the committed residual (the device keeps the
+// pending one in place and the committed one aside); a staged encode that throws leaves the
+// state as it was.
+TEST(CudaStaging, FailedAttemptThenRetryEqualsOneCpuEncode) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const size_t n = 100003;
+  for (const char* spec : {"int8", "int8:block_size=64,rounding=stochastic,seed=3", "topk:fraction=0.01"}) {
+    SCOPED_TRACE(spec);
+    auto codec = make_codec(spec);
+    auto staged = codec->make_state(TensorSpec::flat(n, DeviceKind::Cuda, 0));
+    auto plain = codec->make_state(TensorSpec::flat(n));
+    auto gpu_encode = [&](const std::vector<float>& x) {
+      DeviceVector d(x, stream.raw());
+      std::vector<uint8_t> out(codec->encoded_bytes(n));
+      codec->encode(d.view(), *staged, out, stream.get());
+      return out;
+    };
+    for (uint64_t step = 0; step < 3; ++step) {
+      const auto grad = random_gradient(n, 300 + step);
+      const auto expected = encode(*codec, grad, *plain);
+      const auto committed = staged->residual();
+      staged->stage();
+      gpu_encode(random_gradient(n, 900 + step));
+      expect_same_bits(staged->residual(), committed, "residual() while staging");
+      expect_same_bits(staged->clone()->residual(), committed, "clone() while staging");
+      staged->discard_staged();
+      staged->stage();
+      gpu_encode(random_gradient(n, 1900 + step));
+      ASSERT_EQ(gpu_encode(grad), expected) << "step " << step;
+      staged->commit_staged();
+      expect_same_bits(staged->residual(), plain->residual(), "residual after commit");
+    }
+    auto bad = random_gradient(n, 5);
+    bad[n / 2] = std::nanf("");
+    const auto before = staged->residual();
+    staged->stage();
+    EXPECT_THROW(gpu_encode(bad), InvalidArgumentError);
+    staged->commit_staged();
+    expect_same_bits(staged->residual(), before, "residual after a rejected staged encode");
+  }
+}
+
 TEST(CudaCast, ClampAndFlushCountsMatchTheCpu) {
   SKIP_WITHOUT_GPU();
   Stream stream;
