@@ -98,16 +98,25 @@ void int8_dequantize(const int8_t* d_q, const float* d_scales, size_t n, uint32_
                      float* d_out, bool accumulate, int device, void* stream);
 
 // ---- top-k (topk.cu). Keys are the bits of |v| (monotonic in |v| for finite v).
+// magnitude_histogram and topk_compact take a caller-owned device workspace d_work of
+// work_bytes (checked: CudaFailure when too small) instead of allocating their own, so that a
+// codec allocates everything before it writes its state and an encode allocates nothing (a
+// cudaFree synchronises the whole device).
+// The widest digit magnitude_histogram counts (bits <= this).
+inline constexpr uint32_t kTopKMaxHistogramBits = 11;
+// Workspace bytes that either function needs for n elements (any bits up to the maximum).
+size_t topk_workspace_bytes(size_t n);
 // h_hist[b] = number of i with ((key_i >> shift) & ((1 << bits) - 1)) == b among the i whose
 // key agrees with `prefix` on the bits above shift + bits (prefix_bits of them; 0: all). Blocks.
 void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bits,
-                         uint32_t prefix, uint32_t prefix_bits, uint64_t* h_hist, int device,
-                         void* stream);
+                         uint32_t prefix, uint32_t prefix_bits, uint64_t* h_hist, void* d_work,
+                         size_t work_bytes, int device, void* stream);
 // Selects every i with key_i > threshold and the first `ties` (in index order) with
 // key_i == threshold; writes them in index order to d_idx / d_val (k = count of them) and sets
 // those d_v[i] = 0 (what is sent leaves the residual). Blocks.
 void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx,
-                  float* d_val, uint64_t k, int device, void* stream);
+                  float* d_val, uint64_t k, void* d_work, size_t work_bytes, int device,
+                  void* stream);
 // d_out[d_idx[j]] += d_val[j] for j < k (indices distinct, validated by the caller). Enqueues.
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device,
                  void* stream);

@@ -47,11 +47,13 @@ void int8_quantize(const float*, float*, size_t, uint32_t, bool, uint64_t, uint6
 void int8_dequantize(const int8_t*, const float*, size_t, uint32_t, float*, bool, int, void*) {
   unavailable("int8_dequantize");
 }
-void magnitude_histogram(const float*, size_t, uint32_t, uint32_t, uint32_t, uint32_t, uint64_t*, int,
-                         void*) {
+size_t topk_workspace_bytes(size_t) { unavailable("topk_workspace_bytes"); }
+void magnitude_histogram(const float*, size_t, uint32_t, uint32_t, uint32_t, uint32_t, uint64_t*, void*,
+                         size_t, int, void*) {
   unavailable("magnitude_histogram");
 }
-void topk_compact(float*, size_t, uint32_t, uint64_t, uint32_t*, float*, uint64_t, int, void*) {
+void topk_compact(float*, size_t, uint32_t, uint64_t, uint32_t*, float*, uint64_t, void*, size_t, int,
+                  void*) {
   unavailable("topk_compact");
 }
 void scatter_add(const uint32_t*, const float*, uint64_t, float*, int, void*) { unavailable("scatter_add"); }

@@ -98,6 +98,28 @@ __global__ void tile_write_kernel(float* v, size_t n, uint32_t threshold, unsign
   }
 }
 
+// The caller's workspace (topk_workspace_bytes). magnitude_histogram: the 2^bits 64-bit bins.
+// topk_compact: the per-tile counts (gt then eq, 32-bit), then at an aligned offset their
+// exclusive prefixes (gt then eq, 64-bit): separate regions, so that the upload of the
+// prefixes never lands on counts that a copy to the host may still be reading.
+constexpr size_t kWorkAlign = 256;
+
+size_t work_align(size_t bytes) { return (bytes + kWorkAlign - 1) / kWorkAlign * kWorkAlign; }
+size_t tiles_for(size_t n) { return (n + kTile - 1) / kTile; }
+size_t histogram_work_bytes(uint32_t bits) { return (size_t(1) << bits) * sizeof(unsigned long long); }
+size_t compact_counts_bytes(size_t tiles) { return work_align(2 * tiles * sizeof(uint32_t)); }
+size_t compact_work_bytes(size_t n) {
+  const size_t tiles = tiles_for(n);
+  return compact_counts_bytes(tiles) + 2 * tiles * sizeof(unsigned long long);
+}
+
+void require_work(const char* what, const void* d_work, size_t work_bytes, size_t needed) {
+  if (needed == 0 || (d_work != nullptr && work_bytes >= needed)) return;
+  throw CudaFailure(std::string(what) + ": workspace of " + std::to_string(work_bytes) + " bytes" +
+                    (d_work == nullptr ? " (null)" : "") + ", needs " + std::to_string(needed) +
+                    " (topk_workspace_bytes)");
+}
+
 __global__ void scatter_add_kernel(const uint32_t* idx, const float* val, unsigned long long k, float* out) {
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   for (size_t j = size_t(blockIdx.x) * blockDim.x + threadIdx.x; j < k; j += stride)
@@ -106,34 +128,45 @@ __global__ void scatter_add_kernel(const uint32_t* idx, const float* val, unsign
 
 }  // namespace
 
+size_t topk_workspace_bytes(size_t n) {
+  return std::max(histogram_work_bytes(kTopKMaxHistogramBits), compact_work_bytes(n));
+}
+
 void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bits, uint32_t prefix,
-                         uint32_t prefix_bits, uint64_t* h_hist, int device, void* stream) {
+                         uint32_t prefix_bits, uint64_t* h_hist, void* d_work, size_t work_bytes, int device,
+                         void* stream) {
   (void)prefix_bits;  // implied by shift + bits: keys are 31-bit
+  // topk_workspace_bytes sizes the bins for at most this many bits.
+  if (bits > kTopKMaxHistogramBits)
+    throw CudaFailure("magnitude_histogram: " + std::to_string(bits) + " bits (at most " +
+                      std::to_string(kTopKMaxHistogramBits) + ")");
   const size_t bins = size_t(1) << bits;
+  require_work("magnitude_histogram", d_work, work_bytes, histogram_work_bytes(bits));
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  Scratch hist(bins * sizeof(unsigned long long), device);
-  check(cudaMemsetAsync(hist.as<void>(), 0, bins * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
+  auto* hist = static_cast<unsigned long long*>(d_work);
+  check(cudaMemsetAsync(hist, 0, bins * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
   if (n > 0) {
-    histogram_kernel<<<grid_for(n), kThreads, bins * sizeof(uint32_t), s>>>(d_v, n, shift, bits, prefix,
-                                                                             hist.as<unsigned long long>());
+    histogram_kernel<<<grid_for(n), kThreads, bins * sizeof(uint32_t), s>>>(d_v, n, shift, bits, prefix, hist);
     check_launch("topk histogram kernel", device);
   }
   static_assert(sizeof(uint64_t) == sizeof(unsigned long long));
-  check(cudaMemcpyAsync(h_hist, hist.as<void>(), bins * sizeof(uint64_t), cudaMemcpyDeviceToHost, s),
-        "cudaMemcpyAsync", device);
+  check(cudaMemcpyAsync(h_hist, hist, bins * sizeof(uint64_t), cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync",
+        device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
 }
 
 void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx, float* d_val,
-                  uint64_t k, int device, void* stream) {
+                  uint64_t k, void* d_work, size_t work_bytes, int device, void* stream) {
   if (n == 0) return;
+  require_work("topk_compact", d_work, work_bytes, compact_work_bytes(n));
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  const size_t tiles = (n + kTile - 1) / kTile;
-  Scratch counts(2 * tiles * sizeof(uint32_t), device);
-  uint32_t* d_gt = counts.as<uint32_t>();
+  const size_t tiles = tiles_for(n);
+  uint32_t* d_gt = static_cast<uint32_t*>(d_work);
   uint32_t* d_eq = d_gt + tiles;
+  auto* d_before =
+      reinterpret_cast<unsigned long long*>(static_cast<char*>(d_work) + compact_counts_bytes(tiles));
   tile_count_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, n, threshold, d_gt, d_eq);
   check_launch("topk tile count kernel", device);
   std::vector<uint32_t> gt(tiles), eq(tiles);
@@ -151,13 +184,11 @@ void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint3
   if (g + (e < ties ? e : ties) != k)
     throw CudaFailure("topk_compact: " + std::to_string(g) + " keys above the threshold and " +
                       std::to_string(e) + " equal to it cannot make k = " + std::to_string(k));
-  Scratch d_before(2 * tiles * sizeof(unsigned long long), device);
-  check(cudaMemcpyAsync(d_before.as<void>(), before.data(), 2 * tiles * sizeof(unsigned long long),
-                        cudaMemcpyHostToDevice, s),
+  check(cudaMemcpyAsync(d_before, before.data(), 2 * tiles * sizeof(unsigned long long), cudaMemcpyHostToDevice,
+                        s),
         "cudaMemcpyAsync", device);
-  tile_write_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(
-      d_v, n, threshold, ties, d_before.as<unsigned long long>(), d_before.as<unsigned long long>() + tiles,
-      d_idx, d_val, k);
+  tile_write_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, n, threshold, ties, d_before,
+                                                                      d_before + tiles, d_idx, d_val, k);
   check_launch("topk tile write kernel", device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
 }

@@ -12,6 +12,7 @@
 // elements in the k-th element's bin (a small fraction for gradient-like data) and the last two
 // radix passes run on them; a final pass compacts. The CUDA path (kernels/compress/topk.cu)
 // histograms on the GPU in three passes and compacts with per-tile prefix sums.
+#include <algorithm>
 #include <array>
 #include <cmath>
 
@@ -31,6 +32,9 @@ struct RadixPass {
   uint32_t shift, bits;
 };
 constexpr std::array<RadixPass, 3> kPasses = {{{20, 11}, {9, 11}, {0, 9}}};
+// kc::topk_workspace_bytes sizes the CUDA histograms for at most kTopKMaxHistogramBits.
+static_assert(std::all_of(kPasses.begin(), kPasses.end(),
+                          [](RadixPass p) { return p.bits <= kc::kTopKMaxHistogramBits; }));
 
 // hist(pass, prefix) -> counts of the 2^bits digit values among the keys whose bits above
 // shift + bits equal prefix. k >= 1 and k <= the number of keys.
@@ -66,12 +70,14 @@ uint64_t topk_k(double fraction, size_t n) {
 class TopKState final : public ResidualState {
  public:
   TopKState(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::TopK, std::move(spec), error_feedback) {}
-  TopKState(const TopKState& other) : ResidualState(other) {}  // without the scratch
+  TopKState(const TopKState& other) : ResidualState(other) {}  // without the scratch buffers
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<TopKState>(*this); }
 
+  // Scratch, kept across encodes (on CUDA, a cudaFree would synchronise the whole device).
   std::vector<float> scratch;   // CPU without error feedback: v (a copy of the gradient)
   kc::DeviceBuffer d_scratch;   // CUDA without error feedback: v
   kc::DeviceBuffer d_out;       // CUDA: indices then values
+  kc::DeviceBuffer d_work;      // CUDA: the kernels' workspace (kc::topk_workspace_bytes)
 };
 
 class TopKCodec final : public ApplyingCodec {
@@ -191,24 +197,30 @@ class TopKCodec final : public ApplyingCodec {
     const size_t n = grad.count;
     const int dev = grad.device_index;
     cuda_call("topk encode", [&] {
+      // Every allocation comes before the first write: unstaged with error feedback, v is the
+      // residual itself, and an encode that throws must leave it as it was (a full device is
+      // the likely failure, and a caller that retries would otherwise add grad twice).
       float* v = s.residual_data();
+      const size_t work = kc::topk_workspace_bytes(n);
+      if (s.d_work.bytes() < work) s.d_work = kc::DeviceBuffer(work, dev);
+      if (s.d_out.bytes() < 8 * k) s.d_out = kc::DeviceBuffer(8 * k, dev);
+      if (v == nullptr && s.d_scratch.bytes() < n * 4) s.d_scratch = kc::DeviceBuffer(n * 4, dev);
       if (v != nullptr) {
         kc::add_async(v, static_cast<const float*>(grad.data), n, dev, stream.handle);
       } else {
-        if (s.d_scratch.bytes() < n * 4) s.d_scratch = kc::DeviceBuffer(n * 4, dev);
         v = s.d_scratch.as<float>();
         kc::copy_async(v, grad.data, n * 4, dev, stream.handle);
       }
       const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
         const RadixPass rp = kPasses[pass];
         std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
-        kc::magnitude_histogram(v, n, rp.shift, rp.bits, prefix, 31 - rp.shift - rp.bits, h.data(), dev,
-                                stream.handle);
+        kc::magnitude_histogram(v, n, rp.shift, rp.bits, prefix, 31 - rp.shift - rp.bits, h.data(),
+                                s.d_work.data(), s.d_work.bytes(), dev, stream.handle);
         return h;
       });
-      if (s.d_out.bytes() < 8 * k) s.d_out = kc::DeviceBuffer(8 * k, dev);
       uint32_t* d_idx = s.d_out.as<uint32_t>();
-      kc::topk_compact(v, n, t.key, t.ties, d_idx, reinterpret_cast<float*>(d_idx + k), k, dev, stream.handle);
+      kc::topk_compact(v, n, t.key, t.ties, d_idx, reinterpret_cast<float*>(d_idx + k), k, s.d_work.data(),
+                       s.d_work.bytes(), dev, stream.handle);
       kc::copy_async(host_out, s.d_out.data(), 8 * k, dev, stream.handle);
       kc::synchronize(dev, stream.handle);
     });
