@@ -40,12 +40,13 @@ CastCounts encode(const float* d_x, uint16_t* d_out, size_t n, int device, void*
   if (n == 0) return result;
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  Scratch counts(2 * sizeof(unsigned long long), device);
-  check(cudaMemsetAsync(counts.as<void>(), 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
-  encode_kernel<kBf16><<<grid_for(n), kThreads, 0, s>>>(d_x, d_out, n, counts.as<unsigned long long>());
+  static_assert(2 * sizeof(unsigned long long) <= kScratchBytes);
+  auto* counts = static_cast<unsigned long long*>(thread_scratch(device));
+  check(cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
+  encode_kernel<kBf16><<<grid_for(n), kThreads, 0, s>>>(d_x, d_out, n, counts);
   check_launch(kBf16 ? "fp32_to_bf16 kernel" : "fp32_to_fp16 kernel", device);
   unsigned long long host[2] = {0, 0};
-  check(cudaMemcpyAsync(host, counts.as<void>(), sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync",
+  check(cudaMemcpyAsync(host, counts, sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync",
         device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
   result.clamped = host[0];

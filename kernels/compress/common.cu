@@ -106,13 +106,12 @@ size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream) {
   if (n == 0) return 0;
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  Scratch first(sizeof(unsigned long long), device);
+  auto* first = static_cast<unsigned long long*>(thread_scratch(device));
   unsigned long long host = n;
-  check(cudaMemcpyAsync(first.as<unsigned long long>(), &host, sizeof host, cudaMemcpyHostToDevice, s),
-        "cudaMemcpyAsync", device);
-  find_nonfinite_kernel<<<grid_for(n), kThreads, 0, s>>>(d_x, n, first.as<unsigned long long>());
+  check(cudaMemcpyAsync(first, &host, sizeof host, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", device);
+  find_nonfinite_kernel<<<grid_for(n), kThreads, 0, s>>>(d_x, n, first);
   check_launch("find_nonfinite kernel", device);
-  check(cudaMemcpyAsync(&host, first.as<unsigned long long>(), sizeof host, cudaMemcpyDeviceToHost, s),
+  check(cudaMemcpyAsync(&host, first, sizeof host, cudaMemcpyDeviceToHost, s),
         "cudaMemcpyAsync", device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
   return static_cast<size_t>(host);

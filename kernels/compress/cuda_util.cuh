@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "api.h"
 
@@ -51,22 +52,27 @@ inline unsigned grid_for(size_t n, unsigned threads = kThreads) {
 
 inline void check_launch(const char* what, int device) { check(cudaGetLastError(), what, device); }
 
-// Small device scratch freed at scope exit (after the caller has synchronised).
-class Scratch {
- public:
-  Scratch(size_t bytes, int device) : device_(device) {
-    check(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), "cudaMalloc (scratch)", device);
-  }
-  ~Scratch() { (void)cudaFree(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  template <typename T>
-  T* as() const { return static_cast<T*>(p_); }
-
- private:
-  void* p_ = nullptr;
-  int device_;
-};
+// Small device memory (kScratchBytes) for the result of one blocking call (the cast encode's
+// counters, the NaN scan's first index), kept per thread and device. A cudaMalloc/cudaFree per
+// call cost more than the kernels themselves on all but large inputs, and cudaFree synchronises
+// the whole device. Each call that uses it synchronises its stream before returning, so one
+// thread's calls never overlap on it. Freed when the thread ends. The device must be current.
+constexpr size_t kScratchBytes = 64;
+inline void* thread_scratch(int device) {
+  struct Cache {
+    std::vector<void*> by_device;
+    ~Cache() {
+      for (void* p : by_device)
+        if (p != nullptr) (void)cudaFree(p);  // at process exit the runtime may be gone: ignored
+    }
+  };
+  thread_local Cache cache;
+  if (device < 0) throw CudaFailure("scratch for cuda:" + std::to_string(device) + ": no such device");
+  if (static_cast<size_t>(device) >= cache.by_device.size()) cache.by_device.resize(size_t(device) + 1, nullptr);
+  void*& p = cache.by_device[size_t(device)];
+  if (p == nullptr) check(cudaMalloc(&p, kScratchBytes), "cudaMalloc (scratch)", device);
+  return p;
+}
 
 __device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
