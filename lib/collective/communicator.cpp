@@ -366,6 +366,10 @@ struct Communicator::Impl {
     std::vector<PeerId> lost = abort && !abort->lost.empty() ? abort->lost : seen;
     failed_quorum = q.quorum_id;
     failed_lost = lost;
+    // A failure of this member's own (a CUDA error, a broken invariant) is not a lost peer: the
+    // others were told above and retry without it; here the error goes to the caller as it is,
+    // not into reduce_step's retries. (fail() runs inside run_op's catch: `throw;` rethrows.)
+    if (e.code() == ErrorCode::Internal) throw;
     std::string first = lost.empty() ? std::string("unknown") : lost.front().fingerprint();
     throw PeerLostError(first, fmt::format("{} on quorum {:x} (step {}) failed; lost: {} ({})", what, q.quorum_id,
                                            q.step, coord::describe_peers(lost), abort ? abort->reason : std::string(e.what())));
@@ -556,14 +560,10 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32
   struct PlainAttempt final : StepAttempt {
     Communicator& comm;
     BufferView gradients;
-    std::vector<uint8_t> original;
-    PlainAttempt(Communicator& c, BufferView g)
-        : comm(c), gradients(g), original(device::host_copy(g, c.options().cuda_stream)) {}
-    void run() override {
-      rollback();
-      comm.allreduce(gradients, ReduceOp::Avg);
-    }
-    void rollback() override { device::copy_from_host(original.data(), gradients, comm.options().cuda_stream); }
+    device::Snapshot original;  // run_step rolls back after every failed attempt, before the next
+    PlainAttempt(Communicator& c, BufferView g) : comm(c), gradients(g), original(g, c.options().cuda_stream) {}
+    void run() override { comm.allreduce(gradients, ReduceOp::Avg); }
+    void rollback() override { original.restore(); }
   } attempt(*this, gradients);
   return run_step(step, attempt, max_attempts);
 }

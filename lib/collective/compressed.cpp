@@ -94,7 +94,7 @@ struct CompressedState::Impl {
   CompressedOptions options;
   std::string codec_config;  // describe() of the codec it is bound to; empty before first use
   size_t count = 0;
-  std::string device;  // where the bound buffer lives (its states' residuals are there too)
+  std::string device;  // where the bound buffer lives (and the member states' residuals, but PowerSGD's)
   MemberSide member;
   OwnerSide owner;
   CompressedTraffic traffic;
@@ -455,16 +455,13 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, const 
     BufferView gradients;
     const compress::Codec& codec;
     CompressedState& state;
-    std::vector<uint8_t> original;
+    device::Snapshot original;  // run_step rolls back after every failed attempt, before the next
     CompressedAttempt(Communicator& c, BufferView g, const compress::Codec& k, CompressedState& s)
-        : comm(c), gradients(g), codec(k), state(s), original(device::host_copy(g, c.options().cuda_stream)) {}
-    void run() override {
-      device::copy_from_host(original.data(), gradients, comm.options().cuda_stream);
-      comm.compressed_attempt(gradients, codec, state, ReduceOp::Avg);
-    }
+        : comm(c), gradients(g), codec(k), state(s), original(g, c.options().cuda_stream) {}
+    void run() override { comm.compressed_attempt(gradients, codec, state, ReduceOp::Avg); }
     void rollback() override {
       state.impl_->discard();
-      device::copy_from_host(original.data(), gradients, comm.options().cuda_stream);
+      original.restore();
     }
     void commit() override { state.impl_->commit(); }
   } attempt(*this, gradients, codec, state);

@@ -62,6 +62,24 @@ size_t find_nonfinite(const BufferView& buffer, CudaStream stream) {
   return compress::detail::find_nonfinite(buffer, stream);
 }
 
+Snapshot::Snapshot(const BufferView& buffer, CudaStream stream) : buffer_(buffer), stream_(stream) {
+  if (!on_cuda(buffer)) {
+    host_ = host_copy(buffer, stream);
+    return;
+  }
+  device_ = cuda_call("allocating a device buffer",
+                      [&] { return kc::DeviceBuffer(buffer.bytes(), buffer.device_index); });
+  copy(device_.data(), buffer.data, buffer.bytes(), buffer, stream, "copying a step's gradients aside on the device");
+}
+
+void Snapshot::restore() const {
+  if (!on_cuda(buffer_)) {
+    copy_from_host(host_.data(), buffer_, stream_);
+    return;
+  }
+  copy(buffer_.data, device_.data(), buffer_.bytes(), buffer_, stream_, "restoring a step's gradients on the device");
+}
+
 Floats::Floats(size_t count, const BufferView& like) : view_{nullptr, count, DType::Float32, like.device, like.device_index} {
   if (on_cuda(like)) {
     device_ = cuda_call("allocating a device buffer",

@@ -30,6 +30,20 @@ float element(const BufferView& buffer, size_t i, CudaStream stream);
 // Index of the first NaN / Inf of an fp32 buffer, or buffer.count.
 size_t find_nonfinite(const BufferView& buffer, CudaStream stream);
 
+// A copy of a buffer's bytes on the buffer's own device (host memory for a CPU buffer), which
+// restore() puts back: reduce_step's inputs for a retry, without a round trip through the host.
+class Snapshot {
+ public:
+  Snapshot(const BufferView& buffer, CudaStream stream);
+  void restore() const;
+
+ private:
+  BufferView buffer_;
+  CudaStream stream_;
+  std::vector<uint8_t> host_;
+  cuda::compress::DeviceBuffer device_;
+};
+
 // `count` fp32 values on `like`'s device: zeros, or a copy of host values.
 class Floats {
  public:

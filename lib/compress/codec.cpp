@@ -321,24 +321,34 @@ void ResidualState::begin_in_place_staged_encode() {
   if (!staging() || !has_residual_ || spec().device != DeviceKind::Cuda) return;
   if (backup_) {
     residual_.assign(*backup_);  // an earlier staged encode changed it: start from the committed one
+  } else if (device_spare_) {
+    backup_ = std::move(device_spare_);  // the buffer of an earlier stage: no allocation
+    device_spare_.reset();
+    backup_->assign(residual_);
   } else {
     backup_.emplace(residual_);
   }
 }
 
+void ResidualState::restore_backup() {
+  if (!backup_) return;
+  std::swap(residual_, *backup_);  // the committed residual back in place
+  device_spare_ = std::move(backup_);
+  backup_.reset();
+}
+
 void ResidualState::commit_staged() {
   if (staging() && staged_result() && has_residual_) {
     if (spec().device != DeviceKind::Cuda) residual_.swap_host(spare_);
+    device_spare_ = std::move(backup_);  // the pending result stays in place; keep the buffer
     backup_.reset();
   }
-  if (backup_) residual_ = std::move(*backup_);  // the last staged encode failed
-  backup_.reset();
+  restore_backup();  // the last staged encode failed
   StateBase::commit_staged();
 }
 
 void ResidualState::discard_staged() {
-  if (backup_) residual_ = std::move(*backup_);
-  backup_.reset();
+  restore_backup();
   StateBase::discard_staged();
 }
 

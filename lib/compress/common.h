@@ -188,6 +188,11 @@ class ResidualState : public StateBase {
   Residual residual_;
   std::vector<float> spare_;
   std::optional<Residual> backup_;  // CUDA staging: the committed residual
+  // CUDA: the buffer the last stage's backup lived in, reused by the next stage (a device
+  // allocation and free per step cost a device-wide synchronisation each).
+  std::optional<Residual> device_spare_;
+  // Puts the committed residual (backup_) back in place; its buffer becomes the spare.
+  void restore_backup();
 };
 
 // Base of the codecs whose decode and decode_accumulate are one routine with an accumulate flag.

@@ -14,14 +14,16 @@
 // --perturb-at: this member adds 1 to its first parameter before STEP (a diverged state).
 //                   [--codec SPEC [--sparse-gather auto|owner|allgather] [--corrupt-at STEP]
 //                    [--shape ROWSxCOLS] [--exchange direct|ring]]
-//                   [--problem random|lsq] [--max-attempts N] [--device cpu|cuda]
+//                   [--problem random|lsq] [--max-attempts N] [--device cpu|cuda [--cuda-stream]]
 //
 // --codec: the compressed all-reduce (reduce_step with a codec). --corrupt-at: at that step
 // this member's payload for the next rank's chunk gets 0xff in its first body bytes.
 // --problem lsq: the gradient is that of the least-squares shard of member `seed`
 // (collective/least_squares.h), at the current parameters.
 // --device cuda: the gradient is reduced from a buffer on CUDA device 0 (copied there before
-// each step and back after it); the parameters stay on the CPU.
+// each step and back after it); the parameters stay on the CPU. The CUDA context is made after
+// the Communicator has announced this member (it can take seconds). --cuda-stream: on a new
+// non-blocking stream (CommunicatorOptions::cuda_stream) instead of the legacy default stream.
 //
 // Output (--out): one line per step:
 //   step S quorum QID attempts A members M contributors HEX,HEX,... result SHA params SHA
@@ -112,9 +114,13 @@ int run(std::map<std::string, std::string>& a) {
   const uint64_t corrupt_at = a.count("--corrupt-at") ? std::stoull(a.at("--corrupt-at")) : 0;
   const std::string device = a.count("--device") ? a.at("--device") : "cpu";
   if (device != "cpu" && device != "cuda") throw InvalidArgumentError("--device " + device + " (cpu, cuda)");
+  const bool own_stream = a.count("--cuda-stream");
+  if (own_stream && device != "cuda") throw InvalidArgumentError("--cuda-stream needs --device cuda");
+  if (own_stream) o.cuda_stream.handle = cuda::compress::stream_create(0);  // never destroyed: the process ends
+  void* const stream = o.cuda_stream.handle;
+  collective::Communicator comm(self, o);
   std::optional<cuda::compress::DeviceBuffer> device_gradient;
   if (device == "cuda") device_gradient.emplace(count * sizeof(float), 0);
-  collective::Communicator comm(self, o);
   if (corrupt_at)
     compressed.payload_hook = [&](uint32_t owner, std::span<uint8_t> payload) {
       const size_t n = comm.quorum().members.size();
@@ -158,7 +164,8 @@ int run(std::map<std::string, std::string>& a) {
     const std::string prefix = a.at("--out") + "." + std::to_string(step);
     BufferView view{g.data(), g.size(), DType::Float32};
     if (device_gradient) {
-      cuda::compress::copy_async(device_gradient->data(), g.data(), count * sizeof(float), 0, nullptr);
+      cuda::compress::copy_async(device_gradient->data(), g.data(), count * sizeof(float), 0, stream);
+      cuda::compress::synchronize(0, stream);
       view = BufferView{device_gradient->data(), count, DType::Float32, DeviceKind::Cuda, 0};
     }
     collective::StepResult r;
@@ -170,8 +177,8 @@ int run(std::map<std::string, std::string>& a) {
       r = comm.reduce_step(step, view, max_attempts);
     }
     if (device_gradient) {
-      cuda::compress::copy_async(g.data(), device_gradient->data(), count * sizeof(float), 0, nullptr);
-      cuda::compress::synchronize(0, nullptr);
+      cuda::compress::copy_async(g.data(), device_gradient->data(), count * sizeof(float), 0, stream);
+      cuda::compress::synchronize(0, stream);
     }
     for (size_t i = 0; i < count; ++i) params[i] -= 0.5f * g[i];
     std::string contributors;
@@ -198,6 +205,10 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const Error& e) {
     std::fprintf(stderr, "collective_peer: %s error: %s\n", error_code_name(e.code()).data(), e.what());
+    if (args.count("--out")) std::ofstream(args.at("--out") + ".error") << e.what() << std::endl;
+    return 4;
+  } catch (const std::exception& e) {  // e.g. a CUDA failure of the test's own copies
+    std::fprintf(stderr, "collective_peer: %s\n", e.what());
     if (args.count("--out")) std::ofstream(args.at("--out") + ".error") << e.what() << std::endl;
     return 4;
   }

@@ -178,8 +178,10 @@ inline void kill_mid_compressed(const std::string& phase, int at = 1, const std:
                                 const std::vector<int>& cuda_peers = {}) {
   const size_t count = 20011;
   const std::string spec = "int8:block_size=128";
+  // CUDA members announce themselves before making their CUDA context, but a slow first
+  // context must not let step 1 form without them (min_peers is 2): a longer grace.
   Job job({.peers = 4, .min_peers = 2, .quorum_timeout_ms = 5000, .heartbeat_timeout_ms = 2000,
-           .capture_output = true});
+           .startup_grace_ms = cuda_peers.empty() ? 2000 : 10000, .capture_output = true});
   job.start_coordinator();
   for (int i = 0; i < 4; ++i) {
     std::vector<std::string> extra = {"--codec", spec, "--exchange", exchange};

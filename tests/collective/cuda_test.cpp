@@ -50,6 +50,16 @@ INSTANTIATE_TEST_SUITE_P(Codecs, CudaCompressedAllreduce,
                                            CodecCase{"topk:fraction=0.05", "allgather", "topk_allgather"}),
                          [](const auto& info) { return info.param.name; });
 
+// The same on a non-blocking stream of the members' own (CommunicatorOptions::cuda_stream).
+TEST(CudaCompressedAllreduceOnAStream, Int8MembersOnTheirOwnStreamsGetTheReferenceBytes) {
+  SKIP_WITHOUT_CUDA();
+  expect_reference_bytes(CodecCase{"int8", "auto", "int8"}, [](int peer) {
+    std::vector<std::string> flags = with_device(peer, {});
+    if (!flags.empty()) flags.push_back("--cuda-stream");
+    return flags;
+  });
+}
+
 // The plain all-reduce stages CUDA buffers through the host: the same bytes on every member,
 // close to the exact average.
 TEST(CudaAllreduce, MixedCpuAndCudaMembersGetIdenticalAverages) {
@@ -85,8 +95,8 @@ TEST(CudaAllreduce, PowerSgdWithCudaMembersIsIdenticalOnAllMembers) {
 }
 
 // A member killed mid-step: CUDA survivors discard their staged device residuals, repartition
-// (4 -> 3 members: the old residual is carried into the gradient on the device) and the retried
-// step is exactly a fresh run from their entry states.
+// (4 -> 3 members: the old residual is summed into the gradient on the host and copied to the
+// device) and the retried step is exactly a fresh run from their entry states.
 TEST(CudaCompressedFaults, PeerKilledWhileSendingToOwnersCudaSurvivorsRetryFromTheirEntryState) {
   SKIP_WITHOUT_CUDA();
   kill_mid_compressed("reduce_scatter", 1, "direct", {0, 1});
