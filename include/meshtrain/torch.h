@@ -100,7 +100,8 @@ class Snapshot {
 
 // The state of `module` (parameters and buffers, recursively) and of `optimizer` (may be null;
 // every parameter it optimizes must be a parameter of `module`) as of now, at `step`. CUDA
-// tensors are copied into pinned host memory here (one device synchronization), so the
+// tensors are copied into pinned host memory here (after the work queued on every stream of
+// their devices, and synchronized once per device after the copies), so the
 // snapshot stays valid while training continues on the GPU; non-contiguous tensors are copied.
 // Throws InvalidArgumentError naming the tensor, parameter or optimizer at fault.
 Snapshot snapshot(const torch::nn::Module& module, const torch::optim::Optimizer* optimizer, uint64_t step,

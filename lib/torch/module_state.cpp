@@ -337,7 +337,7 @@ uint64_t restore_from(const Source& source, torch::nn::Module& module, torch::op
         if (field->counter) {
           *field->counter = host.item<int64_t>();
         } else {
-          *field->tensor = target.param.is_cuda() ? host.to(target.param.device()) : host;
+          *field->tensor = host.to(target.param.device());  // the tensor itself when already there
         }
       }
       state_map[internal::state_key(target.param)] = std::move(state);
@@ -403,16 +403,21 @@ Snapshot snapshot(const torch::nn::Module& module, const torch::optim::Optimizer
   }
   state.metadata["torch.version"] = fmt::format("{}.{}.{}", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
 
-  // Device tensors go to pinned host memory, all copies queued before one synchronization.
+  // Device tensors go to pinned host memory, all copies queued before one synchronization per
+  // device. The copies run on each device's current stream: synchronizing the devices first
+  // orders them after work still queued on other streams (a training step on a side stream).
   auto& held = snap.held_->tensors;
   std::set<c10::DeviceIndex> devices;
+  for (const auto& e : entries) {
+    dtype_of(e.tensor, e.name);  // refuse unsupported dtypes before copying anything
+    if (e.tensor.is_cuda()) devices.insert(e.tensor.device().index());
+  }
+  for (auto device : devices) torch::cuda::synchronize(device);
   for (auto& e : entries) {
     at::Tensor t = e.tensor.detach();
-    dtype_of(t, e.name);  // refuse unsupported dtypes before copying anything
     if (t.is_cuda()) {
       at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
       host.copy_(t, /*non_blocking=*/true);
-      devices.insert(t.device().index());
       t = host;
     } else if (options.copy_cpu_tensors || !t.is_contiguous()) {
       t = t.clone(at::MemoryFormat::Contiguous);

@@ -69,6 +69,8 @@ at::Tensor from_buffer_view(const BufferView& view, std::span<const int64_t> sha
   auto options = at::TensorOptions().dtype(internal::scalar_type_of(view.dtype));
   options = view.device == DeviceKind::Cuda ? options.device(at::kCUDA, static_cast<c10::DeviceIndex>(view.device_index))
                                             : options.device(at::kCPU);
+  // An empty view has no data pointer, which from_blob cannot place on a CUDA device.
+  if (view.count == 0) return at::empty(at::IntArrayRef(shape.data(), shape.size()), options);
   return at::from_blob(view.data, at::IntArrayRef(shape.data(), shape.size()), options);
 }
 

@@ -49,9 +49,7 @@ void expect_bitwise_equal(const at::Tensor& expected, const at::Tensor& actual, 
 
 // Everything a resumed run depends on, compared byte for byte: the snapshots' tensors (module and
 // optimizer state, step counters), metadata (optimizer options, exactly) and blobs (RNG state).
-void expect_same_training_state(const TrainingRun& expected, const TrainingRun& actual) {
-  tg::Snapshot e = tg::snapshot(*expected.model, expected.optimizer.get(), expected.step);
-  tg::Snapshot a = tg::snapshot(*actual.model, actual.optimizer.get(), actual.step);
+void expect_same_snapshot(const tg::Snapshot& e, const tg::Snapshot& a) {
   ASSERT_EQ(e.state().tensors.size(), a.state().tensors.size());
   for (size_t i = 0; i < e.state().tensors.size(); ++i) {
     const auto& et = e.state().tensors[i];
@@ -64,6 +62,11 @@ void expect_same_training_state(const TrainingRun& expected, const TrainingRun& 
   }
   EXPECT_EQ(e.state().metadata, a.state().metadata);
   EXPECT_EQ(e.state().blobs, a.state().blobs);
+}
+
+void expect_same_training_state(const TrainingRun& expected, const TrainingRun& actual) {
+  expect_same_snapshot(tg::snapshot(*expected.model, expected.optimizer.get(), expected.step),
+                       tg::snapshot(*actual.model, actual.optimizer.get(), actual.step));
   for (const auto& [name, p] : items(expected.model->named_parameters()))
     expect_bitwise_equal(p, actual.model->named_parameters()[name], name);
 }
@@ -381,6 +384,9 @@ TEST(TorchCuda, SnapshotCopiesToPinnedMemoryAndRestoresOnGpuAndCpu) {
   }
   tg::Snapshot snap = tg::snapshot(*gpu.model, gpu.optimizer.get(), 3);
   EXPECT_TRUE(snap.state().blobs.count("torch.rng.cuda0"));
+  for (const auto& t : snap.state().tensors)  // all but the optimizer's step counters were on the GPU
+    if (t.buffer.count && !t.name.ends_with("/step"))
+      EXPECT_TRUE(at::globalContext().isPinnedPtr(t.buffer.data)) << t.name << " is not in pinned memory";
   auto at_snapshot = clone_parameters(gpu);
   // Training goes on on the GPU; the snapshot keeps the values of the moment it was taken.
   gpu.model->fc1->weight.data().add_(1.0);
@@ -398,15 +404,38 @@ TEST(TorchCuda, SnapshotCopiesToPinnedMemoryAndRestoresOnGpuAndCpu) {
     EXPECT_TRUE(p.is_cuda()) << name;
     expect_bitwise_equal(at_snapshot.at(name), p, name);
   }
+  ASSERT_EQ(gpu2.optimizer->state().size(), gpu2.model->parameters().size());
   for (const auto& [key, state] : gpu2.optimizer->state()) {
     auto* adam = dynamic_cast<torch::optim::AdamParamState*>(state.get());
     ASSERT_NE(adam, nullptr);
     EXPECT_TRUE(adam->exp_avg().is_cuda());
     EXPECT_EQ(adam->step(), 3);
   }
+  // Everything restored (moments, buffers, options) snapshots to the same bytes again, through
+  // the CUDA snapshot path a second time; RNG blobs aside (restored, then drawn from).
+  tg::Snapshot again = tg::snapshot(*gpu2.model, gpu2.optimizer.get(), 3, tg::SnapshotOptions{.rng = false});
+  tg::Snapshot first = tg::snapshot(*cpu.model, cpu.optimizer.get(), 3, tg::SnapshotOptions{.rng = false});
+  expect_same_snapshot(first, again);
   BufferView v = tg::to_buffer_view(gpu2.model->fc1->weight, "fc1.weight");
   EXPECT_EQ(v.device, DeviceKind::Cuda);
   EXPECT_EQ(v.device_index, 0);
+}
+
+// The snapshot waits for the work queued before it: 50 adds over 256 MiB (~20 ms on an H100)
+// are still running when snapshot() is called; every value must be the final one. (Read the
+// pinned bytes directly: a blocking .cpu() would wait for the stream and hide a missing sync.)
+TEST(TorchCuda, SnapshotWaitsForQueuedWorkAndItsCopies) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: torch::cuda::is_available() is false";
+  torch::nn::Module m;
+  at::Tensor b = m.register_buffer("b", at::zeros({int64_t{1} << 26}, at::TensorOptions().device(at::kCUDA, 0)));
+  for (int i = 0; i < 50; ++i) b.add_(1.0);
+  tg::Snapshot snap = tg::snapshot(m, nullptr, 0, tg::SnapshotOptions{.rng = false});
+  ASSERT_EQ(snap.state().tensors.size(), 1u);
+  const auto* host = static_cast<const float*>(snap.state().tensors[0].buffer.data);
+  const size_t n = snap.state().tensors[0].buffer.count;
+  size_t wrong = 0;
+  for (size_t i = 0; i < n; ++i) wrong += host[i] != 50.0f;
+  EXPECT_EQ(wrong, 0u) << "of " << n << " values";
 }
 
 }  // namespace
