@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <thread>
 
 #include "collective/compressed_reference.h"
 #include "collective/gradient.h"
@@ -100,4 +101,29 @@ TEST(CudaAllreduce, PowerSgdWithCudaMembersIsIdenticalOnAllMembers) {
 TEST(CudaCompressedFaults, PeerKilledWhileSendingToOwnersCudaSurvivorsRetryFromTheirEntryState) {
   SKIP_WITHOUT_CUDA();
   kill_mid_compressed("reduce_scatter", 1, "direct", {0, 1});
+}
+
+// A CUDA member joins at step 5 (int8): it takes the state, adds encoded zeros from a zeroed
+// device buffer with scratch device states in its joining step, and contributes from the next.
+// Every step ends with the same bytes on all its members.
+TEST(CudaCompressedMembership, ACudaJoinerAddsZerosThenContributes) {
+  SKIP_WITHOUT_CUDA();
+  const size_t count = 6007;
+  Job job({.peers = 4, .min_peers = 3, .quorum_timeout_ms = 3000, .capture_output = true});
+  job.start_coordinator();
+  const std::vector<std::string> flags = {"--codec", "int8", "--step-delay-ms", "300"};
+  for (int i = 0; i < 3; ++i) job.start_peer(i, 8, count, with_device(i, flags));
+  for (int tries = 0; tries < 500 && !job.log(0).steps.count(3); ++tries) std::this_thread::sleep_for(20ms);
+  ASSERT_TRUE(job.log(0).steps.count(3));
+  std::vector<std::string> joiner = {"--codec", "int8", "--step-delay-ms", "300", "--join", "--start-step", "5",
+                                     "--device", "cuda"};
+  job.start_peer(3, 4, count, joiner);
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
+  // Its first step is 5, or a later one if making its CUDA context outlasted step 5's quorum.
+  const std::map<uint64_t, StepRecord> joined = job.log(3).steps;
+  ASSERT_FALSE(joined.empty()) << "the joiner took part in no step";
+  const uint64_t first = joined.begin()->first;
+  ASSERT_LT(first, 8u) << "the joiner joined too late to contribute";
+  EXPECT_EQ(ranks_of_step(job, {0, 1, 2, 3}, first).size(), 3u);  // the joiner contributes nothing yet
+  for (uint64_t step = first + 1; step <= 8; ++step) EXPECT_EQ(ranks_of_step(job, {0, 1, 2, 3}, step).size(), 4u);
 }
