@@ -68,7 +68,7 @@ struct CommunicatorOptions {
   // The CUDA stream that buffers on a CUDA device are read and written on (nullptr: the legacy
   // default stream, which is torch's current stream unless the caller switched streams). A
   // collective orders itself after the work already enqueued there and has written its result
-  // when it returns.
+  // when it returns. From torch: c10::cuda::getCurrentCUDAStream().stream().
   compress::CudaStream cuda_stream;
   // Test hook: called at each ring step ("reduce_scatter" or "all_gather", index); may kill the
   // process to inject a fault at a precise point.
