@@ -192,8 +192,9 @@ TEST(CompressedMembership, MeshIsReusedWhileTheMembersStayAndRebuiltWhenTheyChan
   const std::vector<std::string> flags = {"--codec", "int8", "--step-delay-ms", "300"};
   for (int i = 0; i < 3; ++i) job.start_peer(i, 8, count, flags);
   job.start_peer(3, 4, count, flags);  // steps 1-4, then leaves
-  for (int tries = 0; tries < 300 && !job.log(0).steps.count(3); ++tries) std::this_thread::sleep_for(20ms);
-  ASSERT_TRUE(job.log(0).steps.count(3));
+  // The joiner must be connected before the others ask for step 5: start it after step 1.
+  for (int tries = 0; tries < 300 && !job.log(0).steps.count(1); ++tries) std::this_thread::sleep_for(20ms);
+  ASSERT_TRUE(job.log(0).steps.count(1));
   std::vector<std::string> joiner = flags;
   joiner.insert(joiner.end(), {"--join", "--start-step", "5"});
   job.start_peer(4, 4, count, joiner);
