@@ -113,8 +113,10 @@ TEST(CudaCompressedMembership, ACudaJoinerAddsZerosThenContributes) {
   job.start_coordinator();
   const std::vector<std::string> flags = {"--codec", "int8", "--step-delay-ms", "300"};
   for (int i = 0; i < 3; ++i) job.start_peer(i, 8, count, with_device(i, flags));
-  for (int tries = 0; tries < 500 && !job.log(0).steps.count(3); ++tries) std::this_thread::sleep_for(20ms);
-  ASSERT_TRUE(job.log(0).steps.count(3));
+  // Started once the others are past step 1: time to connect and make its CUDA context before
+  // they ask for step 5 (if it is later, it joins at a later step: see below).
+  for (int tries = 0; tries < 500 && !job.log(0).steps.count(1); ++tries) std::this_thread::sleep_for(20ms);
+  ASSERT_TRUE(job.log(0).steps.count(1));
   std::vector<std::string> joiner = {"--codec", "int8", "--step-delay-ms", "300", "--join", "--start-step", "5",
                                      "--device", "cuda"};
   job.start_peer(3, 4, count, joiner);
