@@ -281,7 +281,7 @@ TEST_F(CoordinatorTest, FailureReportAbortsTheAttemptAndTheRetryGetsANewId) {
   // with everyone who asked, under a new id. Member 2 asks first: once member 1 has asked,
   // the retry no longer waits for member 2, which was reported lost.
   member(2).request(7, true, q.quorum_id, {});
-  std::this_thread::sleep_for(200ms);
+  std::this_thread::sleep_for(500ms);  // its request must be in before member 1's (a loaded CI box)
   member(1).request(7, true, q.quorum_id, {member(2).id()});
   Quorum retry = member(0).expect_quorum();
   EXPECT_EQ(member(1).expect_quorum().quorum_id, retry.quorum_id);
@@ -386,8 +386,9 @@ TEST_F(CoordinatorTest, SilentMemberIsDroppedAndNotWaitedFor) {
   for (size_t i = 0; i < 3; ++i) member(i).request(1);
   for (size_t i = 0; i < 3; ++i) member(i).expect_quorum();
   PeerId gone = member(2).id();
-  disconnect(2);  // no more heartbeats
+  // t0 before the disconnect: a stall between the two must not shorten the measured wait.
   auto t0 = Clock::now();
+  disconnect(2);  // no more heartbeats
   member(0).request(2);
   member(1).request(2);
   Quorum q = member(0).expect_quorum(8s);
