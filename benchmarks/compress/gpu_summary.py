@@ -37,7 +37,8 @@ def main(argv):
     for r in bench + torch_records:
         if "skipped" in r:
             print(f"skipped: {r['skipped']}")
-    cuda = [r for r in bench if "codec" in r and str(r.get("device", "")).startswith("cuda")]
+    # Codec records only (gpu-check.sh later appends the all-reduce's records to the same file).
+    cuda = [r for r in bench if "ratio_vs_memcpy" in r and str(r.get("device", "")).startswith("cuda")]
     if cuda:
         print(f"device: {cuda[0]['device']}; fp32 bytes per call: {cuda[0]['bytes']}")
         print(f"{'codec':36} {'op':26} {'ms':>8} {'GB/s':>8} {'copy':>8} {'ratio':>6}  target")
