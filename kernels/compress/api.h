@@ -55,6 +55,30 @@ class DeviceBuffer {
   int device_ = 0;
 };
 
+// Stream-ordered device memory (cudaMallocAsync / cudaFreeAsync on `stream`), not zero-filled:
+// for a temporary that work on that stream uses, such as a payload copied up to be decoded. No
+// device-wide synchronisation on allocation or free (cudaFree has one, and DeviceBuffer's zero
+// fill waits for the legacy stream, i.e. for a training step's kernels). Move-only; the free is
+// enqueued on the stream, after the work that uses the memory.
+class StreamBuffer {
+ public:
+  StreamBuffer(size_t bytes, int device, void* stream);  // throws CudaFailure
+  ~StreamBuffer();
+  StreamBuffer(StreamBuffer&& other) noexcept;
+  StreamBuffer& operator=(StreamBuffer&&) = delete;
+  StreamBuffer(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(const StreamBuffer&) = delete;
+
+  void* data() const noexcept { return data_; }
+  template <typename T>
+  T* as() const noexcept { return static_cast<T*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+  int device_ = 0;
+  void* stream_ = nullptr;
+};
+
 // A new non-blocking stream on `device` (for tests and benchmarks), and its destruction.
 void* stream_create(int device);
 void stream_destroy(void* stream, int device) noexcept;

@@ -31,6 +31,24 @@ DeviceBuffer::~DeviceBuffer() {
   if (previous != device_) (void)cudaSetDevice(previous);
 }
 
+StreamBuffer::StreamBuffer(size_t bytes, int device, void* stream) : device_(device), stream_(stream) {
+  DeviceGuard guard(device);
+  check(cudaMallocAsync(&data_, std::max<size_t>(bytes, 1), as_stream(stream)), "cudaMallocAsync", device);
+}
+
+StreamBuffer::~StreamBuffer() {
+  if (data_ == nullptr) return;
+  int previous = 0;
+  if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) (void)cudaSetDevice(device_);
+  (void)cudaFreeAsync(data_, as_stream(stream_));
+  if (previous != device_) (void)cudaSetDevice(previous);
+}
+
+StreamBuffer::StreamBuffer(StreamBuffer&& other) noexcept
+    : data_(other.data_), device_(other.device_), stream_(other.stream_) {
+  other.data_ = nullptr;
+}
+
 DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
     : data_(other.data_), bytes_(other.bytes_), device_(other.device_) {
   other.data_ = nullptr;

@@ -29,6 +29,13 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   return *this;
 }
 
+StreamBuffer::StreamBuffer(size_t, int, void*) { unavailable("StreamBuffer"); }
+StreamBuffer::~StreamBuffer() = default;
+StreamBuffer::StreamBuffer(StreamBuffer&& other) noexcept
+    : data_(other.data_), device_(other.device_), stream_(other.stream_) {
+  other.data_ = nullptr;
+}
+
 void* stream_create(int) { unavailable("stream_create"); }
 void stream_destroy(void*, int) noexcept {}
 void copy_async(void*, const void*, size_t, int, void*) { unavailable("copy_async"); }

@@ -386,9 +386,9 @@ void require_finite_bytes(CodecId codec, std::string_view what, const uint8_t* p
                                    codec_name(codec), what, i, n, load<float>(p, i)));
 }
 
-kc::DeviceBuffer upload(std::span<const uint8_t> bytes, int device, CudaStream stream) {
+kc::StreamBuffer upload(std::span<const uint8_t> bytes, int device, CudaStream stream) {
   return cuda_call("copying a payload to the device", [&] {
-    kc::DeviceBuffer b(std::max<size_t>(bytes.size(), 1), device);
+    kc::StreamBuffer b(bytes.size(), device, stream.handle);
     kc::copy_async(b.data(), bytes.data(), bytes.size(), device, stream.handle);
     return b;
   });

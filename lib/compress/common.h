@@ -219,7 +219,8 @@ size_t find_nonfinite_bytes(const uint8_t* p, size_t n);
 // Throws CorruptError when the n fp32 values at p (what: "value", "scale") are not all finite.
 void require_finite_bytes(CodecId codec, std::string_view what, const uint8_t* p, size_t n);
 
-// A device copy of host bytes (for decoding into a CUDA buffer); enqueued on the stream.
-kc::DeviceBuffer upload(std::span<const uint8_t> bytes, int device, CudaStream stream);
+// A device copy of host bytes (for decoding into a CUDA buffer), in stream-ordered memory;
+// enqueued on the stream.
+kc::StreamBuffer upload(std::span<const uint8_t> bytes, int device, CudaStream stream);
 
 }  // namespace meshtrain::compress::detail
