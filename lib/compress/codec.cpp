@@ -299,7 +299,7 @@ void Residual::swap_host(std::vector<float>& other) {
   host_.swap(other);
 }
 
-void Residual::assign(const Residual& other) {
+void Residual::assign(const Residual& other, CudaStream stream) {
   if (count_ != other.count_ || device_ != other.device_)
     throw InternalError("residual assign: residuals of different size or device");
   if (device_ != DeviceKind::Cuda) {
@@ -307,8 +307,8 @@ void Residual::assign(const Residual& other) {
     return;
   }
   cuda_call("restoring an error-feedback residual", [&] {
-    kc::copy_async(buffer_.data(), other.buffer_.data(), count_ * sizeof(float), buffer_.device(), nullptr);
-    kc::synchronize(buffer_.device(), nullptr);
+    kc::copy_async(buffer_.data(), other.buffer_.data(), count_ * sizeof(float), buffer_.device(), stream.handle);
+    kc::synchronize(buffer_.device(), stream.handle);
   });
 }
 
@@ -317,14 +317,14 @@ void ResidualState::stage() {
   StateBase::stage();
 }
 
-void ResidualState::begin_in_place_staged_encode() {
+void ResidualState::begin_in_place_staged_encode(CudaStream stream) {
   if (!staging() || !has_residual_ || spec().device != DeviceKind::Cuda) return;
   if (backup_) {
-    residual_.assign(*backup_);  // an earlier staged encode changed it: start from the committed one
+    residual_.assign(*backup_, stream);  // an earlier staged encode changed it: start from the committed one
   } else if (device_spare_) {
     backup_ = std::move(device_spare_);  // the buffer of an earlier stage: no allocation
     device_spare_.reset();
-    backup_->assign(residual_);
+    backup_->assign(residual_, stream);
   } else {
     backup_.emplace(residual_);
   }

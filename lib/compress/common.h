@@ -135,7 +135,9 @@ class Residual {
   // writes the next residual into `other` and swaps it in once nothing can fail any more.
   void swap_host(std::vector<float>& other);
   // Copies `other` (same size and device) into this residual's memory.
-  void assign(const Residual& other);
+  // Copies `other` (same size and device) into this residual's memory; a device copy runs on
+  // `stream` (the encode's, so that it does not wait for the legacy stream's work).
+  void assign(const Residual& other, CudaStream stream = {});
 
  private:
   size_t count_ = 0;
@@ -175,7 +177,7 @@ class ResidualState : public StateBase {
   void swap_residual() { residual_.swap_host(spare_); }
   // CUDA with a residual, while staging: keeps (or restores) a copy of the committed residual
   // so that the encode may update residual_data() in place.
-  void begin_in_place_staged_encode();
+  void begin_in_place_staged_encode(CudaStream stream);
 
   void stage() override;
   void commit_staged() override;

@@ -235,7 +235,7 @@ class Int8Codec final : public ApplyingCodec {
         grad.device == DeviceKind::Cpu && residual != nullptr && block <= kChunk && (s.encoded || staged);
     if (grad.device == DeviceKind::Cuda || (residual != nullptr && !double_buffered))
       reject_nonfinite(id(), grad, stream);
-    if (staged && grad.device == DeviceKind::Cuda) s.begin_in_place_staged_encode();
+    if (staged && grad.device == DeviceKind::Cuda) s.begin_in_place_staged_encode(stream);
     if (staged && !double_buffered && grad.device == DeviceKind::Cpu) {
       // Blocks over kChunk: the in-place loop on a copy, which becomes the pending residual.
       std::vector<float>& pending = s.spare();

@@ -118,7 +118,7 @@ class TopKCodec final : public ApplyingCodec {
     uint8_t* idx = out.data() + kPayloadHeaderBytes;
     uint8_t* val = idx + 4 * k;
     if (n > 0 && grad.device == DeviceKind::Cuda) {
-      s.begin_in_place_staged_encode();
+      s.begin_in_place_staged_encode(stream);
       encode_cuda(grad, s, k, idx, stream);
     } else if (n > 0) {
       encode_cpu(static_cast<const float*>(grad.data), n, s, k, idx, val);
