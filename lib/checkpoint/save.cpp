@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -47,6 +49,35 @@ void add_segment(const Segment& s, std::vector<iovec>& iov, crypto::Sha256& hash
     left -= n;
   }
 }
+
+// Copies the block's segments (zeros for padding) into `out` and hashes them from there.
+void gather_segment(const Segment& s, uint8_t* out, crypto::Sha256& hash) {
+  if (s.data)
+    std::memcpy(out, s.data, static_cast<size_t>(s.length));
+  else
+    std::memset(out, 0, static_cast<size_t>(s.length));
+  hash.update({out, static_cast<size_t>(s.length)});
+}
+
+// One O_DIRECT write of a whole aligned block. False when the filesystem refuses it after all
+// (EINVAL: an alignment it wants bigger than 4 KiB): the caller writes through the page cache.
+bool pwrite_direct(int fd, const uint8_t* data, size_t size, uint64_t offset, const fs::path& path) {
+  while (size > 0) {
+    ssize_t n = ::pwrite(fd, data, size, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EINVAL) return false;
+      throw_io_error(fmt::format("writing {} at byte {}", path.string(), offset), errno);
+    }
+    if (n == 0) throw IoError(fmt::format("writing {} at byte {}: no progress", path.string(), offset), EIO);
+    data += n;
+    size -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return true;
+}
+
+constexpr uint64_t kDirectAlignment = 4096;
 
 // Runs `work(thread_index)` on `threads` threads (the caller's included) while the caller also
 // logs progress every `interval`: progress() returns the line to log. Rethrows the first error.
@@ -124,9 +155,21 @@ ShardRecord write_shard(const fs::path& dir, const SaveJob& job, const SaveOptio
   std::atomic<uint64_t> next{0}, blocks_done{0}, bytes_done{0};
   std::atomic<bool> stop{false};
   const int fd = f.get();
+  // Whole 4 KiB-aligned blocks go to the disk with O_DIRECT from a bounce buffer per thread, so
+  // the disk writes while other blocks are hashed. Through the page cache they all reached the
+  // disk only at the final fsync (a 1 GiB shard stays below the kernel's background writeback
+  // threshold), after the hashing: a save took about the dd baseline plus the hashing. The
+  // tail block, and filesystems without O_DIRECT (tmpfs), go through the page cache.
+  File direct;
+  if (block % kDirectAlignment == 0) {
+    int dfd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
+    if (dfd >= 0) direct = File(dfd);
+  }
+  std::atomic<bool> use_direct{static_cast<bool>(direct)};
   auto work = [&](uint32_t) {
     std::vector<Segment> segments;
     std::vector<iovec> iov;
+    std::unique_ptr<uint8_t, decltype(&std::free)> bounce(nullptr, &std::free);
     while (!stop) {
       uint64_t k = next++;
       if (k >= nblocks) break;
@@ -134,10 +177,35 @@ ShardRecord write_shard(const fs::path& dir, const SaveJob& job, const SaveOptio
       ByteRange b{range.begin + k * block, std::min(range.begin + (k + 1) * block, range.end)};
       job.source->segments(b, segments);
       crypto::Sha256 hash;
+      const uint64_t offset = b.begin - range.begin;
+      if (use_direct && b.size() % kDirectAlignment == 0) {
+        if (!bounce) {
+          bounce.reset(static_cast<uint8_t*>(std::aligned_alloc(kDirectAlignment, block)));  // block: 4 KiB multiple
+          if (!bounce) throw std::bad_alloc();
+        }
+        uint8_t* p = bounce.get();
+        for (const auto& s : segments) {
+          gather_segment(s, p, hash);
+          p += s.length;
+        }
+        digests[k] = hash.finish();
+        if (pwrite_direct(direct.get(), bounce.get(), b.size(), offset, path)) {
+          bytes_done += b.size();
+          uint64_t done = ++blocks_done;
+          if (o.after_block) o.after_block(done, nblocks);
+          continue;
+        }
+        use_direct = false;  // refused: this block and the rest through the page cache
+        pwrite_all(fd, bounce.get(), b.size(), offset, path);
+        bytes_done += b.size();
+        uint64_t done = ++blocks_done;
+        if (o.after_block) o.after_block(done, nblocks);
+        continue;
+      }
       iov.clear();
       for (const auto& s : segments) add_segment(s, iov, hash);
       digests[k] = hash.finish();
-      pwritev_all(fd, iov, b.begin - range.begin, path);
+      pwritev_all(fd, iov, offset, path);
       bytes_done += b.size();
       uint64_t done = ++blocks_done;
       if (o.after_block) o.after_block(done, nblocks);
@@ -150,7 +218,8 @@ ShardRecord write_shard(const fs::path& dir, const SaveJob& job, const SaveOptio
               gbps(bytes_done, s));
   };
   run_workers(threads, work, o.progress_interval, progress, stop);
-  fsync_fd(fd, path);
+  fsync_fd(fd, path);  // also flushes the disk's cache for the O_DIRECT writes
+  if (direct) direct.close(path.string());
   f.close(path.string());
 
   ShardRecord record;
