@@ -45,6 +45,10 @@ class File {
 
 // open(2) that throws IoError "<what> <path>: <strerror>" with errno.
 File open_file(const fs::path& path, int flags, std::string_view what, mode_t mode = 0644);
+// O_DIRECT reads and writes: buffer, file offset and length multiples of this (EINVAL from a
+// filesystem that wants more sends the caller back to the page cache).
+inline constexpr uint64_t kDirectAlignment = 4096;
+
 // Writes everything at `offset`, looping over short writes and EINTR.
 void pwrite_all(int fd, const void* data, size_t size, uint64_t offset, const fs::path& path);
 void pwritev_all(int fd, std::vector<iovec>& iov, uint64_t offset, const fs::path& path);

@@ -79,7 +79,6 @@ struct OpenShard {
   File direct;
 };
 
-constexpr uint64_t kDirectAlignment = 4096;
 
 std::string where(const fs::path& dir, const ShardInfo& s) {
   return fmt::format("checkpoint {}: shard file {} (written by rank {}, global bytes [{}, {}))", dir.string(), s.file,

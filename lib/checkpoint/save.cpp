@@ -59,26 +59,6 @@ void gather_segment(const Segment& s, uint8_t* out, crypto::Sha256& hash) {
   hash.update({out, static_cast<size_t>(s.length)});
 }
 
-// One O_DIRECT write of a whole aligned block. False when the filesystem refuses it after all
-// (EINVAL: an alignment it wants bigger than 4 KiB): the caller writes through the page cache.
-bool pwrite_direct(int fd, const uint8_t* data, size_t size, uint64_t offset, const fs::path& path) {
-  while (size > 0) {
-    ssize_t n = ::pwrite(fd, data, size, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EINVAL) return false;
-      throw_io_error(fmt::format("writing {} at byte {}", path.string(), offset), errno);
-    }
-    if (n == 0) throw IoError(fmt::format("writing {} at byte {}: no progress", path.string(), offset), EIO);
-    data += n;
-    size -= static_cast<size_t>(n);
-    offset += static_cast<uint64_t>(n);
-  }
-  return true;
-}
-
-constexpr uint64_t kDirectAlignment = 4096;
-
 // Runs `work(thread_index)` on `threads` threads (the caller's included) while the caller also
 // logs progress every `interval`: progress() returns the line to log. Rethrows the first error.
 template <typename Work, typename Progress>
@@ -189,23 +169,19 @@ ShardRecord write_shard(const fs::path& dir, const SaveJob& job, const SaveOptio
           p += s.length;
         }
         digests[k] = hash.finish();
-        if (pwrite_direct(direct.get(), bounce.get(), b.size(), offset, path)) {
-          bytes_done += b.size();
-          uint64_t done = ++blocks_done;
-          if (o.after_block) o.after_block(done, nblocks);
-          continue;
+        try {
+          pwrite_all(direct.get(), bounce.get(), b.size(), offset, path);
+        } catch (const IoError& e) {
+          if (e.errno_value() != EINVAL) throw;
+          use_direct = false;  // a stricter O_DIRECT alignment: this block and the rest through the page cache
+          pwrite_all(fd, bounce.get(), b.size(), offset, path);
         }
-        use_direct = false;  // refused: this block and the rest through the page cache
-        pwrite_all(fd, bounce.get(), b.size(), offset, path);
-        bytes_done += b.size();
-        uint64_t done = ++blocks_done;
-        if (o.after_block) o.after_block(done, nblocks);
-        continue;
+      } else {
+        iov.clear();
+        for (const auto& s : segments) add_segment(s, iov, hash);
+        digests[k] = hash.finish();
+        pwritev_all(fd, iov, offset, path);
       }
-      iov.clear();
-      for (const auto& s : segments) add_segment(s, iov, hash);
-      digests[k] = hash.finish();
-      pwritev_all(fd, iov, offset, path);
       bytes_done += b.size();
       uint64_t done = ++blocks_done;
       if (o.after_block) o.after_block(done, nblocks);
