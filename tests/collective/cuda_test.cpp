@@ -10,17 +10,12 @@
 #include "collective/compressed_reference.h"
 #include "collective/gradient.h"
 #include "collective/job.h"
-#include "kernels/runtime.h"
 #include "meshtrain/compress.h"
+#include "support/cuda_skip.h"
 
 using namespace meshtrain;
 using namespace meshtrain::test_support;
 using namespace std::chrono_literals;
-
-#define SKIP_WITHOUT_CUDA()                                                                   \
-  do {                                                                                        \
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::runtime_description(); \
-  } while (0)
 
 namespace {
 
@@ -37,7 +32,7 @@ class CudaCompressedAllreduce : public ::testing::TestWithParam<CodecCase> {};
 // member's residual after step 3 is the reference's (error feedback kept on the device is fed
 // exactly once a step, like the CPU's). compressed_reference.h has the checks.
 TEST_P(CudaCompressedAllreduce, MixedCpuAndCudaMembersGetTheReferenceBytes) {
-  SKIP_WITHOUT_CUDA();
+  SKIP_WITHOUT_GPU();
   expect_reference_bytes(GetParam(), [](int peer) { return with_device(peer, {}); });
 }
 
@@ -53,7 +48,7 @@ INSTANTIATE_TEST_SUITE_P(Codecs, CudaCompressedAllreduce,
 
 // The same on a non-blocking stream of the members' own (CommunicatorOptions::cuda_stream).
 TEST(CudaCompressedAllreduceOnAStream, Int8MembersOnTheirOwnStreamsGetTheReferenceBytes) {
-  SKIP_WITHOUT_CUDA();
+  SKIP_WITHOUT_GPU();
   expect_reference_bytes(CodecCase{"int8", "auto", "int8"}, [](int peer) {
     std::vector<std::string> flags = with_device(peer, {});
     if (!flags.empty()) flags.push_back("--cuda-stream");
@@ -64,7 +59,7 @@ TEST(CudaCompressedAllreduceOnAStream, Int8MembersOnTheirOwnStreamsGetTheReferen
 // The plain all-reduce stages CUDA buffers through the host: the same bytes on every member,
 // close to the exact average.
 TEST(CudaAllreduce, MixedCpuAndCudaMembersGetIdenticalAverages) {
-  SKIP_WITHOUT_CUDA();
+  SKIP_WITHOUT_GPU();
   const size_t count = 100003;
   Job job({.peers = 3, .min_peers = 3});
   job.start_coordinator();
@@ -86,7 +81,7 @@ TEST(CudaAllreduce, MixedCpuAndCudaMembersGetIdenticalAverages) {
 
 // PowerSGD stages CUDA buffers through the host: the same bytes on every member.
 TEST(CudaAllreduce, PowerSgdWithCudaMembersIsIdenticalOnAllMembers) {
-  SKIP_WITHOUT_CUDA();
+  SKIP_WITHOUT_GPU();
   Job job({.peers = 4, .min_peers = 4});
   job.start_coordinator();
   for (int i = 0; i < 4; ++i)
@@ -99,7 +94,7 @@ TEST(CudaAllreduce, PowerSgdWithCudaMembersIsIdenticalOnAllMembers) {
 // (4 -> 3 members: the old residual is summed into the gradient on the host and copied to the
 // device) and the retried step is exactly a fresh run from their entry states.
 TEST(CudaCompressedFaults, PeerKilledWhileSendingToOwnersCudaSurvivorsRetryFromTheirEntryState) {
-  SKIP_WITHOUT_CUDA();
+  SKIP_WITHOUT_GPU();
   kill_mid_compressed("reduce_scatter", 1, "direct", {0, 1});
 }
 
@@ -107,7 +102,7 @@ TEST(CudaCompressedFaults, PeerKilledWhileSendingToOwnersCudaSurvivorsRetryFromT
 // device buffer with scratch device states in its joining step, and contributes from the next.
 // Every step ends with the same bytes on all its members.
 TEST(CudaCompressedMembership, ACudaJoinerAddsZerosThenContributes) {
-  SKIP_WITHOUT_CUDA();
+  SKIP_WITHOUT_GPU();
   const size_t count = 6007;
   Job job({.peers = 4, .min_peers = 3, .quorum_timeout_ms = 3000, .capture_output = true});
   job.start_coordinator();

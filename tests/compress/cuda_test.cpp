@@ -9,7 +9,7 @@
 #include "compress/helpers.h"
 #include "kernels/compress/api.h"
 #include "kernels/compress/codec_math.h"
-#include "kernels/runtime.h"
+#include "support/cuda_skip.h"
 
 using namespace meshtrain;
 using namespace meshtrain::compress;
@@ -17,11 +17,6 @@ using namespace meshtrain::compress::testing;
 namespace kc = meshtrain::cuda::compress;
 
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                                        \
-  do {                                                                                          \
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::runtime_description(); \
-  } while (0)
 
 // A device copy of a host vector, on device 0, used through `stream`.
 class DeviceVector {
