@@ -43,12 +43,6 @@ void copy_from_host(const void* host, const BufferView& buffer, CudaStream strea
   copy(buffer.data, host, buffer.bytes(), buffer, stream, "copying a collective's result to the device");
 }
 
-std::vector<uint8_t> host_copy(const BufferView& buffer, CudaStream stream) {
-  std::vector<uint8_t> bytes(buffer.bytes());
-  copy_to_host(buffer, bytes.data(), stream);
-  return bytes;
-}
-
 float element(const BufferView& buffer, size_t i, CudaStream stream) {
   BufferView one = buffer;
   one.data = static_cast<float*>(buffer.data) + i;
@@ -64,7 +58,8 @@ size_t find_nonfinite(const BufferView& buffer, CudaStream stream) {
 
 Snapshot::Snapshot(const BufferView& buffer, CudaStream stream) : buffer_(buffer), stream_(stream) {
   if (!on_cuda(buffer)) {
-    host_ = host_copy(buffer, stream);
+    host_.resize(buffer.bytes());
+    copy_to_host(buffer, host_.data(), stream);
     return;
   }
   device_ = cuda_call("allocating a device buffer",

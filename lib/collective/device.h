@@ -23,7 +23,6 @@ void require_supported(std::string_view op, const BufferView& buffer);
 // Copies all of `buffer`'s bytes to / from host memory; blocks until done.
 void copy_to_host(const BufferView& buffer, void* host, CudaStream stream);
 void copy_from_host(const void* host, const BufferView& buffer, CudaStream stream);
-std::vector<uint8_t> host_copy(const BufferView& buffer, CudaStream stream);
 
 // Element i of an fp32 buffer (for error messages).
 float element(const BufferView& buffer, size_t i, CudaStream stream);
