@@ -9,6 +9,19 @@ namespace math = meshtrain::compress::math;
 
 bool available() noexcept { return true; }
 
+namespace {
+
+// Frees device memory with `device` current, for destructors: errors are ignored.
+template <typename Free>
+void free_on(int device, Free free) noexcept {
+  int previous = 0;
+  if (cudaGetDevice(&previous) == cudaSuccess && previous != device) (void)cudaSetDevice(device);
+  free();
+  if (previous != device) (void)cudaSetDevice(previous);
+}
+
+}  // namespace
+
 DeviceBuffer::DeviceBuffer(size_t bytes, int device) : bytes_(bytes), device_(device) {
   DeviceGuard guard(device);
   check(cudaMalloc(&data_, std::max<size_t>(bytes, 1)), "cudaMalloc", device);
@@ -24,11 +37,7 @@ DeviceBuffer::DeviceBuffer(size_t bytes, int device) : bytes_(bytes), device_(de
 }
 
 DeviceBuffer::~DeviceBuffer() {
-  if (data_ == nullptr) return;
-  int previous = 0;
-  if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) (void)cudaSetDevice(device_);
-  (void)cudaFree(data_);
-  if (previous != device_) (void)cudaSetDevice(previous);
+  if (data_ != nullptr) free_on(device_, [&] { (void)cudaFree(data_); });
 }
 
 StreamBuffer::StreamBuffer(size_t bytes, int device, void* stream) : device_(device), stream_(stream) {
@@ -37,11 +46,7 @@ StreamBuffer::StreamBuffer(size_t bytes, int device, void* stream) : device_(dev
 }
 
 StreamBuffer::~StreamBuffer() {
-  if (data_ == nullptr) return;
-  int previous = 0;
-  if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) (void)cudaSetDevice(device_);
-  (void)cudaFreeAsync(data_, as_stream(stream_));
-  if (previous != device_) (void)cudaSetDevice(previous);
+  if (data_ != nullptr) free_on(device_, [&] { (void)cudaFreeAsync(data_, as_stream(stream_)); });
 }
 
 StreamBuffer::StreamBuffer(StreamBuffer&& other) noexcept
