@@ -402,9 +402,10 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
   try {
     // A joiner adds zeros through a scratch state; its own keeps its residual and takes the
     // step's q as its next warm start (powersgd_adopt_q), like the contributors' states.
+    auto own_state = [&] { return st.member.states.empty() ? codec.make_state(spec) : st.member.states[0]->clone(); };
     MemberSide m;
     m.chunks = 1;
-    m.states.push_back(contributes && !st.member.states.empty() ? st.member.states[0]->clone() : codec.make_state(spec));
+    m.states.push_back(contributes ? own_state() : codec.make_state(spec));
     compress::CodecState& s = *m.states[0];
     const compress::LowRankShape shape = compress::powersgd_shape(s);
     CompressedTraffic traffic;
@@ -434,7 +435,7 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       if (!contributes) {
         MemberSide kept;
         kept.chunks = 1;
-        kept.states.push_back(st.member.states.empty() ? codec.make_state(spec) : st.member.states[0]->clone());
+        kept.states.push_back(own_state());
         compress::powersgd_adopt_q(*kept.states[0], q);
         st.pending_member = std::move(kept);
       }
