@@ -4,7 +4,7 @@
 #
 #   run(command="bash scripts/gpu-check.sh", carry=[".gpu-debs"], timeout_s=600)
 #
-# Stages, each under `timeout` and all under one deadline (9 minutes), each going on to the next
+# Stages, each under `timeout` and all under one deadline (9.5 minutes), each going on to the next
 # when one fails: the environment (nvidia-smi, torch), the Debian deps of .gpu-debs, configure
 # build-gpu (CUDA ON for sm_90, torch from python3's torch.utils.cmake_prefix_path; again with
 # torch OFF if that configure fails), build what the checks need, `ctest -L cuda`, the GPU
@@ -43,7 +43,7 @@ done
 jobs=$(nproc 2>/dev/null || echo 4)
 
 start=$(date +%s)
-if [ $dry = 1 ]; then deadline=$((start + 4 * 3600)); scale=12; else deadline=$((start + 540)); scale=1; fi
+if [ $dry = 1 ]; then deadline=$((start + 4 * 3600)); scale=12; else deadline=$((start + 570)); scale=1; fi
 printf 'stage\trc\tseconds\tnote\n' > "$out/stages.tsv"
 
 # stage NAME MAX_SECONDS LOG COMMAND...: runs COMMAND under timeout (MAX_SECONDS x scale, at most
@@ -163,12 +163,26 @@ for codec in int8 fp16; do
 done
 grep '^{"impl"' "$out/build.log" >> "$out/bench-gpu.jsonl"
 
+# 9. With what time is left: compute-sanitizer over the codec kernels' test (memcheck: out-of-bounds
+# and misaligned accesses, leaks; racecheck: shared-memory hazards of the int8 and top-k kernels).
+# Its report goes to ctest-cuda.log.
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ $dry = 0 ] && [ -x "$sanitizer" ]; then
+  stage memcheck 150 "$out/ctest-cuda.log" "$sanitizer" --tool memcheck --leak-check full --error-exitcode 3 \
+    "$build/tests/compress/compress_cuda_test"
+  stage racecheck 120 "$out/ctest-cuda.log" "$sanitizer" --tool racecheck --error-exitcode 3 \
+    "$build/tests/compress/compress_cuda_test" --gtest_filter='*int8*:*Int8*:*topk*:*TopK*'
+else
+  printf 'sanitizer\tskipped\t0\t%s\n' "$([ $dry = 1 ] && echo 'dry run' || echo "no $sanitizer")" >> "$out/stages.tsv"
+fi
+
 echo
 echo "== stages (total $(($(date +%s) - start)) s; dry run: $dry)"
 column -t -s $'\t' "$out/stages.tsv" 2>/dev/null || cat "$out/stages.tsv"
 echo "== ctest -L cuda ($(grep -c '(Skipped)' "$out/ctest-cuda.log" 2>/dev/null || echo 0) skipped)"
 grep -E "tests passed|\((Failed|Timeout|SEGFAULT|Subprocess aborted)\)|Not Run" "$out/ctest-cuda.log" | head -12
 grep -m1 -E "Skipped|skipped" "$out/ctest-cuda.log" | head -1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY" "$out/ctest-cuda.log" | head -6
 grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$out/torch-cuda.log" 2>/dev/null | head -5
 echo "== summary"
 cat "$out/summary.txt" 2>/dev/null
