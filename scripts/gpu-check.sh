@@ -104,6 +104,28 @@ configure=(cmake -S . -B "$build" -G "$generator" -DCMAKE_BUILD_TYPE=RelWithDebI
   -DMESHTRAIN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc_path"
   -DCMAKE_PREFIX_PATH="${torch_prefix:+$torch_prefix;}${CMAKE_PREFIX_PATH:-}"
   -DPython3_EXECUTABLE="$(command -v python3)" -DMESHTRAIN_TESTS=ON -DMESHTRAIN_BENCHMARKS=ON)
+# A CUDA build made on the development machine and carried along (scripts/gpu-prebuild.sh), so
+# that the device's minutes go to the checks: used when it is there and its binaries load.
+# The CUDA runtime of the toolkit that compiled the carried build (the same CUDA 13.0 as nvcc's here).
+cuda_home=$(dirname "$(dirname "$nvcc_path")")
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$cuda_home/lib64:$cuda_home/lib"
+prebuilt=${PREBUILT:-build-gpucarry}
+cuda_build=$build
+if [ -f "$prebuilt/CTestTestfile.cmake" ] && [ -x "$prebuilt/tests/compress/compress_cuda_test" ]; then
+  prebuilt_loads() {  # every carried binary finds its libraries here (ldd), or the device builds
+    local f missing=0
+    for f in "$prebuilt"/tests/*/*_test "$prebuilt"/tests/*/*_peer "$prebuilt"/benchmarks/*/meshtrain-bench*; do
+      [ -x "$f" ] || continue
+      echo "$f"; ldd "$f" | grep -E 'not found|meshtrain|capnp|zmq|cudart'
+      ldd "$f" | grep -q 'not found' && missing=1
+    done
+    return $missing
+  }
+  export prebuilt; export -f prebuilt_loads
+  stage prebuilt_loads 20 "$out/build.log" bash -c prebuilt_loads && cuda_build=$prebuilt
+fi
+
+configure_here() {
 torch=OFF
 if [ -n "$torch_prefix" ]; then
   torch=ON
@@ -115,19 +137,24 @@ else
   echo "== python3 has no torch: configuring without it" >> "$out/build.log"
   stage configure 150 "$out/build.log" "${configure[@]}" -DMESHTRAIN_TORCH=OFF
 fi
+}
 
-# 4. Build what the GPU checks need: the cuda-labelled tests (codec kernels against the CPU;
-# collectives with members on CUDA buffers) and the benchmark (torch later).
-stage build 300 "$out/build.log" cmake --build "$build" -j"$jobs" \
-  --target compress_cuda_test cuda_runtime_test collective_cuda_test meshtrain-bench-compress
+# 4. Build what the GPU checks need, unless carried: the cuda-labelled tests (codec kernels
+# against the CPU; collectives with members on CUDA buffers) and the benchmarks (torch later).
+configured=0
+if [ "$cuda_build" = "$build" ]; then
+  configure_here; configured=1
+  stage build 300 "$out/build.log" cmake --build "$build" -j"$jobs" \
+    --target compress_cuda_test cuda_runtime_test collective_cuda_test meshtrain-bench-compress meshtrain-bench
+fi
 
 # 5. The CUDA tests (on a host without a GPU they skip with the runtime's reason).
 stage ctest_cuda 150 "$out/ctest-cuda.log" \
-  ctest --test-dir "$build" -L cuda --output-on-failure --timeout 120 -j8
+  ctest --test-dir "$cuda_build" -L cuda --output-on-failure --timeout 120 -j8
 
 # 6. Benchmarks: kernels alone against a device-to-device copy of the same 256 MiB, whole codec
 # calls, and top-k of 1% of 64M elements (error feedback off: the selection alone).
-stage bench_gpu 150 "$out/bench-gpu.jsonl" "$build/benchmarks/compress/meshtrain-bench-compress" \
+stage bench_gpu 150 "$out/bench-gpu.jsonl" "$cuda_build/benchmarks/compress/meshtrain-bench-compress" \
   --device cuda --bytes 268435456 --repeats 9 --codec fp16 --codec bf16 --codec int8 \
   --codec int8:error_feedback=off --codec topk:fraction=0.01 --codec topk:fraction=0.01,error_feedback=off
 stage torch_topk 90 "$out/torch-topk.jsonl" python3 benchmarks/compress/torch_topk.py \
@@ -136,6 +163,7 @@ stage summary 20 "$out/summary.txt" python3 benchmarks/compress/gpu_summary.py \
   "$out/bench-gpu.jsonl" "$out/torch-topk.jsonl"
 
 # 7. The torch glue and its CUDA checkpoint test (snapshot to pinned memory, restore on GPU).
+[ $configured = 1 ] || configure_here
 if [ $torch = ON ]; then
   stage build_torch 240 "$out/build.log" cmake --build "$build" -j"$jobs" --target torch_test
   stage torch_cuda 120 "$out/torch-cuda.log" "$build/tests/torch/torch_test" --gtest_filter='TorchCuda.*'
@@ -148,16 +176,15 @@ fi
 # on more cores than workers, which the 2-core development VM cannot offer, then the compressed
 # all-reduce of CUDA buffers. Progress goes to build.log; the JSON records (gloo's, meshtrain's)
 # are appended to bench-gpu.jsonl.
-stage build_allreduce 120 "$out/build.log" cmake --build "$build" -j"$jobs" --target meshtrain-bench
 for peers in 4 8; do
-  stage "allreduce_${peers}" 60 "$out/build.log" "$build/benchmarks/allreduce/meshtrain-bench" allreduce \
+  stage "allreduce_${peers}" 60 "$out/build.log" "$cuda_build/benchmarks/allreduce/meshtrain-bench" allreduce \
     --peers $peers --size 64MiB --repeats 5 --baseline gloo --python "$(command -v python3)"
 done
 # The compressed all-reduce with the gradients on the GPU (the codecs' kernels encode and
 # decode; 4 workers share the one device) against the same command with CPU buffers.
 for codec in int8 fp16; do
   for device in cuda cpu; do
-    stage "compressed_${codec}_${device}" 60 "$out/build.log" "$build/benchmarks/allreduce/meshtrain-bench" allreduce \
+    stage "compressed_${codec}_${device}" 60 "$out/build.log" "$cuda_build/benchmarks/allreduce/meshtrain-bench" allreduce \
       --peers 4 --size 64MiB --repeats 5 --codec $codec --device $device
   done
 done
@@ -169,9 +196,9 @@ grep '^{"impl"' "$out/build.log" >> "$out/bench-gpu.jsonl"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ $dry = 0 ] && [ -x "$sanitizer" ]; then
   stage memcheck 150 "$out/ctest-cuda.log" "$sanitizer" --tool memcheck --leak-check full --error-exitcode 3 \
-    "$build/tests/compress/compress_cuda_test"
+    "$cuda_build/tests/compress/compress_cuda_test"
   stage racecheck 120 "$out/ctest-cuda.log" "$sanitizer" --tool racecheck --error-exitcode 3 \
-    "$build/tests/compress/compress_cuda_test" --gtest_filter='*int8*:*Int8*:*topk*:*TopK*'
+    "$cuda_build/tests/compress/compress_cuda_test" --gtest_filter='*int8*:*Int8*:*topk*:*TopK*'
 else
   printf 'sanitizer\tskipped\t0\t%s\n' "$([ $dry = 1 ] && echo 'dry run' || echo "no $sanitizer")" >> "$out/stages.tsv"
 fi
