@@ -24,10 +24,12 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 dry=0
+quick=0  # --quick: the CUDA tests, kernel benchmarks and sanitizers only (no torch, no all-reduce), within 4 minutes
 for arg in "$@"; do
   case $arg in
     --dry-run) dry=1 ;;
-    *) echo "usage: bash scripts/gpu-check.sh [--dry-run]   (env: BUILD_DIR, default build-gpu; OUT)" >&2; exit 2 ;;
+    --quick) quick=1 ;;
+    *) echo "usage: bash scripts/gpu-check.sh [--dry-run] [--quick]   (env: BUILD_DIR, default build-gpu; OUT)" >&2; exit 2 ;;
   esac
 done
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -43,7 +45,7 @@ done
 jobs=$(nproc 2>/dev/null || echo 4)
 
 start=$(date +%s)
-if [ $dry = 1 ]; then deadline=$((start + 4 * 3600)); scale=12; else deadline=$((start + 570)); scale=1; fi
+if [ $dry = 1 ]; then deadline=$((start + 4 * 3600)); scale=12; else deadline=$((start + (quick ? 200 : 570))); scale=1; fi
 printf 'stage\trc\tseconds\tnote\n' > "$out/stages.tsv"
 
 # stage NAME MAX_SECONDS LOG COMMAND...: runs COMMAND under timeout (MAX_SECONDS x scale, at most
@@ -163,8 +165,10 @@ stage summary 20 "$out/summary.txt" python3 benchmarks/compress/gpu_summary.py \
   "$out/bench-gpu.jsonl" "$out/torch-topk.jsonl"
 
 # 7. The torch glue and its CUDA checkpoint test (snapshot to pinned memory, restore on GPU).
-[ $configured = 1 ] || configure_here
-if [ $torch = ON ]; then
+[ $quick = 1 ] || [ $configured = 1 ] || configure_here
+if [ $quick = 1 ]; then
+  printf 'torch_cuda\tskipped\t0\t--quick\n' >> "$out/stages.tsv"
+elif [ $torch = ON ]; then
   stage build_torch 240 "$out/build.log" cmake --build "$build" -j"$jobs" --target torch_test
   stage torch_cuda 120 "$out/torch-cuda.log" "$build/tests/torch/torch_test" --gtest_filter='TorchCuda.*'
 else
@@ -176,13 +180,15 @@ fi
 # on more cores than workers, which the 2-core development VM cannot offer, then the compressed
 # all-reduce of CUDA buffers. Progress goes to build.log; the JSON records (gloo's, meshtrain's)
 # are appended to bench-gpu.jsonl.
-for peers in 4 8; do
+[ $quick = 1 ] && allreduce_peers="" || allreduce_peers="4 8"
+for peers in $allreduce_peers; do
   stage "allreduce_${peers}" 60 "$out/build.log" "$cuda_build/benchmarks/allreduce/meshtrain-bench" allreduce \
     --peers $peers --size 64MiB --repeats 5 --baseline gloo --python "$(command -v python3)"
 done
 # The compressed all-reduce with the gradients on the GPU (the codecs' kernels encode and
 # decode; 4 workers share the one device) against the same command with CPU buffers.
-for codec in int8 fp16; do
+[ $quick = 1 ] && compressed_codecs="" || compressed_codecs="int8 fp16"
+for codec in $compressed_codecs; do
   for device in cuda cpu; do
     stage "compressed_${codec}_${device}" 60 "$out/build.log" "$cuda_build/benchmarks/allreduce/meshtrain-bench" allreduce \
       --peers 4 --size 64MiB --repeats 5 --codec $codec --device $device

@@ -7,7 +7,8 @@ Usage: gpu_summary.py BENCH.jsonl TORCH_TOPK.jsonl
   TORCH_TOPK.jsonl  benchmarks/compress/torch_topk.py records
 
 Targets: fp16/bf16/int8 encode and decode kernels at least 0.80 of a device-to-device copy of
-the same fp32 bytes measured in the same run (ratio_vs_memcpy); the top-k codec's encode of 1%
+the same fp32 bytes measured in the same run (ratio_vs_memcpy; int8's encode without error
+feedback, since with it the kernel moves 13 bytes per element against the copy's 8); the top-k codec's encode of 1%
 (error feedback off: selection alone) at least 3x faster than torch.topk of |x| in the same
 machine session. Prints a table; a missing or skipped input is reported, never an error.
 """
@@ -45,8 +46,15 @@ def main(argv):
         for r in cuda:
             kernel = r["op"].endswith("_kernel")
             target = ""
-            if kernel and r["codec"] in ("fp16", "bf16", "int8") and "accumulate" not in r["op"]:
+            # int8's encode with error feedback moves 13 bytes per element (x, residual in and
+            # out, q) against the copy's 8: its ratio cannot pass 8/13; the target is read on the
+            # kernel without it, which moves 5 (fp16's moves 6).
+            if kernel and "accumulate" not in r["op"] and (
+                    r["codec"] in ("fp16", "bf16", "int8:error_feedback=off")
+                    or (r["codec"] == "int8" and r["op"] == "decode_kernel")):
                 target = ">= 0.80: " + ("met" if r["ratio_vs_memcpy"] >= 0.80 else "NOT met")
+            elif kernel and r["codec"] == "int8" and r["op"] == "encode_kernel":
+                target = f"error feedback: {r['ratio_vs_memcpy'] / (8 / 13):.2f} of its 8/13 ceiling"
             print(f"{r['codec']:36} {r['op']:26} {r['median_ms']:8.3f} {r['GBps']:8.1f} "
                   f"{r['memcpy_GBps']:8.1f} {r['ratio_vs_memcpy']:6.2f}  {target}")
     ours = {r["codec"]: r for r in cuda if r["op"] == "encode" and r["codec"].startswith("topk")}

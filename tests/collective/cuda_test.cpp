@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "collective/compressed_reference.h"
+#include "collective/consistent_step.h"
 #include "collective/gradient.h"
 #include "collective/job.h"
 #include "meshtrain/compress.h"
@@ -65,18 +66,7 @@ TEST(CudaAllreduce, MixedCpuAndCudaMembersGetIdenticalAverages) {
   job.start_coordinator();
   for (int i = 0; i < 3; ++i) job.start_peer(i, 2, count, with_device(i, {}));
   for (int i = 0; i < 3; ++i) ASSERT_EQ(job.peer(i).wait(60s), 0) << "peer " << i;
-  for (uint64_t step = 1; step <= 2; ++step) {
-    ASSERT_EQ(ranks_of_step(job, {0, 1, 2}, step).size(), 3u);
-    std::vector<float> got = job.result(1, step);
-    ASSERT_EQ(got.size(), count);
-    double worst = 0;
-    for (size_t k = 0; k < count; ++k) {
-      double avg = 0;
-      for (int i = 0; i < 3; ++i) avg += gradient(Job::seed(i), step, count)[k] / 3.0;
-      worst = std::max(worst, std::abs(got[k] - avg));
-    }
-    EXPECT_LT(worst, 1e-5) << "step " << step;
-  }
+  for (uint64_t step = 1; step <= 2; ++step) expect_consistent_step(job, {0, 1, 2}, step, count, 3);
 }
 
 // PowerSGD stages CUDA buffers through the host: the same bytes on every member.

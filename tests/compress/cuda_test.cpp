@@ -69,8 +69,14 @@ void PrintTo(const Case& c, std::ostream* os) {
 std::vector<Case> cases() {
   std::vector<std::vector<size_t>> shapes = {{1}, {7}, {31}, {255}, {256}, {257}, {1000}, {4097},
                                              {65537}, {(1u << 20) + 3}, {37, 53}, {300, 129}};
+  // The int8 block sizes that take the warp-per-block kernel (128, 256, 512, 1024) besides the
+  // default, with each rounding and error feedback off, against the CPU.
+  std::vector<std::string> specs = all_codec_specs();
+  for (const char* warp_kernel_spec : {"int8:block_size=128,rounding=stochastic,seed=5",
+                                       "int8:block_size=512,error_feedback=off", "int8:block_size=1024"})
+    specs.push_back(warp_kernel_spec);
   std::vector<Case> out;
-  for (const auto& spec : all_codec_specs())
+  for (const auto& spec : specs)
     for (const auto& shape : shapes) out.push_back({spec, shape});
   return out;
 }
@@ -184,6 +190,31 @@ TEST(CudaInt8, TinyBlocksAndDecayingResidualsMatchTheCpu) {
       std::vector<uint8_t> gpu(codec->encoded_bytes(n));
       codec->encode(d.view(), *gpu_state, gpu, stream.get());
       ASSERT_EQ(encode(*codec, x, *cpu_state), gpu) << "step " << step;
+      expect_same_bits(cpu_state->residual(), gpu_state->residual(), "residual at step " + std::to_string(step));
+    }
+  }
+}
+
+// A gradient that is not 16-byte aligned (a view one element into a buffer) takes the one-block-
+// per-quantization-block kernel instead of the warp kernel's 16-byte loads: the same bytes.
+TEST(CudaInt8, UnalignedGradientMatchesTheCpu) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  const size_t n = 100003;
+  for (const char* spec : {"int8", "int8:rounding=stochastic,seed=4,error_feedback=off"}) {
+    SCOPED_TRACE(spec);
+    auto codec = make_codec(spec);
+    auto cpu_state = codec->make_state(TensorSpec::flat(n));
+    auto gpu_state = codec->make_state(TensorSpec::flat(n, DeviceKind::Cuda, 0));
+    for (uint64_t step = 0; step < 2; ++step) {
+      auto grad = random_gradient(n + 1, 77 + step);
+      DeviceVector d(grad, stream.raw());
+      BufferView unaligned = d.view();
+      unaligned.data = static_cast<float*>(unaligned.data) + 1;
+      unaligned.count = n;
+      std::vector<uint8_t> gpu(codec->encoded_bytes(n));
+      codec->encode(unaligned, *gpu_state, gpu, stream.get());
+      ASSERT_EQ(encode(*codec, std::vector<float>(grad.begin() + 1, grad.end()), *cpu_state), gpu) << "step " << step;
       expect_same_bits(cpu_state->residual(), gpu_state->residual(), "residual at step " + std::to_string(step));
     }
   }
