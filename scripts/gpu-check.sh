@@ -194,7 +194,16 @@ for codec in $compressed_codecs; do
       --peers 4 --size 64MiB --repeats 5 --codec $codec --device $device
   done
 done
-grep '^{"impl"' "$out/build.log" >> "$out/bench-gpu.jsonl"
+
+# The checkpoint benchmark on this host's disk (issue 5: save and load against a dd-style
+# sequential write and a cold read of the same 1 GiB, as root so it can drop the page cache).
+if [ -x "$cuda_build/benchmarks/checkpoint/checkpoint_bench" ]; then
+  stage checkpoint_bench 90 "$out/build.log" env MESHTRAIN_LOG=warn \
+    "$cuda_build/benchmarks/checkpoint/checkpoint_bench" --repeats 3
+else
+  printf 'checkpoint_bench\tskipped\t0\tnot built\n' >> "$out/stages.tsv"
+fi
+grep -E '^\{"(impl|bench)"' "$out/build.log" >> "$out/bench-gpu.jsonl"
 
 # 9. With what time is left: compute-sanitizer over the codec kernels' test (memcheck: out-of-bounds
 # and misaligned accesses, leaks; racecheck: shared-memory hazards of the int8 and top-k kernels).

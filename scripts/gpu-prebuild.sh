@@ -19,7 +19,7 @@ cmake -S . -B "$dir" -G "$generator" -DCMAKE_BUILD_TYPE=Release -DMESHTRAIN_CUDA
   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" \
   -DMESHTRAIN_TORCH=OFF -DMESHTRAIN_TESTS=ON -DMESHTRAIN_BENCHMARKS=ON -DPython3_EXECUTABLE=/usr/bin/python3
 cmake --build "$dir" -j"$(nproc)" --target compress_cuda_test cuda_runtime_test collective_cuda_test \
-  meshtrain-bench-compress meshtrain-bench
+  meshtrain-bench-compress meshtrain-bench checkpoint_bench
 # Object files and dependency logs stay here: a later run of this script rebuilds them.
 find "$dir" -name '*.o' -delete
 rm -f "$dir/.ninja_deps" "$dir/.ninja_log"

@@ -11,6 +11,7 @@
 // "ratio_vs_memcpy", "device", "repeats"}. Without a GPU, --device cuda prints one record
 // {"device": "cuda", "skipped": "<the CUDA runtime's reason>"} and exits 0.
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -20,6 +21,7 @@
 
 #include "benchmarks/compress/cases.h"
 #include "kernels/compress/api.h"
+#include "kernels/compress/codec_math.h"
 #include "kernels/runtime.h"
 
 using namespace meshtrain;
@@ -164,6 +166,64 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         }));
       }
       print_record(k.codec, k.op, bytes, k.payload, median(times), median(copies), device, repeats);
+    }
+  }
+  // Top-k of 1% by phases, as the codec's encode without error feedback runs them (radix passes
+  // of 11, 11 and 9 bits: lib/compress/topk.cpp), on device buffers: where its time goes, and
+  // the selection alone (select_kernel: indices and values on the device, as torch.topk leaves
+  // them) beside the whole encode, which also copies the payload to host memory.
+  {
+    const uint64_t k = static_cast<uint64_t>(std::ceil(0.01 * static_cast<double>(count)));
+    std::vector<uint32_t> keys(count);
+    for (size_t i = 0; i < count; ++i) keys[i] = meshtrain::compress::math::magnitude_key(host[i]);
+    std::nth_element(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(k - 1), keys.end(), std::greater<>());
+    const uint32_t threshold = keys[k - 1];
+    uint64_t above = 0;
+    for (size_t i = 0; i < count; ++i) above += meshtrain::compress::math::magnitude_key(host[i]) > threshold;
+    const uint64_t ties = k - above;
+    kc::DeviceBuffer work(kc::topk_workspace_bytes(count), 0), out(8 * k, 0);
+    std::vector<uint64_t> hist(size_t(1) << kc::kTopKMaxHistogramBits);
+    std::vector<uint8_t> payload(8 * k);
+    prefault(payload);
+    const float* v = x.as<float>();
+    auto pass = [&](uint32_t shift, uint32_t bits) {
+      kc::magnitude_histogram(v, count, shift, bits, threshold >> (shift + bits), 31 - shift - bits, hist.data(),
+                              work.data(), work.bytes(), 0, s);
+    };
+    auto compact = [&] {
+      kc::topk_compact(v, nullptr, count, threshold, ties, out.as<uint32_t>(),
+                       reinterpret_cast<float*>(out.as<uint32_t>() + k), k, work.data(), work.bytes(), 0, s);
+    };
+    struct Phase {
+      const char* op;
+      std::function<void()> run;
+    };
+    const std::vector<Phase> phases = {
+        {"select_histogram_pass1", [&] { pass(20, 11); }},
+        {"select_histogram_pass2", [&] { pass(9, 11); }},
+        {"select_histogram_pass3", [&] { pass(0, 9); }},
+        {"select_compact", compact},
+        {"select_kernel",
+         [&] {
+           pass(20, 11);
+           pass(9, 11);
+           pass(0, 9);
+           compact();
+         }},
+        {"payload_to_host", [&] {
+           kc::copy_async(payload.data(), out.data(), 8 * k, 0, s);
+           kc::synchronize(0, s);
+         }},
+    };
+    for (const auto& phase : phases) {
+      phase.run();
+      std::vector<double> times, copies;
+      for (int i = 0; i < repeats; ++i) {
+        copies.push_back(d2d());
+        times.push_back(seconds(phase.run));
+      }
+      print_record("topk:fraction=0.01,error_feedback=off", phase.op, bytes, 8 * k, median(times), median(copies),
+                   device, repeats);
     }
   }
   // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).

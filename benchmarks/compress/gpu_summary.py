@@ -8,9 +8,11 @@ Usage: gpu_summary.py BENCH.jsonl TORCH_TOPK.jsonl
 
 Targets: fp16/bf16/int8 encode and decode kernels at least 0.80 of a device-to-device copy of
 the same fp32 bytes measured in the same run (ratio_vs_memcpy; int8's encode without error
-feedback, since with it the kernel moves 13 bytes per element against the copy's 8); the top-k codec's encode of 1%
-(error feedback off: selection alone) at least 3x faster than torch.topk of |x| in the same
-machine session. Prints a table; a missing or skipped input is reported, never an error.
+feedback, since with it the kernel moves 13 bytes per element against the copy's 8); the top-k
+selection of 1% (error feedback off; select_kernel: indices and values left on the device, as
+torch.topk leaves them; the whole encode, which also copies the payload to host memory, is
+printed beside it) at least 3x faster than torch.topk of |x| in the same machine session.
+Prints a table; a missing or skipped input is reported, never an error.
 """
 import json
 import sys
@@ -67,9 +69,21 @@ def main(argv):
         for op, r in theirs.items():
             print(f"  torch     {op:40}        {r['median_ms']:8.3f} ms")
         base = theirs["topk_abs_unsorted"]["median_ms"]
-        speedup = base / selection["median_ms"]
-        print(f"  speedup vs torch.topk(|x|, k, sorted=False): {speedup:.2f}x  target >= 3: "
-              + ("met" if speedup >= 3 else "NOT met"))
+        phases = {r["op"]: r for r in cuda if r["codec"] == "topk:fraction=0.01,error_feedback=off"
+                  and r["op"].startswith(("select_", "payload_"))}
+        for op, r in phases.items():
+            print(f"  meshtrain {op:40}        {r['median_ms']:8.3f} ms")
+        print(f"  whole encode (payload in host memory) vs torch.topk(|x|, k, sorted=False): "
+              f"{base / selection['median_ms']:.2f}x")
+        # The target's comparison: the selection with its output on the device, as torch.topk's.
+        if "select_kernel" in phases:
+            speedup = base / phases["select_kernel"]["median_ms"]
+            print(f"  selection on the device (select_kernel) vs torch.topk: {speedup:.2f}x  target >= 3: "
+                  + ("met" if speedup >= 3 else "NOT met"))
+        else:
+            speedup = base / selection["median_ms"]
+            print(f"  speedup vs torch.topk(|x|, k, sorted=False): {speedup:.2f}x  target >= 3: "
+                  + ("met" if speedup >= 3 else "NOT met"))
         if "topk_payload" in theirs:
             print(f"  vs the same payload built with torch: {theirs['topk_payload']['median_ms'] / selection['median_ms']:.2f}x")
     else:

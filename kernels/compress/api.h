@@ -136,10 +136,11 @@ void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bi
                          uint32_t prefix, uint32_t prefix_bits, uint64_t* h_hist, void* d_work,
                          size_t work_bytes, int device, void* stream);
 // Selects every i with key_i > threshold and the first `ties` (in index order) with
-// key_i == threshold; writes them in index order to d_idx / d_val (k = count of them) and sets
-// those d_v[i] = 0 (what is sent leaves the residual). Blocks.
-void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx,
-                  float* d_val, uint64_t k, void* d_work, size_t work_bytes, int device,
+// key_i == threshold; writes them in index order to d_idx / d_val (k = count of them) and, when
+// d_clear is not null, sets those d_clear[i] = 0 (what is sent leaves the residual: d_clear is
+// d_v with error feedback; without it nothing is written back, so d_v can be the gradient). Blocks.
+void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold, uint64_t ties,
+                  uint32_t* d_idx, float* d_val, uint64_t k, void* d_work, size_t work_bytes, int device,
                   void* stream);
 // d_out[d_idx[j]] += d_val[j] for j < k (indices distinct, validated by the caller). Enqueues.
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device,

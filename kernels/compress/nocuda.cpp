@@ -59,8 +59,8 @@ void magnitude_histogram(const float*, size_t, uint32_t, uint32_t, uint32_t, uin
                          size_t, int, void*) {
   unavailable("magnitude_histogram");
 }
-void topk_compact(float*, size_t, uint32_t, uint64_t, uint32_t*, float*, uint64_t, void*, size_t, int,
-                  void*) {
+void topk_compact(const float*, float*, size_t, uint32_t, uint64_t, uint32_t*, float*, uint64_t, void*, size_t,
+                  int, void*) {
   unavailable("topk_compact");
 }
 void scatter_add(const uint32_t*, const float*, uint64_t, float*, int, void*) { unavailable("scatter_add"); }

@@ -55,7 +55,7 @@ __global__ void tile_count_kernel(const float* v, size_t n, uint32_t threshold, 
   }
 }
 
-__global__ void tile_write_kernel(float* v, size_t n, uint32_t threshold, unsigned long long ties,
+__global__ void tile_write_kernel(const float* v, float* clear, size_t n, uint32_t threshold, unsigned long long ties,
                                   const unsigned long long* gt_before_tile,
                                   const unsigned long long* eq_before_tile, uint32_t* idx, float* val,
                                   unsigned long long k) {
@@ -90,7 +90,7 @@ __global__ void tile_write_kernel(float* v, size_t n, uint32_t threshold, unsign
         idx[pos] = static_cast<uint32_t>(i);
         val[pos] = v[i];
       }
-      v[i] = 0.0f;
+      if (clear) clear[i] = 0.0f;
     }
     gt_before += chunk_gt;
     eq_before += chunk_eq;
@@ -156,8 +156,8 @@ void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bi
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
 }
 
-void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx, float* d_val,
-                  uint64_t k, void* d_work, size_t work_bytes, int device, void* stream) {
+void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold, uint64_t ties, uint32_t* d_idx,
+                  float* d_val, uint64_t k, void* d_work, size_t work_bytes, int device, void* stream) {
   if (n == 0) return;
   require_work("topk_compact", d_work, work_bytes, compact_work_bytes(n));
   DeviceGuard guard(device);
@@ -187,7 +187,7 @@ void topk_compact(float* d_v, size_t n, uint32_t threshold, uint64_t ties, uint3
   check(cudaMemcpyAsync(d_before, before.data(), 2 * tiles * sizeof(unsigned long long), cudaMemcpyHostToDevice,
                         s),
         "cudaMemcpyAsync", device);
-  tile_write_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, n, threshold, ties, d_before,
+  tile_write_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, d_clear, n, threshold, ties, d_before,
                                                                       d_before + tiles, d_idx, d_val, k);
   check_launch("topk tile write kernel", device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);

@@ -75,7 +75,6 @@ class TopKState final : public ResidualState {
 
   // Scratch, kept across encodes (on CUDA, a cudaFree would synchronise the whole device).
   std::vector<float> scratch;   // CPU without error feedback: v (a copy of the gradient)
-  kc::DeviceBuffer d_scratch;   // CUDA without error feedback: v
   kc::DeviceBuffer d_out;       // CUDA: indices then values
   kc::DeviceBuffer d_work;      // CUDA: the kernels' workspace (kc::topk_workspace_bytes)
 };
@@ -200,17 +199,13 @@ class TopKCodec final : public ApplyingCodec {
       // Every allocation comes before the first write: unstaged with error feedback, v is the
       // residual itself, and an encode that throws must leave it as it was (a full device is
       // the likely failure, and a caller that retries would otherwise add grad twice).
-      float* v = s.residual_data();
+      // Without error feedback the selection reads the gradient itself and writes nothing back.
+      float* residual = s.residual_data();
+      const float* v = residual ? residual : static_cast<const float*>(grad.data);
       const size_t work = kc::topk_workspace_bytes(n);
       if (s.d_work.bytes() < work) s.d_work = kc::DeviceBuffer(work, dev);
       if (s.d_out.bytes() < 8 * k) s.d_out = kc::DeviceBuffer(8 * k, dev);
-      if (v == nullptr && s.d_scratch.bytes() < n * 4) s.d_scratch = kc::DeviceBuffer(n * 4, dev);
-      if (v != nullptr) {
-        kc::add_async(v, static_cast<const float*>(grad.data), n, dev, stream.handle);
-      } else {
-        v = s.d_scratch.as<float>();
-        kc::copy_async(v, grad.data, n * 4, dev, stream.handle);
-      }
+      if (residual != nullptr) kc::add_async(residual, static_cast<const float*>(grad.data), n, dev, stream.handle);
       const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
         const RadixPass rp = kPasses[pass];
         std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
@@ -219,7 +214,7 @@ class TopKCodec final : public ApplyingCodec {
         return h;
       });
       uint32_t* d_idx = s.d_out.as<uint32_t>();
-      kc::topk_compact(v, n, t.key, t.ties, d_idx, reinterpret_cast<float*>(d_idx + k), k, s.d_work.data(),
+      kc::topk_compact(v, residual, n, t.key, t.ties, d_idx, reinterpret_cast<float*>(d_idx + k), k, s.d_work.data(),
                        s.d_work.bytes(), dev, stream.handle);
       kc::copy_async(host_out, s.d_out.data(), 8 * k, dev, stream.handle);
       kc::synchronize(dev, stream.handle);
