@@ -2,6 +2,7 @@
 // block verified against its SHA-256 before its bytes are handed out; verify().
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>

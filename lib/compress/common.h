@@ -18,7 +18,9 @@
 // the loader picks one per CPU (GCC function multiversioning): the library stays runnable on
 // any x86-64 while using 32-byte vectors where they exist (fp16 encode: ~2x). FMA contraction
 // stays off (-ffp-contract=off), so both clones round identically.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+// GCC only: Clang has the attribute but not on function templates (cast.cpp's loops are ones),
+// so a Clang build gets the baseline loops alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define MT_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
