@@ -186,13 +186,14 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     std::vector<uint8_t> payload(8 * k);
     prefault(payload);
     const float* v = x.as<float>();
-    auto pass = [&](uint32_t shift, uint32_t bits) {
+    auto pass = [&](uint32_t shift, uint32_t bits, bool aggregated = false) {
       kc::magnitude_histogram(v, count, shift, bits, threshold >> (shift + bits), 31 - shift - bits, hist.data(),
-                              work.data(), work.bytes(), 0, s);
+                              work.data(), work.bytes(), 0, s, aggregated);
     };
-    auto compact = [&] {
+    auto compact = [&](bool device_scan = false) {
       kc::topk_compact(v, nullptr, count, threshold, ties, out.as<uint32_t>(),
-                       reinterpret_cast<float*>(out.as<uint32_t>() + k), k, work.data(), work.bytes(), 0, s);
+                       reinterpret_cast<float*>(out.as<uint32_t>() + k), k, work.data(), work.bytes(), 0, s,
+                       device_scan);
     };
     struct Phase {
       const char* op;
@@ -202,13 +203,26 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         {"select_histogram_pass1", [&] { pass(20, 11); }},
         {"select_histogram_pass2", [&] { pass(9, 11); }},
         {"select_histogram_pass3", [&] { pass(0, 9); }},
-        {"select_compact", compact},
+        {"select_compact", [&] { compact(); }},
         {"select_kernel",
          [&] {
            pass(20, 11);
            pass(9, 11);
            pass(0, 9);
            compact();
+         }},
+        // Candidates, not yet the codec's: warp-aggregated histograms and the compaction with the
+        // tiles' prefixes summed on the device; select_kernel_next is the selection with both.
+        {"select_histogram_pass1_aggregated", [&] { pass(20, 11, true); }},
+        {"select_histogram_pass2_aggregated", [&] { pass(9, 11, true); }},
+        {"select_histogram_pass3_aggregated", [&] { pass(0, 9, true); }},
+        {"select_compact_device_scan", [&] { compact(true); }},
+        {"select_kernel_next",
+         [&] {
+           pass(20, 11, true);
+           pass(9, 11, true);
+           pass(0, 9, true);
+           compact(true);
          }},
         {"payload_to_host", [&] {
            kc::copy_async(payload.data(), out.data(), 8 * k, 0, s);

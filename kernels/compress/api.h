@@ -132,16 +132,23 @@ inline constexpr uint32_t kTopKMaxHistogramBits = 11;
 size_t topk_workspace_bytes(size_t n);
 // h_hist[b] = number of i with ((key_i >> shift) & ((1 << bits) - 1)) == b among the i whose
 // key agrees with `prefix` on the bits above shift + bits (prefix_bits of them; 0: all). Blocks.
+// warp_aggregated: the lanes of a warp that share a digit add once (the same counts; measured by
+// meshtrain-bench-compress's select_*_aggregated records, not yet used by the codec: it has not
+// run on a GPU).
 void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bits,
                          uint32_t prefix, uint32_t prefix_bits, uint64_t* h_hist, void* d_work,
-                         size_t work_bytes, int device, void* stream);
+                         size_t work_bytes, int device, void* stream, bool warp_aggregated = false);
 // Selects every i with key_i > threshold and the first `ties` (in index order) with
 // key_i == threshold; writes them in index order to d_idx / d_val (k = count of them) and, when
 // d_clear is not null, sets those d_clear[i] = 0 (what is sent leaves the residual: d_clear is
 // d_v with error feedback; without it nothing is written back, so d_v can be the gradient). Blocks.
+// Counts that cannot make k: CudaFailure, nothing written. device_scan: the tiles' prefixes are
+// summed on the device instead of on the host between the two kernels (the same output;
+// measured by meshtrain-bench-compress's select_compact_device_scan, not yet used by the codec:
+// it has not run on a GPU).
 void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold, uint64_t ties,
                   uint32_t* d_idx, float* d_val, uint64_t k, void* d_work, size_t work_bytes, int device,
-                  void* stream);
+                  void* stream, bool device_scan = false);
 // d_out[d_idx[j]] += d_val[j] for j < k (indices distinct, validated by the caller). Enqueues.
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device,
                  void* stream);

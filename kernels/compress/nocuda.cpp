@@ -56,11 +56,11 @@ void int8_dequantize(const int8_t*, const float*, size_t, uint32_t, float*, bool
 }
 size_t topk_workspace_bytes(size_t) { unavailable("topk_workspace_bytes"); }
 void magnitude_histogram(const float*, size_t, uint32_t, uint32_t, uint32_t, uint32_t, uint64_t*, void*,
-                         size_t, int, void*) {
+                         size_t, int, void*, bool) {
   unavailable("magnitude_histogram");
 }
 void topk_compact(const float*, float*, size_t, uint32_t, uint64_t, uint32_t*, float*, uint64_t, void*, size_t,
-                  int, void*) {
+                  int, void*, bool) {
   unavailable("topk_compact");
 }
 void scatter_add(const uint32_t*, const float*, uint64_t, float*, int, void*) { unavailable("scatter_add"); }

@@ -4,6 +4,9 @@
 // non-default stream. Skips with the CUDA runtime's reason where there is no GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <functional>
 #include <limits>
 
 #include "compress/helpers.h"
@@ -167,6 +170,119 @@ TEST(CudaTopK, TiesAndDegenerateInputsMatchTheCpu) {
       std::vector<uint8_t> gpu(codec->encoded_bytes(n));
       codec->encode(d.view(), *gpu_state, gpu, stream.get());
       EXPECT_EQ(encode(*codec, x, *cpu_state), gpu) << "fraction " << fraction;
+    }
+  }
+}
+
+// The radix select's magnitude histograms, plain and warp-aggregated, count exactly what the host
+// counts, for each pass's digit under the prefix of a real key (sizes below a warp, odd tails,
+// many blocks; ties and zeros in the data).
+TEST(CudaTopK, HistogramsPlainAndWarpAggregatedCountLikeTheHost) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  struct Pass {
+    uint32_t shift, bits;
+  };
+  // The last size takes the grid-stride loop round more than once (grid_for caps the blocks).
+  for (size_t n : {size_t(1), size_t(31), size_t(33), size_t(4097), (size_t(1) << 20) + 3,
+                   (size_t(1) << 24) + 3 * 4097 + 5}) {
+    std::vector<float> x = random_gradient(n, 900 + n);
+    for (size_t i = 0; i < n; i += 7) x[i] = 0.0f;
+    for (size_t i = 3; i < n; i += 11) x[i] = -0.015625f;
+    DeviceVector d(x, stream.raw());
+    kc::DeviceBuffer work(kc::topk_workspace_bytes(n), 0);
+    // Prefixes of a random key, and of the planted ties' key (many equal digits in every pass).
+    for (uint32_t some_key : {meshtrain::compress::math::magnitude_key(x[n / 2]),
+                              meshtrain::compress::math::magnitude_key(-0.015625f)}) {
+      for (Pass p : {Pass{20, 11}, Pass{9, 11}, Pass{0, 9}}) {
+        const uint32_t above = p.shift + p.bits, prefix = above >= 31 ? 0u : some_key >> above;
+        std::vector<uint64_t> expected(size_t(1) << p.bits, 0);
+        for (float v : x) {
+          const uint32_t key = meshtrain::compress::math::magnitude_key(v);
+          if ((above >= 31 ? 0u : key >> above) == prefix) ++expected[(key >> p.shift) & ((1u << p.bits) - 1)];
+        }
+        for (bool aggregated : {false, true}) {
+          std::vector<uint64_t> got(expected.size(), ~uint64_t(0));
+          kc::magnitude_histogram(static_cast<const float*>(d.view().data), n, p.shift, p.bits, prefix,
+                                  31 - above, got.data(), work.data(), work.bytes(), 0, stream.raw(), aggregated);
+          EXPECT_EQ(got, expected) << "n " << n << " shift " << p.shift << (aggregated ? " aggregated" : " plain");
+        }
+      }
+    }
+  }
+}
+
+// The compaction with the tiles' prefixes summed on the device writes what the host-scan one
+// writes (indices, values, cleared residual), for k from 1 element to all of them; counts that
+// cannot make k throw in both and leave the residual as it was.
+TEST(CudaTopK, CompactionWithTheDeviceScanEqualsTheHostScan) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  // The last size has 1030 tiles: the scan carries across its 1024-tile rounds.
+  for (size_t n : {size_t(1), size_t(33), size_t(3 * 4096 + 17), (size_t(1) << 20) + 3,
+                   (size_t(1) << 22) + 5 * 4096 + 17}) {
+    std::vector<float> x = random_gradient(n, 1300 + n);
+    for (size_t i = 0; i < n; i += 5) x[i] = 0.03125f;  // ties at many ranks
+    std::vector<uint32_t> keys(n);
+    for (size_t i = 0; i < n; ++i) keys[i] = meshtrain::compress::math::magnitude_key(x[i]);
+    for (double fraction : {0.0, 0.01, 0.3, 1.0}) {
+      const uint64_t k = std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(fraction * double(n))));
+      std::vector<uint32_t> sorted = keys;
+      std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(k - 1), sorted.end(),
+                       std::greater<>());
+      const uint32_t threshold = sorted[k - 1];
+      const uint64_t above = static_cast<uint64_t>(std::count_if(keys.begin(), keys.end(), [&](uint32_t key) {
+        return key > threshold;
+      }));
+      const uint64_t ties = k - above;
+      // A workspace of its own for each call, filled with 0xff: prefixes the scan failed to write
+      // cannot be left over from the other path.
+      const std::vector<uint8_t> poison(kc::topk_workspace_bytes(n), 0xff);
+      auto fresh_work = [&] {
+        kc::DeviceBuffer work(poison.size(), 0);
+        kc::copy_async(work.data(), poison.data(), poison.size(), 0, stream.raw());
+        kc::synchronize(0, stream.raw());
+        return work;
+      };
+      struct Result {
+        std::vector<uint32_t> idx;
+        std::vector<float> val, cleared;
+      };
+      auto compact = [&](bool device_scan, uint64_t want) {
+        DeviceVector v(x, stream.raw());
+        kc::DeviceBuffer idx(8 * (want + 1), 0), work = fresh_work();
+        float* d_v = static_cast<float*>(v.view().data);
+        Result r{std::vector<uint32_t>(k), std::vector<float>(k), {}};
+        kc::topk_compact(d_v, d_v, n, threshold, ties, idx.as<uint32_t>(),
+                         reinterpret_cast<float*>(idx.as<uint32_t>() + want), want, work.data(), work.bytes(), 0,
+                         stream.raw(), device_scan);
+        kc::copy_async(r.idx.data(), idx.data(), 4 * k, 0, stream.raw());
+        kc::copy_async(r.val.data(), idx.as<uint32_t>() + want, 4 * k, 0, stream.raw());
+        kc::synchronize(0, stream.raw());
+        r.cleared = v.host();
+        return r;
+      };
+      const std::string at = "n " + std::to_string(n) + " k " + std::to_string(k);
+      const Result host_scan = compact(false, k), device_scan = compact(true, k);
+      EXPECT_EQ(host_scan.idx, device_scan.idx) << at;
+      EXPECT_EQ(host_scan.val, device_scan.val) << at;
+      EXPECT_EQ(host_scan.cleared, device_scan.cleared) << at;
+      EXPECT_TRUE(std::is_sorted(device_scan.idx.begin(), device_scan.idx.end())) << at;
+      for (bool scan_on_device : {false, true}) {
+        DeviceVector v(x, stream.raw());
+        kc::DeviceBuffer out(8 * (k + 1), 0), work = fresh_work();
+        float* d_v = static_cast<float*>(v.view().data);
+        EXPECT_THROW(kc::topk_compact(d_v, d_v, n, threshold, ties, out.as<uint32_t>(),
+                                      reinterpret_cast<float*>(out.as<uint32_t>() + k + 1), k + 1, work.data(),
+                                      work.bytes(), 0, stream.raw(), scan_on_device),
+                     kc::CudaFailure)
+            << at;
+        EXPECT_EQ(v.host(), x) << at << ": a failed compaction changed the residual";
+        std::vector<uint8_t> written(out.bytes(), 0xee);
+        kc::copy_async(written.data(), out.data(), out.bytes(), 0, stream.raw());
+        kc::synchronize(0, stream.raw());
+        EXPECT_EQ(written, std::vector<uint8_t>(out.bytes(), 0)) << at << ": a failed compaction wrote output";
+      }
     }
   }
 }
