@@ -178,9 +178,9 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     for (size_t i = 0; i < count; ++i) keys[i] = meshtrain::compress::math::magnitude_key(host[i]);
     std::nth_element(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(k - 1), keys.end(), std::greater<>());
     const uint32_t threshold = keys[k - 1];
-    uint64_t above = 0;
-    for (size_t i = 0; i < count; ++i) above += meshtrain::compress::math::magnitude_key(host[i]) > threshold;
-    const uint64_t ties = k - above;
+    // Of the k, those equal to the threshold (counting the keys above it is blind to nth_element's order).
+    const auto above = std::count_if(keys.begin(), keys.end(), [&](uint32_t key) { return key > threshold; });
+    const uint64_t ties = k - static_cast<uint64_t>(above);
     kc::DeviceBuffer work(kc::topk_workspace_bytes(count), 0), out(8 * k, 0);
     std::vector<uint64_t> hist(size_t(1) << kc::kTopKMaxHistogramBits);
     std::vector<uint8_t> payload(8 * k);
@@ -195,6 +195,12 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
                        reinterpret_cast<float*>(out.as<uint32_t>() + k), k, work.data(), work.bytes(), 0, s,
                        device_scan);
     };
+    auto select = [&](bool next) {  // the radix select's three passes, then the compaction
+      pass(20, 11, next);
+      pass(9, 11, next);
+      pass(0, 9, next);
+      compact(next);
+    };
     struct Phase {
       const char* op;
       std::function<void()> run;
@@ -204,26 +210,14 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         {"select_histogram_pass2", [&] { pass(9, 11); }},
         {"select_histogram_pass3", [&] { pass(0, 9); }},
         {"select_compact", [&] { compact(); }},
-        {"select_kernel",
-         [&] {
-           pass(20, 11);
-           pass(9, 11);
-           pass(0, 9);
-           compact();
-         }},
+        {"select_kernel", [&] { select(false); }},
         // Candidates, not yet the codec's: warp-aggregated histograms and the compaction with the
         // tiles' prefixes summed on the device; select_kernel_next is the selection with both.
         {"select_histogram_pass1_aggregated", [&] { pass(20, 11, true); }},
         {"select_histogram_pass2_aggregated", [&] { pass(9, 11, true); }},
         {"select_histogram_pass3_aggregated", [&] { pass(0, 9, true); }},
         {"select_compact_device_scan", [&] { compact(true); }},
-        {"select_kernel_next",
-         [&] {
-           pass(20, 11, true);
-           pass(9, 11, true);
-           pass(0, 9, true);
-           compact(true);
-         }},
+        {"select_kernel_next", [&] { select(true); }},
         {"payload_to_host", [&] {
            kc::copy_async(payload.data(), out.data(), 8 * k, 0, s);
            kc::synchronize(0, s);

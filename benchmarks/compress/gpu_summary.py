@@ -75,18 +75,15 @@ def main(argv):
             print(f"  meshtrain {op:40}        {r['median_ms']:8.3f} ms")
         print(f"  whole encode (payload in host memory) vs torch.topk(|x|, k, sorted=False): "
               f"{base / selection['median_ms']:.2f}x")
-        # The target's comparison: the selection with its output on the device, as torch.topk's.
-        if "select_kernel" in phases:
-            speedup = base / phases["select_kernel"]["median_ms"]
-            print(f"  selection on the device (select_kernel) vs torch.topk: {speedup:.2f}x  target >= 3: "
-                  + ("met" if speedup >= 3 else "NOT met"))
-            if "select_kernel_next" in phases:  # the candidate kernels, not yet the codec's
-                print(f"  candidate selection (select_kernel_next: aggregated histograms, device scan): "
-                      f"{base / phases['select_kernel_next']['median_ms']:.2f}x torch.topk")
-        else:
-            speedup = base / selection["median_ms"]
-            print(f"  speedup vs torch.topk(|x|, k, sorted=False): {speedup:.2f}x  target >= 3: "
-                  + ("met" if speedup >= 3 else "NOT met"))
+        # The target's comparison: the selection with its output on the device, as torch.topk's
+        # (records from before the phases were timed: the whole encode).
+        judged, name = ((phases["select_kernel"], "selection on the device (select_kernel)")
+                        if "select_kernel" in phases else (selection, "whole encode"))
+        speedup = base / judged["median_ms"]
+        print(f"  {name} vs torch.topk: {speedup:.2f}x  target >= 3: " + ("met" if speedup >= 3 else "NOT met"))
+        if "select_kernel_next" in phases:  # the candidate kernels, not yet the codec's
+            print(f"  candidate selection (select_kernel_next: aggregated histograms, device scan): "
+                  f"{base / phases['select_kernel_next']['median_ms']:.2f}x torch.topk")
         if "topk_payload" in theirs:
             print(f"  vs the same payload built with torch: {theirs['topk_payload']['median_ms'] / selection['median_ms']:.2f}x")
     else:

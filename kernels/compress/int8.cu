@@ -23,6 +23,11 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
   return v;
 }
 
+// The in-block index of lane `lane`'s k-th value in quantize_warp_kernel (see there).
+__device__ __forceinline__ uint32_t warp_block_index(int k, uint32_t lane) {
+  return 4 * (32 * (uint32_t(k) / 4) + lane) + uint32_t(k) % 4;
+}
+
 // One warp per quantization block of 32 * kPerLane elements (kPerLane a multiple of 4): lane l
 // holds elements 4 * (32 * j + l) .. + 3 for j < kPerLane / 4, so each float4 load of the warp
 // covers 512 contiguous bytes. The last block, if shorter, takes the guarded scalar path.
@@ -58,7 +63,7 @@ __global__ void quantize_warp_kernel(const float* x, float* residual, size_t n, 
   } else {
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      const uint32_t i = 4 * (32 * (k / 4) + lane) + k % 4;
+      const uint32_t i = warp_block_index(k, lane);
       v[k] = 0.0f;
       if (i < len) {
         v[k] = residual ? math::add_rn(x[begin + i], residual[begin + i]) : x[begin + i];
@@ -72,7 +77,7 @@ __global__ void quantize_warp_kernel(const float* x, float* residual, size_t n, 
   float t[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    const uint32_t i = 4 * (32 * (k / 4) + lane) + k % 4;
+    const uint32_t i = warp_block_index(k, lane);
     t[k] = stochastic ? math::int8_stochastic(v[k], inverse, math::noise(key, i)) : math::int8_nearest(v[k], inverse);
   }
   if (len == kBlock) {
@@ -96,7 +101,7 @@ __global__ void quantize_warp_kernel(const float* x, float* residual, size_t n, 
   } else {
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      const uint32_t i = 4 * (32 * (k / 4) + lane) + k % 4;
+      const uint32_t i = warp_block_index(k, lane);
       if (i >= len) continue;
       q[begin + i] = static_cast<int8_t>(static_cast<int32_t>(t[k]));
       if (residual) residual[begin + i] = math::sub_rn(v[k], math::int8_value(t[k], scale));

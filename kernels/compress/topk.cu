@@ -24,21 +24,30 @@ namespace {
 constexpr unsigned kTileChunks = 16;
 constexpr size_t kTile = size_t(kThreads) * kTileChunks;
 
+// A block's shared-memory bins: zeroed before counting, added to the global bins after.
+__device__ __forceinline__ void clear_bins(uint32_t* local, uint32_t bins) {
+  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+}
+
+__device__ __forceinline__ void flush_bins(const uint32_t* local, uint32_t bins, unsigned long long* hist) {
+  __syncthreads();
+  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x)
+    if (local[b] != 0) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
+}
+
 __global__ void histogram_kernel(const float* v, size_t n, uint32_t shift, uint32_t bits, uint32_t prefix,
                                  unsigned long long* hist) {
   extern __shared__ uint32_t local[];
   const uint32_t bins = 1u << bits, mask = bins - 1, above = shift + bits;
-  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
-  __syncthreads();
+  clear_bins(local, bins);
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const uint32_t key = math::magnitude_key(v[i]);
     // Keys are 31-bit, so for the first pass (above == 31) every key matches prefix 0.
     if ((above >= 32 ? 0u : key >> above) == prefix) atomicAdd(&local[(key >> shift) & mask], 1u);
   }
-  __syncthreads();
-  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x)
-    if (local[b] != 0) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
+  flush_bins(local, bins, hist);
 }
 
 // The same counts, with the lanes of a warp that share a digit adding once (__match_any_sync):
@@ -51,8 +60,7 @@ __global__ void histogram_aggregated_kernel(const float* v, size_t n, uint32_t s
   extern __shared__ uint32_t local[];
   constexpr uint32_t kNoBin = 0xffffffffu;
   const uint32_t bins = 1u << bits, mask = bins - 1, above = shift + bits;
-  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
-  __syncthreads();
+  clear_bins(local, bins);
   const unsigned lane = threadIdx.x & 31;
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   for (size_t base = size_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u); base < n; base += stride) {
@@ -65,9 +73,7 @@ __global__ void histogram_aggregated_kernel(const float* v, size_t n, uint32_t s
     const unsigned peers = __match_any_sync(0xffffffffu, digit);
     if (digit != kNoBin && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&local[digit], unsigned(__popc(peers)));
   }
-  __syncthreads();
-  for (uint32_t b = threadIdx.x; b < bins; b += blockDim.x)
-    if (local[b] != 0) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
+  flush_bins(local, bins, hist);
 }
 
 __global__ void tile_count_kernel(const float* v, size_t n, uint32_t threshold, uint32_t* gt, uint32_t* eq) {
@@ -261,9 +267,12 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
   auto* d_before =
       reinterpret_cast<unsigned long long*>(static_cast<char*>(d_work) + compact_counts_bytes(tiles));
   unsigned long long* d_totals = d_before + 2 * tiles;
-  const auto inconsistent = [&](unsigned long long g, unsigned long long e) {
-    return CudaFailure("topk_compact: " + std::to_string(g) + " keys above the threshold and " + std::to_string(e) +
-                       " equal to it cannot make k = " + std::to_string(k));
+  // g keys above the threshold and e equal to it must make k (the host scan checks before the
+  // write kernel, the device scan's write kernel writes nothing otherwise and is checked after).
+  const auto require_makes_k = [&](unsigned long long g, unsigned long long e) {
+    if (g + (e < ties ? e : ties) != k)
+      throw CudaFailure("topk_compact: " + std::to_string(g) + " keys above the threshold and " + std::to_string(e) +
+                        " equal to it cannot make k = " + std::to_string(k));
   };
   tile_count_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, n, threshold, d_gt, d_eq);
   check_launch("topk tile count kernel", device);
@@ -283,7 +292,7 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
       g += gt[t];
       e += eq[t];
     }
-    if (g + (e < ties ? e : ties) != k) throw inconsistent(g, e);
+    require_makes_k(g, e);
     check(cudaMemcpyAsync(d_before, before.data(), 2 * tiles * sizeof(unsigned long long), cudaMemcpyHostToDevice,
                           s),
           "cudaMemcpyAsync", device);
@@ -295,7 +304,7 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
   if (device_scan)
     check(cudaMemcpyAsync(totals, d_totals, sizeof totals, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
-  if (device_scan && totals[0] + (totals[1] < ties ? totals[1] : ties) != k) throw inconsistent(totals[0], totals[1]);
+  if (device_scan) require_makes_k(totals[0], totals[1]);
 }
 
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device, void* stream) {
