@@ -195,6 +195,16 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
                        reinterpret_cast<float*>(out.as<uint32_t>() + k), k, work.data(), work.bytes(), 0, s,
                        device_scan);
     };
+    // The selection bracketed by a sample (selection=sampled): whether its bracket held on this
+    // data and how many candidates it gathered are printed after the phases.
+    kc::DeviceBuffer sampled_work(kc::topk_sampled_workspace_bytes(count, k, 0), 0);
+    bool sampled_hit = false;
+    uint64_t sampled_candidates = 0;
+    auto sampled = [&] {
+      sampled_hit = kc::topk_select_sampled(v, nullptr, count, k, out.as<uint32_t>(),
+                                            reinterpret_cast<float*>(out.as<uint32_t>() + k), sampled_work.data(),
+                                            sampled_work.bytes(), 0, s, &sampled_candidates);
+    };
     auto select = [&](bool next) {  // the radix select's three passes, then the compaction
       pass(20, 11, next);
       pass(9, 11, next);
@@ -218,6 +228,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         {"select_histogram_pass3_aggregated", [&] { pass(0, 9, true); }},
         {"select_compact_device_scan", [&] { compact(true); }},
         {"select_kernel_next", [&] { select(true); }},
+        {"select_sampled", sampled},
         {"payload_to_host", [&] {
            kc::copy_async(payload.data(), out.data(), 8 * k, 0, s);
            kc::synchronize(0, s);
@@ -233,6 +244,22 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
       print_record("topk:fraction=0.01,error_feedback=off", phase.op, bytes, 8 * k, median(times), median(copies),
                    device, repeats);
     }
+    // The sampled selection's output against the radix select's compaction (both in index order).
+    auto selected = [&](const std::function<void()>& run) {
+      run();
+      std::vector<uint8_t> bytes_out(8 * k);
+      kc::copy_async(bytes_out.data(), out.data(), bytes_out.size(), 0, s);
+      kc::synchronize(0, s);
+      return bytes_out;
+    };
+    const bool sampled_matches = selected([&] { compact(); }) == selected(sampled);
+    std::printf("{\"codec\": \"topk:fraction=0.01,error_feedback=off\", \"op\": \"select_sampled_bracket\", "
+                "\"hit\": %s, \"matches_radix\": %s, \"candidates\": %llu, \"k\": %llu, \"count\": %zu, "
+                "\"device\": \"%s\"}\n",
+                sampled_hit ? "true" : "false", sampled_matches ? "true" : "false",
+                static_cast<unsigned long long>(sampled_candidates), static_cast<unsigned long long>(k), count,
+                json_escape(device).c_str());
+    std::fflush(stdout);
   }
   // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).
   for (const auto& c : cases) {

@@ -84,6 +84,17 @@ def main(argv):
         if "select_kernel_next" in phases:  # the candidate kernels, not yet the codec's
             print(f"  candidate selection (select_kernel_next: aggregated histograms, device scan): "
                   f"{base / phases['select_kernel_next']['median_ms']:.2f}x torch.topk")
+        if "select_sampled" in phases:  # selection=sampled, not yet the codec's default
+            bracket = next((r for r in bench if r.get("op") == "select_sampled_bracket"), None)
+            valid = bool(bracket and bracket.get("hit") and bracket.get("matches_radix"))
+            if not bracket or not bracket.get("hit"):
+                held = "bracket MISSED: timed up to the miss, not a selection"
+            else:
+                held = (f"bracket held, {bracket['candidates']} candidates for k = {bracket['k']}, output "
+                        + ("equals the radix select's" if bracket.get("matches_radix") else "DIFFERS from the radix select's"))
+            sampled = base / phases["select_sampled"]["median_ms"]
+            print(f"  sampled selection (select_sampled; {held}): {sampled:.2f}x torch.topk  target >= 3: "
+                  + ("met" if sampled >= 3 and valid else "NOT met"))
         if "topk_payload" in theirs:
             print(f"  vs the same payload built with torch: {theirs['topk_payload']['median_ms'] / selection['median_ms']:.2f}x")
     else:

@@ -15,6 +15,7 @@
 //   codec_math.h, which both compilers see.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -149,6 +150,66 @@ void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bi
 void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold, uint64_t ties,
                   uint32_t* d_idx, float* d_val, uint64_t k, void* d_work, size_t work_bytes, int device,
                   void* stream, bool device_scan = false);
+
+// ---- top-k bracketed by a sample (topk.cu): the same selection as the radix select followed by
+// topk_compact, in two passes over the data instead of five. Not yet run on a GPU: the codec
+// takes it with "selection=sampled" only (TopKOptions::Selection).
+//
+// A sample of m = min(n, kTopKSamples) keys, one from each of m strata of about n / m elements at
+// a hashed offset (codec_math.h topk_sample_index), is sorted on the device; the k-th largest key of all
+// is bracketed by two of its order statistics [lo, hi], kTopKSampleSigmas sample standard
+// deviations (+ kTopKSampleSlack) either side of the rank where it would sit. One pass counts,
+// per tile, the keys above hi and gathers those in [lo, hi] (the candidates) with their indices.
+// When the bracket holds (above <= k <= above + candidates, and the candidates fit their
+// buffer), the candidates are sorted by (key descending, index ascending) and the first
+// k - above are sent: the last of them gives the threshold key T and the cutoff index c, and the
+// selection is "key > T, or key == T and i <= c", which is the radix select's (ties to the lower
+// index). A write pass compacts that in index order, as topk_compact does. Candidates beyond the
+// buffer in a bracket of one key (lo == hi: ties, such as a sparse gradient's zeros) make that
+// key the threshold: topk_compact sends k - above of its ties.
+inline constexpr uint64_t kTopKSamples = uint64_t(1) << 18;
+inline constexpr double kTopKSampleSigmas = 8.0;
+inline constexpr uint64_t kTopKSampleSlack = 32;
+
+struct TopKSamplePlan {
+  uint64_t samples = 0;   // m
+  uint64_t lo_rank = 0;   // ascending ranks in the sorted sample of the bracket's ends
+  uint64_t hi_rank = 0;
+  bool lo_open = false;   // lo_rank == 0: no lower bound (every key <= hi is a candidate)
+  bool hi_open = false;   // hi_rank == m - 1: no upper bound (nothing is "above")
+  uint64_t capacity = 0;  // candidates kept: 3 times the expected number + 8192, at most n
+};
+// 1 <= k <= n.
+inline TopKSamplePlan topk_sample_plan(uint64_t n, uint64_t k) {
+  TopKSamplePlan p;
+  p.samples = n < kTopKSamples ? n : kTopKSamples;
+  const double m = static_cast<double>(p.samples), q = static_cast<double>(k) / static_cast<double>(n);
+  // Ascending, the k-th largest of n sits at rank n - k; in the sample, near (n - k) * m / n.
+  uint64_t at = static_cast<uint64_t>(static_cast<double>(n - k) / static_cast<double>(n) * m);
+  if (at > p.samples - 1) at = p.samples - 1;
+  const uint64_t reach = static_cast<uint64_t>(std::ceil(kTopKSampleSigmas * std::sqrt(m * q * (1.0 - q)))) +
+                         kTopKSampleSlack;
+  p.lo_rank = at > reach ? at - reach : 0;
+  p.hi_rank = p.samples - 1 - at > reach ? at + reach : p.samples - 1;
+  p.lo_open = p.lo_rank == 0;
+  p.hi_open = p.hi_rank == p.samples - 1;
+  const double expected = static_cast<double>(p.hi_rank - p.lo_rank + 1) / m * static_cast<double>(n);
+  const double capacity = 3.0 * std::ceil(expected) + 8192.0;
+  p.capacity = capacity >= static_cast<double>(n) ? n : static_cast<uint64_t>(capacity);
+  return p;
+}
+// Workspace bytes topk_select_sampled needs for n elements and this k (includes the device
+// sorts' temporary storage, which CUDA is asked for on `device`).
+size_t topk_sampled_workspace_bytes(size_t n, uint64_t k, int device);
+// The selection of the k (1 <= k <= n) largest magnitudes of d_v[0, n) into d_idx / d_val in index
+// order, with d_clear as topk_compact's; returns true. Returns false, having written nothing,
+// when the sample's bracket missed (data unlike its sample, or more ties at the threshold than
+// the buffer holds in a bracket of several keys): the caller then runs the radix select.
+// *candidates (when not null): how many keys the bracket held. n < 2^32. Blocks.
+bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k, uint32_t* d_idx, float* d_val,
+                         void* d_work, size_t work_bytes, int device, void* stream,
+                         uint64_t* candidates = nullptr);
+
 // d_out[d_idx[j]] += d_val[j] for j < k (indices distinct, validated by the caller). Enqueues.
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device,
                  void* stream);

@@ -175,4 +175,13 @@ MT_HD float int8_value(float q, float scale) { return mul_rn(q, scale); }
 // ---- top-k: the selection key of v (bits of |v|, monotonic in |v| for finite v).
 MT_HD uint32_t magnitude_key(float v) { return f2u(v) & 0x7fffffffu; }
 
+// The element that sample s of m reads from n elements (api.h topk_sample_plan; m <= n < 2^32):
+// stratum s is [s n / m, (s + 1) n / m), so the strata cover all n, and the offset in it is
+// hashed, so that data laid out in runs or periods (rows of a weight matrix) is sampled like
+// shuffled data.
+MT_HD uint64_t topk_sample_index(uint64_t s, uint64_t n, uint64_t m) {
+  const uint64_t begin = s * n / m, width = (s + 1) * n / m - begin;
+  return begin + mix32(static_cast<uint32_t>(s) * 0x9e3779b9u + 0x7f4a7c15u) % width;
+}
+
 }  // namespace meshtrain::compress::math

@@ -63,6 +63,11 @@ void topk_compact(const float*, float*, size_t, uint32_t, uint64_t, uint32_t*, f
                   int, void*, bool) {
   unavailable("topk_compact");
 }
+size_t topk_sampled_workspace_bytes(size_t, uint64_t, int) { unavailable("topk_sampled_workspace_bytes"); }
+bool topk_select_sampled(const float*, float*, size_t, uint64_t, uint32_t*, float*, void*, size_t, int, void*,
+                         uint64_t*) {
+  unavailable("topk_select_sampled");
+}
 void scatter_add(const uint32_t*, const float*, uint64_t, float*, int, void*) { unavailable("scatter_add"); }
 
 }  // namespace meshtrain::cuda::compress

@@ -9,6 +9,8 @@
 // ballots. Element i is sent when key > T, or key == T and fewer than `ties` equal keys come
 // before it; it goes to position gt_before(i) + min(eq_before(i), ties), so the output is in
 // index order and equals the CPU's.
+#include <cub/device/device_radix_sort.cuh>
+
 #include <vector>
 
 #include "codec_math.h"
@@ -139,7 +141,8 @@ __global__ void tile_write_kernel(const float* v, float* clear, size_t n, uint32
 
 // The tiles' exclusive prefixes (gt then eq) and totals computed on the device by one block of
 // kScanThreads, kScanThreads tiles at a time (warp shuffles, then the warps' sums), instead of a
-// copy to the host and back between the two compaction kernels.
+// copy to the host and back between the two compaction kernels. eq may be null (counted as 0):
+// the sampled selection has one count per tile.
 constexpr unsigned kScanThreads = 1024;
 
 __device__ __forceinline__ unsigned long long warp_inclusive_sum(unsigned long long v, unsigned lane) {
@@ -159,7 +162,7 @@ __global__ void tile_scan_kernel(const uint32_t* gt, const uint32_t* eq, size_t 
   __syncthreads();
   for (size_t base = 0; base < tiles; base += blockDim.x) {
     const size_t t = base + threadIdx.x;
-    const unsigned long long g = t < tiles ? gt[t] : 0, e = t < tiles ? eq[t] : 0;
+    const unsigned long long g = t < tiles ? gt[t] : 0, e = eq != nullptr && t < tiles ? eq[t] : 0;
     const unsigned long long ig = warp_inclusive_sum(g, lane), ie = warp_inclusive_sum(e, lane);
     if (lane == 31) {
       warp_g[warp] = ig;
@@ -194,6 +197,167 @@ __global__ void tile_scan_kernel(const uint32_t* gt, const uint32_t* eq, size_t 
   }
 }
 
+// ---- the selection bracketed by a sample (api.h topk_select_sampled).
+//
+// The count and write passes share the tiles of the compaction (kTile elements, one block of
+// kThreads each): warp w of a block owns kTileChunks * 32 consecutive elements of its tile, and
+// reads them 32 at a time (lane l takes element l of each row), all loads first.
+constexpr unsigned kWarpSpan = kTileChunks * 32;
+static_assert(kTile == size_t(kThreads / 32) * kWarpSpan, "a tile is its warps' spans");
+
+// The threshold the write pass applies: key > key_above, or key == key_above and i < cutoff.
+struct SampledThreshold {
+  uint32_t key;
+  uint32_t unused;
+  unsigned long long cutoff;  // one past the last index sent with key == `key` (0: none)
+};
+
+__device__ __forceinline__ void load_warp_span(const float* v, size_t n, size_t span_begin, unsigned lane,
+                                               float (&x)[kTileChunks]) {
+#pragma unroll
+  for (unsigned r = 0; r < kTileChunks; ++r) {
+    const size_t i = span_begin + size_t(r) * 32 + lane;
+    x[r] = i < n ? v[i] : 0.0f;
+  }
+}
+
+// The offset of this warp's first element among its tile's selected (or gathered) elements, and
+// the tile's total, from each warp's count (one barrier pair).
+__device__ __forceinline__ uint32_t warps_before(uint32_t count, unsigned warp, uint32_t* shared_counts,
+                                                 uint32_t& tile_total) {
+  if ((threadIdx.x & 31) == 0) shared_counts[warp] = count;
+  __syncthreads();
+  uint32_t before = 0, total = 0;
+  for (unsigned w = 0; w < kThreads / 32; ++w) {
+    if (w < warp) before += shared_counts[w];
+    total += shared_counts[w];
+  }
+  tile_total = total;
+  __syncthreads();  // shared_counts may be reused by the caller
+  return before;
+}
+
+__global__ void sample_keys_kernel(const float* v, unsigned long long n, unsigned long long samples,
+                                   uint32_t* keys) {
+  const size_t s = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s < samples) keys[s] = math::magnitude_key(v[math::topk_sample_index(s, n, samples)]);
+}
+
+// Per tile: above_tile[t] = keys > hi. Gathers the keys in [lo, hi] as (~key << 32 | i), which
+// sort ascending as (key descending, index ascending); counters[0] += above, counters[1] +=
+// gathered (one atomic of each per block), entries past `capacity` are counted, not written;
+// counters[2] and [3] = lo and hi, for the host. lo / hi null: open ends (0 and above every key).
+// 64 registers (4 blocks of kThreads per SM) keep enough of the span's loads in flight.
+__global__ void __launch_bounds__(kThreads, 4)
+    sampled_count_kernel(const float* v, size_t n, const uint32_t* lo_key, const uint32_t* hi_key,
+                         uint32_t* above_tile, unsigned long long* counters, unsigned long long* gathered,
+                         unsigned long long capacity) {
+  __shared__ uint32_t counts[kThreads / 32];
+  __shared__ unsigned long long block_base;
+  const uint32_t lo = lo_key != nullptr ? *lo_key : 0u, hi = hi_key != nullptr ? *hi_key : 0xffffffffu;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    counters[2] = lo;
+    counters[3] = hi;
+  }
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const size_t span_begin = size_t(blockIdx.x) * kTile + size_t(warp) * kWarpSpan;
+  float x[kTileChunks];
+  load_warp_span(v, n, span_begin, lane, x);
+  uint32_t above = 0, in_bracket = 0;
+  unsigned masks[kTileChunks];
+#pragma unroll
+  for (unsigned r = 0; r < kTileChunks; ++r) {
+    const bool valid = span_begin + size_t(r) * 32 + lane < n;
+    const uint32_t key = math::magnitude_key(x[r]);
+    above += __popc(__ballot_sync(0xffffffffu, valid && key > hi));
+    masks[r] = __ballot_sync(0xffffffffu, valid && key >= lo && key <= hi);
+    in_bracket += __popc(masks[r]);
+  }
+  uint32_t tile_above = 0, tile_gathered = 0;
+  (void)warps_before(above, warp, counts, tile_above);
+  const uint32_t gathered_before = warps_before(in_bracket, warp, counts, tile_gathered);
+  if (threadIdx.x == 0) {
+    above_tile[blockIdx.x] = tile_above;
+    if (tile_above != 0) atomicAdd(&counters[0], static_cast<unsigned long long>(tile_above));
+    block_base = tile_gathered != 0 ? atomicAdd(&counters[1], static_cast<unsigned long long>(tile_gathered)) : 0;
+  }
+  __syncthreads();
+  if (in_bracket == 0) return;
+  unsigned long long slot = block_base + gathered_before;
+#pragma unroll
+  for (unsigned r = 0; r < kTileChunks; ++r) {
+    if ((masks[r] >> lane) & 1u) {
+      const unsigned long long at = slot + __popc(masks[r] & lanes_below);
+      const uint32_t key = math::magnitude_key(x[r]);
+      if (at < capacity)
+        gathered[at] = (static_cast<unsigned long long>(~key) << 32) | (span_begin + size_t(r) * 32 + lane);
+    }
+    slot += __popc(masks[r]);
+  }
+}
+
+// The first `taken` sorted candidates are sent: each adds one to its tile's count, and the last
+// of them sets the threshold (none taken: everything above hi, exactly k, is sent).
+__global__ void sampled_take_kernel(const unsigned long long* sorted, unsigned long long taken, const uint32_t* hi_key,
+                                    uint32_t* tile_counts, SampledThreshold* threshold) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t j = size_t(blockIdx.x) * blockDim.x + threadIdx.x; j < taken; j += stride)
+    atomicAdd(&tile_counts[static_cast<uint32_t>(sorted[j]) / kTile], 1u);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    if (taken > 0) {
+      const unsigned long long last = sorted[taken - 1];
+      threshold->key = ~static_cast<uint32_t>(last >> 32);
+      threshold->cutoff = (last & 0xffffffffull) + 1;
+    } else {
+      threshold->key = hi_key != nullptr ? *hi_key : 0xffffffffu;
+      threshold->cutoff = 0;
+    }
+  }
+}
+
+// Writes the selected elements of each tile in index order at the tile's prefix (tile_scan_kernel
+// over the counts); nothing when the counts do not make k (the host reports it).
+__global__ void __launch_bounds__(kThreads, 4)
+    sampled_write_kernel(const float* v, float* clear, size_t n, const SampledThreshold* threshold,
+                         const unsigned long long* tile_before, const unsigned long long* totals,
+                         unsigned long long k, uint32_t* idx, float* val) {
+  __shared__ uint32_t counts[kThreads / 32];
+  if (totals[0] != k) return;
+  const uint32_t t_key = threshold->key;
+  const unsigned long long cutoff = threshold->cutoff;
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const size_t span_begin = size_t(blockIdx.x) * kTile + size_t(warp) * kWarpSpan;
+  float x[kTileChunks];
+  load_warp_span(v, n, span_begin, lane, x);
+  unsigned masks[kTileChunks];
+  uint32_t selected = 0;
+#pragma unroll
+  for (unsigned r = 0; r < kTileChunks; ++r) {
+    const size_t i = span_begin + size_t(r) * 32 + lane;
+    const uint32_t key = math::magnitude_key(x[r]);
+    masks[r] = __ballot_sync(0xffffffffu, i < n && (key > t_key || (key == t_key && i < cutoff)));
+    selected += __popc(masks[r]);
+  }
+  uint32_t tile_total = 0;
+  unsigned long long pos = tile_before[blockIdx.x] + warps_before(selected, warp, counts, tile_total);
+  if (selected == 0) return;
+#pragma unroll
+  for (unsigned r = 0; r < kTileChunks; ++r) {
+    if ((masks[r] >> lane) & 1u) {
+      const size_t i = span_begin + size_t(r) * 32 + lane;
+      const unsigned long long at = pos + __popc(masks[r] & lanes_below);
+      if (at < k) {
+        idx[at] = static_cast<uint32_t>(i);
+        val[at] = x[r];
+      }
+      if (clear) clear[i] = 0.0f;
+    }
+    pos += __popc(masks[r]);
+  }
+}
+
 // The caller's workspace (topk_workspace_bytes). magnitude_histogram: the 2^bits 64-bit bins.
 // topk_compact: the per-tile counts (gt then eq, 32-bit), then at an aligned offset their
 // exclusive prefixes (gt then eq, 64-bit), then the two totals (device_scan): separate regions,
@@ -210,11 +374,67 @@ size_t compact_work_bytes(size_t n) {
   return compact_counts_bytes(tiles) + (2 * tiles + 2) * sizeof(unsigned long long);  // prefixes, totals
 }
 
-void require_work(const char* what, const void* d_work, size_t work_bytes, size_t needed) {
+void require_work(const char* what, const void* d_work, size_t work_bytes, size_t needed,
+                  const char* sized_by = "topk_workspace_bytes") {
   if (needed == 0 || (d_work != nullptr && work_bytes >= needed)) return;
   throw CudaFailure(std::string(what) + ": workspace of " + std::to_string(work_bytes) + " bytes" +
-                    (d_work == nullptr ? " (null)" : "") + ", needs " + std::to_string(needed) +
-                    " (topk_workspace_bytes)");
+                    (d_work == nullptr ? " (null)" : "") + ", needs " + std::to_string(needed) + " (" + sized_by +
+                    ")");
+}
+
+// topk_select_sampled's workspace, in this order (each region aligned): four counters (above,
+// gathered, lo, hi) and the threshold; the sample and its sort's second buffer; the gathered
+// candidates and theirs; the tiles' counts, their prefixes and totals (tile_scan_kernel's
+// layout); the sorts' storage. At least topk_compact's workspace (the single-key bracket's path).
+constexpr size_t kSampledCounters = 4;
+struct SampledLayout {
+  TopKSamplePlan plan;
+  size_t tiles = 0;
+  size_t sample = 0, sample_alt = 0, gathered = 0, gathered_alt = 0, tile_counts = 0, before = 0, sort = 0;
+  size_t sort_bytes = 0, total = 0;
+};
+
+// The device sorts' temporary storage (CUB asks the current device). The double-buffer sorts
+// ping-pong between the two buffers given, so the storage holds no third copy of the keys.
+size_t sort_storage_bytes(uint64_t samples, uint64_t capacity, int device) {
+  size_t for_sample = 0, for_gathered = 0;
+  cub::DoubleBuffer<uint32_t> sample_keys(nullptr, nullptr);
+  cub::DoubleBuffer<unsigned long long> gathered_keys(nullptr, nullptr);
+  check(cub::DeviceRadixSort::SortKeys(nullptr, for_sample, sample_keys, static_cast<int>(samples), 0, 31),
+        "cub::DeviceRadixSort (storage for the sample)", device);
+  check(cub::DeviceRadixSort::SortKeys(nullptr, for_gathered, gathered_keys, static_cast<int>(capacity), 0, 64),
+        "cub::DeviceRadixSort (storage for the candidates)", device);
+  return std::max(for_sample, for_gathered);
+}
+
+SampledLayout sampled_layout(size_t n, uint64_t k, int device) {
+  // Candidates carry their index in 32 bits, and the tiles are found from it.
+  if (n > UINT32_MAX)
+    throw CudaFailure("topk_select_sampled: " + std::to_string(n) + " elements (indices are 32-bit: at most " +
+                      std::to_string(UINT32_MAX) + ")");
+  SampledLayout l;
+  l.plan = topk_sample_plan(n, k);
+  if (l.plan.samples > uint64_t(INT32_MAX) || l.plan.capacity > uint64_t(INT32_MAX))
+    throw CudaFailure("topk_select_sampled: " + std::to_string(l.plan.capacity) + " candidates for " +
+                      std::to_string(n) + " elements (at most 2^31 - 1)");
+  l.tiles = tiles_for(n);
+  size_t at = work_align(kSampledCounters * sizeof(unsigned long long) + sizeof(SampledThreshold));
+  auto region = [&](size_t bytes) {
+    const size_t begin = at;
+    at += work_align(bytes);
+    return begin;
+  };
+  l.sample = region(l.plan.samples * sizeof(uint32_t));
+  l.sample_alt = region(l.plan.samples * sizeof(uint32_t));
+  l.gathered = region(l.plan.capacity * sizeof(unsigned long long));
+  l.gathered_alt = region(l.plan.capacity * sizeof(unsigned long long));
+  l.tile_counts = region(l.tiles * sizeof(uint32_t));
+  l.before = region((2 * l.tiles + 2) * sizeof(unsigned long long));
+  DeviceGuard guard(device);
+  l.sort_bytes = sort_storage_bytes(l.plan.samples, l.plan.capacity, device);
+  l.sort = region(l.sort_bytes);
+  l.total = std::max(at, compact_work_bytes(n));
+  return l;
 }
 
 __global__ void scatter_add_kernel(const uint32_t* idx, const float* val, unsigned long long k, float* out) {
@@ -305,6 +525,81 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
     check(cudaMemcpyAsync(totals, d_totals, sizeof totals, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
   if (device_scan) require_makes_k(totals[0], totals[1]);
+}
+
+size_t topk_sampled_workspace_bytes(size_t n, uint64_t k, int device) {
+  if (n == 0 || k == 0 || k > n) return 0;
+  return sampled_layout(n, k, device).total;
+}
+
+bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k, uint32_t* d_idx, float* d_val,
+                         void* d_work, size_t work_bytes, int device, void* stream, uint64_t* candidates) {
+  if (k == 0 || k > n)
+    throw CudaFailure("topk_select_sampled: k = " + std::to_string(k) + " of " + std::to_string(n) +
+                      " elements (1 <= k <= n)");
+  const SampledLayout l = sampled_layout(n, k, device);
+  require_work("topk_select_sampled", d_work, work_bytes, l.total, "topk_sampled_workspace_bytes");
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  char* base = static_cast<char*>(d_work);
+  auto* counters = reinterpret_cast<unsigned long long*>(base);
+  auto* threshold = reinterpret_cast<SampledThreshold*>(counters + kSampledCounters);
+  auto* tile_counts = reinterpret_cast<uint32_t*>(base + l.tile_counts);
+  auto* before = reinterpret_cast<unsigned long long*>(base + l.before);
+  void* sort_storage = base + l.sort;
+  const unsigned tiles = static_cast<unsigned>(l.tiles);
+
+  check(cudaMemsetAsync(counters, 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
+  cub::DoubleBuffer<uint32_t> sample(reinterpret_cast<uint32_t*>(base + l.sample),
+                                     reinterpret_cast<uint32_t*>(base + l.sample_alt));
+  sample_keys_kernel<<<static_cast<unsigned>((l.plan.samples + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+      d_v, n, l.plan.samples, sample.Current());
+  check_launch("topk sample kernel", device);
+  size_t sort_bytes = l.sort_bytes;  // each sort gets the whole storage (CUB takes the size by reference)
+  check(cub::DeviceRadixSort::SortKeys(sort_storage, sort_bytes, sample, static_cast<int>(l.plan.samples), 0, 31, s),
+        "cub::DeviceRadixSort (the sample)", device);
+  const uint32_t* sorted_sample = sample.Current();  // which buffer holds the result is known on return
+  const uint32_t* lo = l.plan.lo_open ? nullptr : sorted_sample + l.plan.lo_rank;
+  const uint32_t* hi = l.plan.hi_open ? nullptr : sorted_sample + l.plan.hi_rank;
+  cub::DoubleBuffer<unsigned long long> gathered(reinterpret_cast<unsigned long long*>(base + l.gathered),
+                                                 reinterpret_cast<unsigned long long*>(base + l.gathered_alt));
+  sampled_count_kernel<<<tiles, kThreads, 0, s>>>(d_v, n, lo, hi, tile_counts, counters, gathered.Current(),
+                                                  l.plan.capacity);
+  check_launch("topk sampled count kernel", device);
+  unsigned long long counted[kSampledCounters] = {};  // above hi, in [lo, hi], lo, hi
+  check(cudaMemcpyAsync(counted, counters, sizeof counted, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+  if (candidates != nullptr) *candidates = counted[1];
+  const unsigned long long above = counted[0], in_bracket = counted[1];
+  if (above > k || above + in_bracket < k) return false;  // the k-th largest key is outside [lo, hi]
+  if (in_bracket > l.plan.capacity) {
+    // Too many to sort. When the bracket is a single key (ties: zeros of a sparse gradient,
+    // quantised values) that key is the threshold, and the compaction takes k - above of them.
+    if (counted[2] != counted[3]) return false;
+    topk_compact(d_v, d_clear, n, static_cast<uint32_t>(counted[3]), k - above, d_idx, d_val, k, d_work, work_bytes,
+                 device, stream);
+    return true;
+  }
+
+  const unsigned long long taken = k - above;
+  sort_bytes = l.sort_bytes;
+  if (taken > 0)
+    check(cub::DeviceRadixSort::SortKeys(sort_storage, sort_bytes, gathered, static_cast<int>(in_bracket), 0, 64, s),
+          "cub::DeviceRadixSort (the candidates)", device);
+  sampled_take_kernel<<<grid_for(taken), kThreads, 0, s>>>(gathered.Current(), taken, hi, tile_counts, threshold);
+  check_launch("topk sampled take kernel", device);
+  unsigned long long* totals = before + 2 * l.tiles;
+  tile_scan_kernel<<<1, kScanThreads, 0, s>>>(tile_counts, nullptr, l.tiles, before, totals);
+  check_launch("topk tile scan kernel", device);
+  sampled_write_kernel<<<tiles, kThreads, 0, s>>>(d_v, d_clear, n, threshold, before, totals, k, d_idx, d_val);
+  check_launch("topk sampled write kernel", device);
+  unsigned long long sent = 0;
+  check(cudaMemcpyAsync(&sent, totals, sizeof sent, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize", device);
+  if (sent != k)
+    throw CudaFailure("topk_select_sampled: the tiles hold " + std::to_string(sent) + " selected elements, not k = " +
+                      std::to_string(k) + " (nothing written)");
+  return true;
 }
 
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device, void* stream) {

@@ -147,6 +147,11 @@ std::unique_ptr<Codec> make_codec(std::string_view spec) {
     TopKOptions o;
     o.fraction = p.real("fraction", o.fraction);
     o.error_feedback = p.flag("error_feedback", o.error_feedback);
+    if (auto sel = p.take("selection")) {
+      if (*sel == "radix") o.selection = TopKOptions::Selection::Radix;
+      else if (*sel == "sampled") o.selection = TopKOptions::Selection::Sampled;
+      else p.bad("selection", *sel, "radix or sampled");
+    }
     codec = make_topk_codec(o);
   } else if (p.codec == "powersgd") {
     PowerSgdOptions o;

@@ -11,7 +11,9 @@
 // CPU: pass 1 forms v in place and histograms the top 11 bits; one pass gathers the keys of the
 // elements in the k-th element's bin (a small fraction for gradient-like data) and the last two
 // radix passes run on them; a final pass compacts. The CUDA path (kernels/compress/topk.cu)
-// histograms on the GPU in three passes and compacts with per-tile prefix sums.
+// histograms on the GPU in three passes and compacts with per-tile prefix sums; with
+// selection=sampled it first tries kernels/compress/api.h's topk_select_sampled (a sorted sample
+// brackets T; same output), which falls back to that when its bracket misses.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -88,7 +90,8 @@ class TopKCodec final : public ApplyingCodec {
 
   CodecId id() const noexcept override { return CodecId::TopK; }
   std::string describe() const override {
-    return fmt::format("topk(fraction={}, error_feedback={})", o_.fraction, o_.error_feedback ? "on" : "off");
+    return fmt::format("topk(fraction={}, error_feedback={}{})", o_.fraction, o_.error_feedback ? "on" : "off",
+                       sampled() ? ", selection=sampled" : "");
   }
 
   std::unique_ptr<CodecState> make_state(const TensorSpec& spec) const override {
@@ -118,7 +121,7 @@ class TopKCodec final : public ApplyingCodec {
     uint8_t* val = idx + 4 * k;
     if (n > 0 && grad.device == DeviceKind::Cuda) {
       s.begin_in_place_staged_encode(stream);
-      encode_cuda(grad, s, k, idx, stream);
+      encode_cuda(grad, s, k, sampled(), idx, stream);
     } else if (n > 0) {
       encode_cpu(static_cast<const float*>(grad.data), n, s, k, idx, val);
     }
@@ -191,7 +194,9 @@ class TopKCodec final : public ApplyingCodec {
       throw InternalError(fmt::format("topk encode selected {} elements, expected {}", j, k));
   }
 
-  static void encode_cuda(const BufferView& grad, TopKState& s, uint64_t k, uint8_t* host_out,
+  bool sampled() const noexcept { return o_.selection == TopKOptions::Selection::Sampled; }
+
+  static void encode_cuda(const BufferView& grad, TopKState& s, uint64_t k, bool sampled, uint8_t* host_out,
                           CudaStream stream) {
     const size_t n = grad.count;
     const int dev = grad.device_index;
@@ -202,20 +207,26 @@ class TopKCodec final : public ApplyingCodec {
       // Without error feedback the selection reads the gradient itself and writes nothing back.
       float* residual = s.residual_data();
       const float* v = residual ? residual : static_cast<const float*>(grad.data);
-      const size_t work = kc::topk_workspace_bytes(n);
+      size_t work = kc::topk_workspace_bytes(n);
+      if (sampled) work = std::max(work, kc::topk_sampled_workspace_bytes(n, k, dev));
       if (s.d_work.bytes() < work) s.d_work = kc::DeviceBuffer(work, dev);
       if (s.d_out.bytes() < 8 * k) s.d_out = kc::DeviceBuffer(8 * k, dev);
       if (residual != nullptr) kc::add_async(residual, static_cast<const float*>(grad.data), n, dev, stream.handle);
-      const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
-        const RadixPass rp = kPasses[pass];
-        std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
-        kc::magnitude_histogram(v, n, rp.shift, rp.bits, prefix, 31 - rp.shift - rp.bits, h.data(),
-                                s.d_work.data(), s.d_work.bytes(), dev, stream.handle);
-        return h;
-      });
       uint32_t* d_idx = s.d_out.as<uint32_t>();
-      kc::topk_compact(v, residual, n, t.key, t.ties, d_idx, reinterpret_cast<float*>(d_idx + k), k, s.d_work.data(),
-                       s.d_work.bytes(), dev, stream.handle);
+      float* d_val = reinterpret_cast<float*>(d_idx + k);
+      // The sampled selection writes nothing when its bracket misses; the radix select then runs.
+      if (!sampled || !kc::topk_select_sampled(v, residual, n, k, d_idx, d_val, s.d_work.data(), s.d_work.bytes(),
+                                               dev, stream.handle)) {
+        const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
+          const RadixPass rp = kPasses[pass];
+          std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
+          kc::magnitude_histogram(v, n, rp.shift, rp.bits, prefix, 31 - rp.shift - rp.bits, h.data(),
+                                  s.d_work.data(), s.d_work.bytes(), dev, stream.handle);
+          return h;
+        });
+        kc::topk_compact(v, residual, n, t.key, t.ties, d_idx, d_val, k, s.d_work.data(), s.d_work.bytes(), dev,
+                         stream.handle);
+      }
       kc::copy_async(host_out, s.d_out.data(), 8 * k, dev, stream.handle);
       kc::synchronize(dev, stream.handle);
     });

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "compress/helpers.h"
+#include "compress/topk_sample_emulation.h"
 #include "kernels/compress/api.h"
 #include "kernels/compress/codec_math.h"
 #include "support/cuda_skip.h"
@@ -78,6 +79,10 @@ std::vector<Case> cases() {
   for (const char* warp_kernel_spec : {"int8:block_size=128,rounding=stochastic,seed=5",
                                        "int8:block_size=512,error_feedback=off", "int8:block_size=1024"})
     specs.push_back(warp_kernel_spec);
+  // Top-k's sampled selection, with error feedback and without (a third of the elements sent).
+  for (const char* sampled_spec : {"topk:fraction=0.01,selection=sampled",
+                                   "topk:fraction=0.3,error_feedback=off,selection=sampled"})
+    specs.push_back(sampled_spec);
   std::vector<Case> out;
   for (const auto& spec : specs)
     for (const auto& shape : shapes) out.push_back({spec, shape});
@@ -162,15 +167,74 @@ TEST(CudaTopK, TiesAndDegenerateInputsMatchTheCpu) {
   for (size_t i = 0; i < n; ++i) runs[i] = ((i / 1000) % 2 ? -1.0f : 1.0f) * float(i % 7);
   inputs.push_back(runs);
   for (double fraction : {0.001, 0.01, 0.3, 1.0}) {
-    auto codec = make_topk_codec({.fraction = fraction, .error_feedback = false});
-    for (const auto& x : inputs) {
-      auto cpu_state = codec->make_state(TensorSpec::flat(n));
-      auto gpu_state = codec->make_state(TensorSpec::flat(n, DeviceKind::Cuda, 0));
-      DeviceVector d(x, stream.raw());
-      std::vector<uint8_t> gpu(codec->encoded_bytes(n));
-      codec->encode(d.view(), *gpu_state, gpu, stream.get());
-      EXPECT_EQ(encode(*codec, x, *cpu_state), gpu) << "fraction " << fraction;
+    for (auto selection : {TopKOptions::Selection::Radix, TopKOptions::Selection::Sampled}) {
+      auto codec = make_topk_codec({.fraction = fraction, .error_feedback = false, .selection = selection});
+      for (const auto& x : inputs) {
+        auto cpu_state = codec->make_state(TensorSpec::flat(n));
+        auto gpu_state = codec->make_state(TensorSpec::flat(n, DeviceKind::Cuda, 0));
+        DeviceVector d(x, stream.raw());
+        std::vector<uint8_t> gpu(codec->encoded_bytes(n));
+        codec->encode(d.view(), *gpu_state, gpu, stream.get());
+        EXPECT_EQ(encode(*codec, x, *cpu_state), gpu) << codec->describe();
+      }
     }
+  }
+}
+
+// The sampled selection's kernels reach what its host emulation (topk_sample_emulation.h)
+// reaches: the same hit or miss and number of candidates; when the bracket holds, the same
+// indices, their values and the residual with them cleared; when it misses, nothing written.
+// Sizes from one element to 1030 tiles (the tile scan carries across rounds), k from 1 to all,
+// gradient-like data, ties (one key beyond the buffer: the compaction path), no candidate taken
+// (exactly k = 1000 keys above the bracket), and data hidden from the sample on purpose.
+TEST(CudaTopK, SampledSelectionDoesWhatItsEmulationDoes) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  auto check = [&](const SampledTestData& d, uint64_t k) {
+    const size_t n = d.x.size();
+    const std::string at = std::string(d.name) + " n " + std::to_string(n) + " k " + std::to_string(k);
+    const SampledOutcome expected = emulate_sampled_selection(d.x, k);
+    DeviceVector v(d.x, stream.raw());
+    float* d_v = static_cast<float*>(v.view().data);
+    const std::vector<uint8_t> poison(8 * k, 0xff);
+    kc::DeviceBuffer out(poison.size(), 0), work(kc::topk_sampled_workspace_bytes(n, k, 0), 0);
+    kc::copy_async(out.data(), poison.data(), poison.size(), 0, stream.raw());
+    uint64_t candidates = ~uint64_t(0);
+    const bool hit = kc::topk_select_sampled(d_v, d_v, n, k, out.as<uint32_t>(),
+                                             reinterpret_cast<float*>(out.as<uint32_t>() + k), work.data(),
+                                             work.bytes(), 0, stream.raw(), &candidates);
+    ASSERT_EQ(hit, expected.hit) << at;
+    EXPECT_EQ(candidates, expected.in_bracket) << at;
+    std::vector<uint32_t> idx(k);
+    std::vector<float> val(k);
+    kc::copy_async(idx.data(), out.data(), 4 * k, 0, stream.raw());
+    kc::copy_async(val.data(), out.as<uint32_t>() + k, 4 * k, 0, stream.raw());
+    kc::synchronize(0, stream.raw());
+    std::vector<float> residual = d.x;
+    if (hit) {
+      ASSERT_EQ(idx, expected.sent) << at << (expected.single_key ? " (single-key bracket)" : "");
+      for (size_t j = 0; j < k; ++j) ASSERT_EQ(bits(val[j]), bits(d.x[idx[j]])) << at << " value " << j;
+      for (uint32_t i : idx) residual[i] = 0.0f;
+    } else {
+      for (size_t j = 0; j < k; ++j) ASSERT_EQ(idx[j], 0xffffffffu) << at << ": a miss wrote index " << j;
+    }
+    expect_same_bits(v.host(), residual, at + " residual");
+  };
+  for (size_t n : {size_t(1), size_t(33), size_t(3 * 4096 + 17), (size_t(1) << 19) - 1, (size_t(1) << 20) + 3,
+                   (size_t(1) << 22) + 5 * 4096 + 17}) {
+    std::vector<SampledTestData> data = sampled_test_data(n);
+    data.push_back({"all equal", std::vector<float>(n, 0.5f), false});
+    for (double fraction : {0.0, 0.01, 0.3, 1.0}) {
+      const uint64_t k = std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(fraction * double(n))));
+      const kc::TopKSamplePlan plan = kc::topk_sample_plan(n, k);
+      std::vector<float> hidden(n, 1.0f);  // zeros where the sample looks
+      for (uint64_t s = 0; s < plan.samples; ++s)
+        hidden[meshtrain::compress::math::topk_sample_index(s, n, plan.samples)] = 0.0f;
+      data.push_back({"hidden from the sample", hidden, false});
+      for (const SampledTestData& d : data) check(d, k);
+      data.pop_back();
+    }
+    if (n > kc::kTopKSamples) check({"k above the bracket", all_sent_above_the_bracket(n, 1000)}, 1000);
   }
 }
 

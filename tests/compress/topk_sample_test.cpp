@@ -1,0 +1,163 @@
+// The sampled top-k selection's rule (the CUDA kernels' topk_select_sampled, emulated on the
+// host with the same plan and sample positions): where its bracket holds it selects exactly what
+// the codec's radix select sends (ties to the lower index), and on gradient-like data (normal,
+// heavy-tailed, laid out in rows of different scales, sorted) the bracket holds with the
+// candidates well inside their buffer. Where the sample cannot hold (huge ties at the threshold,
+// data hidden from the sample) it reports a miss, which the codec answers with the radix select.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "compress/helpers.h"
+#include "compress/topk_sample_emulation.h"
+
+using namespace meshtrain;
+using namespace meshtrain::compress;
+using namespace meshtrain::compress::testing;
+namespace kc = meshtrain::cuda::compress;
+
+namespace {
+
+uint64_t k_for(double fraction, size_t n) {
+  return (make_topk_codec({.fraction = fraction})->encoded_bytes(n) - kPayloadHeaderBytes) / 8;
+}
+
+// The indices the CPU codec sends for x at this fraction.
+std::vector<uint32_t> cpu_indices(const std::vector<float>& x, double fraction) {
+  auto codec = make_topk_codec({.fraction = fraction, .error_feedback = false});
+  auto state = codec->make_state(TensorSpec::flat(x.size()));
+  const auto payload = encode(*codec, x, *state);
+  const uint64_t k = k_for(fraction, x.size());
+  std::vector<uint32_t> idx(k);
+  std::memcpy(idx.data(), payload.data() + kPayloadHeaderBytes, 4 * k);
+  return idx;
+}
+
+TEST(TopKSampled, PlanBracketsTheRankWithinTheSample) {
+  for (uint64_t n : {uint64_t(1), uint64_t(7), uint64_t(1000), uint64_t(1) << 18, (uint64_t(1) << 26) + 5,
+                     uint64_t(UINT32_MAX)}) {
+    for (double fraction : {1e-6, 0.001, 0.01, 0.5, 1.0}) {
+      const uint64_t k = k_for(fraction, n);
+      const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k);
+      SCOPED_TRACE("n " + std::to_string(n) + " k " + std::to_string(k));
+      EXPECT_EQ(p.samples, std::min<uint64_t>(n, kc::kTopKSamples));
+      EXPECT_LE(p.lo_rank, p.hi_rank);
+      EXPECT_LT(p.hi_rank, p.samples);
+      EXPECT_EQ(p.lo_open, p.lo_rank == 0);
+      EXPECT_EQ(p.hi_open, p.hi_rank == p.samples - 1);
+      EXPECT_GE(p.capacity, std::min<uint64_t>(n, 8192));
+      EXPECT_LE(p.capacity, n);
+      EXPECT_LT(p.capacity, uint64_t(INT32_MAX));  // the device sorts count in int
+      // The sample's last position is inside the tensor.
+      EXPECT_LT(math::topk_sample_index(p.samples - 1, n, p.samples), n);
+    }
+  }
+  // 1% of 64M: about 0.3% of the elements are candidates, against k = 1%.
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(uint64_t(1) << 26, k_for(0.01, size_t(1) << 26));
+  EXPECT_LT(double(p.hi_rank - p.lo_rank + 1) / double(p.samples), 0.004);
+}
+
+// The strata tile [0, n) exactly, whatever n mod m (the tail is sampled too), and the offsets
+// spread over a stratum (a fixed offset would alias with periodic data).
+TEST(TopKSampled, SampleIndicesCoverTheTensorOnePerStratum) {
+  const uint64_t m = 4096;
+  for (uint64_t n : {m, m + 1, 2 * m, 2 * m - 1, 3 * m + 17, 255 * m + 254, (uint64_t(1) << 32) - 1}) {
+    uint64_t end = 0;
+    std::vector<uint64_t> offsets;
+    for (uint64_t s = 0; s < m; ++s) {
+      const uint64_t begin = s * n / m, next = (s + 1) * n / m, i = math::topk_sample_index(s, n, m);
+      ASSERT_EQ(begin, end) << "n " << n << " stratum " << s;
+      ASSERT_GE(i, begin);
+      ASSERT_LT(i, next);
+      offsets.push_back(i - begin);
+      end = next;
+    }
+    EXPECT_EQ(end, n);
+    if (n / m >= 2 && n / m <= 255) {
+      std::sort(offsets.begin(), offsets.end());
+      const auto used = std::unique(offsets.begin(), offsets.end()) - offsets.begin();
+      EXPECT_GT(used, int64_t(n / m) / 2) << "n " << n;
+    }
+  }
+}
+
+TEST(TopKSampled, SelectsWhatTheRadixSelectSendsAndTheBracketHolds) {
+  // 2^19 - 1 and the last size leave a remainder of strata: the tail of the tensor is sampled too.
+  for (size_t n : {size_t(1), size_t(33), size_t(4097), (size_t(1) << 19) - 1, (size_t(1) << 20) + 3,
+                   (size_t(1) << 22) + 5 * 4096 + 17}) {
+    for (const SampledTestData& d : sampled_test_data(n)) {
+      for (double fraction : {0.001, 0.01, 0.1, 0.5, 1.0}) {
+        SCOPED_TRACE(std::string(d.name) + " n " + std::to_string(n) + " fraction " + std::to_string(fraction));
+        const uint64_t k = k_for(fraction, n);
+        const SampledOutcome got = emulate_sampled_selection(d.x, k);
+        if (d.must_hit) ASSERT_TRUE(got.hit) << "above " << got.above << " candidates " << got.in_bracket;
+        if (got.hit) {
+          EXPECT_EQ(got.sent, cpu_indices(d.x, fraction));
+        } else {
+          EXPECT_TRUE(got.above > k || got.above + got.in_bracket < k ||
+                      got.in_bracket > kc::topk_sample_plan(n, k).capacity);
+        }
+        // Beyond 5% of a 95%-zero tensor the threshold is 0: one key, more ties than the buffer.
+        if (std::string(d.name) == "95% zeros" && fraction >= 0.1 && n > kc::kTopKSamples)
+          EXPECT_TRUE(got.single_key);
+      }
+    }
+  }
+}
+
+TEST(TopKSampled, TiesOfOneKeyBeyondTheBufferHoldAndHiddenDataMisses) {
+  const size_t n = size_t(1) << 20;
+  const uint64_t k = k_for(0.01, n);
+  // All equal: every element is a candidate, more than the buffer holds, but the bracket is one
+  // key: the threshold, with the first k of its ties.
+  const std::vector<float> equal(n, 0.5f);
+  SampledOutcome all_equal = emulate_sampled_selection(equal, k);
+  EXPECT_TRUE(all_equal.hit);
+  EXPECT_TRUE(all_equal.single_key);
+  EXPECT_EQ(all_equal.in_bracket, n);
+  EXPECT_EQ(all_equal.sent, cpu_indices(equal, 0.01));
+  // Zeros where the sample looks, ones elsewhere: the sample sees a threshold of 0.
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k);
+  std::vector<float> hidden(n, 1.0f);
+  for (uint64_t s = 0; s < p.samples; ++s) hidden[math::topk_sample_index(s, n, p.samples)] = 0.0f;
+  SampledOutcome missed = emulate_sampled_selection(hidden, k);
+  EXPECT_FALSE(missed.hit);
+  EXPECT_GT(missed.above + missed.in_bracket, k);
+  // Small tensors are their own sample: even all-equal ones hold.
+  SampledOutcome small = emulate_sampled_selection(std::vector<float>(5000, 0.5f), 50);
+  ASSERT_TRUE(small.hit);
+  EXPECT_FALSE(small.single_key);
+  EXPECT_EQ(small.sent, cpu_indices(std::vector<float>(5000, 0.5f), 0.01));
+}
+
+// Exactly k keys above the bracket: no candidate is taken and the threshold is the bracket's top.
+TEST(TopKSampled, AllSentAboveTheBracketTakesNoCandidate) {
+  const size_t n = size_t(1) << 20;
+  const std::vector<float> x = all_sent_above_the_bracket(n, 1000);
+  const SampledOutcome got = emulate_sampled_selection(x, 1000);
+  ASSERT_TRUE(got.hit);
+  EXPECT_EQ(got.above, 1000u);
+  EXPECT_GT(got.in_bracket, 400u);
+  EXPECT_EQ(got.sent, cpu_indices(x, 1000.0 / double(n)));
+}
+
+TEST(TopKSampled, SpecSelectsTheSelection) {
+  EXPECT_EQ(make_codec("topk:fraction=0.01,selection=sampled")->describe(),
+            "topk(fraction=0.01, error_feedback=on, selection=sampled)");
+  EXPECT_EQ(make_codec("topk:selection=radix")->describe(), "topk(fraction=0.01, error_feedback=on)");
+  try {
+    make_codec("topk:selection=sort");
+    FAIL() << "accepted selection=sort";
+  } catch (const InvalidArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("selection"), std::string::npos) << e.what();
+  }
+  // On the CPU the selection option changes nothing: the same payload.
+  auto x = random_gradient(10007, 2);
+  auto radix = make_codec("topk:fraction=0.01");
+  auto sampled = make_codec("topk:fraction=0.01,selection=sampled");
+  auto rs = radix->make_state(TensorSpec::flat(x.size()));
+  auto ss = sampled->make_state(TensorSpec::flat(x.size()));
+  for (int step = 0; step < 3; ++step) EXPECT_EQ(encode(*radix, x, *rs), encode(*sampled, x, *ss));
+}
+
+}  // namespace
