@@ -1,0 +1,219 @@
+// The top-k kernels (kernels/compress/topk_kernels.cuh) run on the CPU through
+// tests/support/cuda_sim.h: their indexing, ranks, barriers and warp-synchronous logic against
+// the host's answers, on a host without a GPU. The histogram and compaction kernels have run on
+// an H100 (CudaTopK.*), so they also check the simulator; the warp-aggregated histogram, the
+// device tile scan and the sampled selection's kernels had not when these tests were written.
+// Small launches only (a std::thread per CUDA thread); the CUDA tests remain the reference.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "compress/helpers.h"
+#include "compress/topk_sample_emulation.h"
+#include "support/cuda_sim.h"
+
+namespace meshtrain::cuda::compress::detail {
+inline constexpr unsigned kThreads = 256;
+}
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
+#include "kernels/compress/topk_kernels.cuh"
+#pragma GCC diagnostic pop
+
+using namespace meshtrain::compress::testing;
+namespace kc = meshtrain::cuda::compress;
+namespace math = meshtrain::compress::math;
+
+namespace {
+
+// ucontext stack switches are not followed by AddressSanitizer (false reports).
+#if defined(__SANITIZE_ADDRESS__)
+#define SKIP_UNDER_ASAN() \
+  GTEST_SKIP() << "cuda_sim switches stacks with ucontext, which AddressSanitizer does not follow"
+#else
+#define SKIP_UNDER_ASAN() (void)0
+#endif
+
+unsigned blocks_for(uint64_t n, unsigned threads, unsigned at_most) {
+  return static_cast<unsigned>(std::clamp<uint64_t>((n + threads - 1) / threads, 1, at_most));
+}
+size_t tiles_for(size_t n) { return (n + kc::kTile - 1) / kc::kTile; }
+
+TEST(SimTopK, HistogramKernelsPlainAndWarpAggregatedCountLikeTheHost) {
+  SKIP_UNDER_ASAN();
+  for (size_t n : {size_t(1), size_t(31), size_t(33), size_t(4097)}) {
+    std::vector<float> x = random_gradient(n, 900 + n);
+    for (size_t i = 0; i < n; i += 7) x[i] = 0.0f;
+    for (size_t i = 3; i < n; i += 11) x[i] = -0.015625f;
+    const uint32_t some_key = math::magnitude_key(-0.015625f);
+    for (auto [shift, bits] : {std::pair{20u, 11u}, std::pair{9u, 11u}, std::pair{0u, 9u}}) {
+      const uint32_t above = shift + bits, prefix = above >= 31 ? 0u : some_key >> above;
+      std::vector<unsigned long long> expected(size_t(1) << bits, 0);
+      for (float v : x) {
+        const uint32_t key = math::magnitude_key(v);
+        if ((above >= 31 ? 0u : key >> above) == prefix) ++expected[(key >> shift) & ((1u << bits) - 1)];
+      }
+      for (bool aggregated : {false, true}) {
+        std::vector<unsigned long long> got(expected.size(), 0);
+        // Three blocks: the grid-stride loop goes round for the larger sizes.
+        cuda_sim::launch(3, kc::kThreads, (size_t(1) << bits) * 4,
+                         aggregated ? kc::histogram_aggregated_kernel : kc::histogram_kernel, x.data(), n, shift,
+                         bits, prefix, got.data());
+        EXPECT_EQ(got, expected) << "n " << n << " shift " << shift << (aggregated ? " aggregated" : " plain");
+      }
+    }
+  }
+  EXPECT_EQ(cuda_sim::violations(), 0);
+}
+
+// One block sums the tiles' counts kScanThreads at a time: exclusive prefixes and totals, with
+// and without the second (eq) array, across several rounds.
+TEST(SimTopK, TileScanCarriesAcrossRounds) {
+  SKIP_UNDER_ASAN();
+  for (size_t tiles : {size_t(1), size_t(1023), size_t(1024), size_t(2500)}) {
+    std::vector<uint32_t> gt(tiles), eq(tiles);
+    for (size_t t = 0; t < tiles; ++t) {
+      gt[t] = math::mix32(static_cast<uint32_t>(t)) % 4097;
+      eq[t] = math::mix32(static_cast<uint32_t>(t) + 77) % 5;
+    }
+    for (bool with_eq : {true, false}) {
+      std::vector<unsigned long long> before(2 * tiles + 2, ~0ull);
+      cuda_sim::launch(1, kc::kScanThreads, 0, kc::tile_scan_kernel, gt.data(), with_eq ? eq.data() : nullptr, tiles,
+                       before.data(), before.data() + 2 * tiles);
+      unsigned long long g = 0, e = 0;
+      for (size_t t = 0; t < tiles; ++t) {
+        ASSERT_EQ(before[t], g) << "tiles " << tiles << " gt prefix " << t;
+        ASSERT_EQ(before[tiles + t], e) << "tiles " << tiles << " eq prefix " << t;
+        g += gt[t];
+        e += with_eq ? eq[t] : 0;
+      }
+      EXPECT_EQ(before[2 * tiles], g);
+      EXPECT_EQ(before[2 * tiles + 1], e);
+    }
+  }
+  EXPECT_EQ(cuda_sim::violations(), 0);
+}
+
+struct Selected {
+  bool hit = false;
+  uint64_t candidates = 0;
+  std::vector<uint32_t> idx;
+  std::vector<float> val, residual;
+};
+
+// topk_compact with the device scan: count, scan, write (threshold and ties from the host).
+Selected compact_on_sim(std::vector<float> v, uint32_t threshold, uint64_t ties, uint64_t k) {
+  const size_t n = v.size(), tiles = tiles_for(n);
+  std::vector<uint32_t> gt(tiles), eq(tiles);
+  std::vector<unsigned long long> before(2 * tiles + 2);
+  cuda_sim::launch(static_cast<unsigned>(tiles), kc::kThreads, 0, kc::tile_count_kernel, v.data(), n, threshold,
+                   gt.data(), eq.data());
+  cuda_sim::launch(1, kc::kScanThreads, 0, kc::tile_scan_kernel, gt.data(), eq.data(), tiles, before.data(),
+                   before.data() + 2 * tiles);
+  Selected r{true, 0, std::vector<uint32_t>(k, 0xffffffffu), std::vector<float>(k), {}};
+  cuda_sim::launch(static_cast<unsigned>(tiles), kc::kThreads, 0, kc::tile_write_kernel, v.data(), v.data(), n,
+                   threshold, static_cast<unsigned long long>(ties), before.data(), before.data() + tiles, r.idx.data(),
+                   r.val.data(), static_cast<unsigned long long>(k), before.data() + 2 * tiles);
+  r.residual = std::move(v);
+  return r;
+}
+
+// topk_select_sampled's sequence with std::sort for CUB's sorts. The sample kernel runs when the
+// sample is small (a std::thread per sample otherwise); larger samples are read on the host with
+// the same positions.
+Selected sampled_on_sim(std::vector<float> v, uint64_t k) {
+  const size_t n = v.size(), tiles = tiles_for(n);
+  const kc::TopKSamplePlan plan = kc::topk_sample_plan(n, k);
+  std::vector<uint32_t> sample(plan.samples);
+  if (plan.samples <= 8192) {
+    cuda_sim::launch(blocks_for(plan.samples, kc::kThreads, 1u << 20), kc::kThreads, 0, kc::sample_keys_kernel,
+                     v.data(), static_cast<unsigned long long>(n), static_cast<unsigned long long>(plan.samples),
+                     sample.data());
+  } else {
+    for (uint64_t s = 0; s < plan.samples; ++s)
+      sample[s] = math::magnitude_key(v[math::topk_sample_index(s, n, plan.samples)]);
+  }
+  std::sort(sample.begin(), sample.end());
+  const uint32_t* lo = plan.lo_open ? nullptr : &sample[plan.lo_rank];
+  const uint32_t* hi = plan.hi_open ? nullptr : &sample[plan.hi_rank];
+  std::vector<unsigned long long> counters(4, 0), gathered(plan.capacity);
+  std::vector<uint32_t> tile_counts(tiles, 0xdeadbeefu);
+  cuda_sim::launch(static_cast<unsigned>(tiles), kc::kThreads, 0, kc::sampled_count_kernel, v.data(), n, lo, hi,
+                   tile_counts.data(), counters.data(), gathered.data(),
+                   static_cast<unsigned long long>(plan.capacity));
+  const uint64_t above = counters[0], in_bracket = counters[1];
+  EXPECT_EQ(counters[2], lo ? *lo : 0u);
+  EXPECT_EQ(counters[3], hi ? *hi : 0xffffffffu);
+  Selected r;
+  r.candidates = in_bracket;
+  if (above > k || above + in_bracket < k) return r;
+  if (in_bracket > plan.capacity) {
+    if (counters[2] != counters[3]) return r;
+    r = compact_on_sim(std::move(v), static_cast<uint32_t>(counters[3]), k - above, k);
+    r.candidates = in_bracket;
+    return r;
+  }
+  const uint64_t taken = k - above;
+  std::sort(gathered.begin(), gathered.begin() + static_cast<std::ptrdiff_t>(in_bracket));
+  kc::SampledThreshold threshold{};
+  cuda_sim::launch(blocks_for(taken, kc::kThreads, 4), kc::kThreads, 0, kc::sampled_take_kernel, gathered.data(),
+                   static_cast<unsigned long long>(taken), hi, tile_counts.data(), &threshold);
+  std::vector<unsigned long long> before(2 * tiles + 2);
+  cuda_sim::launch(1, kc::kScanThreads, 0, kc::tile_scan_kernel, tile_counts.data(), nullptr, tiles, before.data(),
+                   before.data() + 2 * tiles);
+  r.hit = true;
+  r.idx.assign(k, 0xffffffffu);
+  r.val.assign(k, 0.0f);
+  cuda_sim::launch(static_cast<unsigned>(tiles), kc::kThreads, 0, kc::sampled_write_kernel, v.data(), v.data(), n,
+                   &threshold, before.data(), before.data() + 2 * tiles, static_cast<unsigned long long>(k),
+                   r.idx.data(), r.val.data());
+  r.residual = std::move(v);
+  return r;
+}
+
+void expect_like_the_emulation(const std::vector<float>& x, uint64_t k, const std::string& at) {
+  const SampledOutcome expected = emulate_sampled_selection(x, k);
+  const Selected got = sampled_on_sim(x, k);
+  ASSERT_EQ(got.hit, expected.hit) << at;
+  EXPECT_EQ(got.candidates, expected.in_bracket) << at;
+  if (!got.hit) return;
+  ASSERT_EQ(got.idx, expected.sent) << at << (expected.single_key ? " (single-key bracket)" : "");
+  std::vector<float> residual = x;
+  for (size_t j = 0; j < k; ++j) {
+    ASSERT_EQ(bits(got.val[j]), bits(x[got.idx[j]])) << at << " value " << j;
+    residual[got.idx[j]] = 0.0f;
+  }
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(bits(got.residual[i]), bits(residual[i])) << at << " residual " << i;
+}
+
+// The sampled selection's kernels against its emulation: sample within one tile and across
+// several, k from 1 to all, ties (including a single-key bracket beyond the buffer, through
+// the compaction kernels), and, above 2^18 elements, a sample of strata and a case where no
+// candidate is taken.
+TEST(SimTopK, SampledKernelsDoWhatTheEmulationDoes) {
+  SKIP_UNDER_ASAN();
+  for (size_t n : {size_t(1), size_t(33), size_t(3 * 4096 + 17)}) {
+    std::vector<SampledTestData> data = sampled_test_data(n);
+    data.push_back({"all equal", std::vector<float>(n, 0.5f), false});
+    for (double fraction : {0.0, 0.01, 0.3, 1.0}) {
+      const uint64_t k = std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(fraction * double(n))));
+      for (const SampledTestData& d : data)
+        expect_like_the_emulation(d.x, k, std::string(d.name) + " n " + std::to_string(n) + " k " + std::to_string(k));
+    }
+  }
+  const size_t n = kc::kTopKSamples + 5 * 4096 + 17;  // 70 tiles
+  const std::vector<SampledTestData> data = sampled_test_data(n);
+  for (const SampledTestData& d : data) {
+    if (std::string(d.name) != "normal with outliers" && std::string(d.name) != "95% zeros") continue;
+    for (double fraction : {0.01, 0.3}) {
+      const uint64_t k = static_cast<uint64_t>(std::ceil(fraction * double(n)));
+      expect_like_the_emulation(d.x, k, std::string(d.name) + " n " + std::to_string(n) + " k " + std::to_string(k));
+    }
+  }
+  expect_like_the_emulation(all_sent_above_the_bracket(n, 1000), 1000, "k above the bracket");
+  EXPECT_EQ(cuda_sim::violations(), 0);
+}
+
+}  // namespace
