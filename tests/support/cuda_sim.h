@@ -5,7 +5,8 @@
 // cooperative and deterministic: a fiber runs until it reaches a barrier or returns.
 //
 // What it checks: indexing, ranks, barriers and the warp-synchronous logic of kernels written
-// against the built-ins below, with full warps. A full-mask warp intrinsic reached after a lane
+// against the built-ins below (thread and block indices, __syncthreads[_count], ballot,
+// match_any, shuffles of integers, atomicAdd, float4 / char4, max), with full warps. A full-mask warp intrinsic reached after a lane
 // of its warp has returned (undefined on a GPU) counts in cuda_sim::violations(); threads that
 // wait at barriers no other thread will reach (a GPU would hang) abort the test with a message.
 // What it cannot check: timing, memory ordering beyond barriers and launches, occupancy, and
@@ -245,3 +246,14 @@ T atomicAdd(T* address, T value) {
   *address = old + value;
   return old;
 }
+
+// CUDA's vector types and device max, as the kernels use them.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(4) char4 {
+  signed char x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline char4 make_char4(signed char x, signed char y, signed char z, signed char w) { return {x, y, z, w}; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
