@@ -1,38 +1,12 @@
-// kernels/compress/api.h: fp32 <-> fp16 / bf16 with codec_math.h's element math (the same bits
-// as lib/compress/cast.cpp), clamp and flush counts reduced per warp.
-#include "codec_math.h"
+// kernels/compress/api.h: fp32 <-> fp16 / bf16 launches; the kernels are in cast_kernels.cuh.
+#include "cast_kernels.cuh"
 #include "cuda_util.cuh"
 
 namespace meshtrain::cuda::compress {
 
 using namespace detail;
-namespace math = meshtrain::compress::math;
 
 namespace {
-
-template <bool kBf16>
-__global__ void encode_kernel(const float* x, uint16_t* out, size_t n, unsigned long long* counts) {
-  uint32_t clamped = 0, flushed = 0;
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const uint32_t bits = math::f2u(x[i]);
-    out[i] = kBf16 ? math::fp32_to_bf16(bits, clamped, flushed) : math::fp32_to_fp16(bits, clamped, flushed);
-  }
-  unsigned long long c = warp_sum(clamped), f = warp_sum(flushed);
-  if ((threadIdx.x & 31) == 0 && (c | f) != 0) {
-    atomicAdd(&counts[0], c);
-    atomicAdd(&counts[1], f);
-  }
-}
-
-template <bool kBf16>
-__global__ void decode_kernel(const uint16_t* in, float* out, size_t n, bool accumulate) {
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float v = kBf16 ? math::bf16_to_fp32(in[i]) : math::fp16_to_fp32(in[i]);
-    out[i] = accumulate ? math::add_rn(out[i], v) : v;
-  }
-}
 
 template <bool kBf16>
 CastCounts encode(const float* d_x, uint16_t* d_out, size_t n, int device, void* stream) {

@@ -1,11 +1,11 @@
-// kernels/compress/api.h: device memory, copies, the NaN/Inf scan and the fp32 add.
-#include "codec_math.h"
+// kernels/compress/api.h: device memory, copies, the NaN/Inf scan and the fp32 add (their
+// kernels are in common_kernels.cuh).
+#include "common_kernels.cuh"
 #include "cuda_util.cuh"
 
 namespace meshtrain::cuda::compress {
 
 using namespace detail;
-namespace math = meshtrain::compress::math;
 
 bool available() noexcept { return true; }
 
@@ -103,27 +103,6 @@ void zero_async(void* d_x, size_t bytes, int device, void* stream) {
   DeviceGuard guard(device);
   check(cudaMemsetAsync(d_x, 0, bytes, as_stream(stream)), "cudaMemsetAsync", device);
 }
-
-namespace {
-
-// Each thread's elements are visited in increasing order, so its first hit is its smallest.
-__global__ void find_nonfinite_kernel(const float* x, size_t n, unsigned long long* first) {
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    if (math::nonfinite(math::f2u(x[i]))) {
-      atomicMin(first, static_cast<unsigned long long>(i));
-      return;
-    }
-  }
-}
-
-__global__ void add_kernel(float* acc, const float* x, size_t n) {
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    acc[i] = math::add_rn(x[i], acc[i]);
-}
-
-}  // namespace
 
 size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream) {
   if (n == 0) return 0;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "api.h"
+#include "launch_shape.h"
 
 namespace meshtrain::cuda::compress::detail {
 
@@ -41,8 +42,6 @@ class DeviceGuard {
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
-constexpr unsigned kThreads = 256;
-
 // Blocks for a grid-stride loop over n elements: enough to fill any current GPU, capped so
 // that each thread does a few elements of a large tensor.
 inline unsigned grid_for(size_t n, unsigned threads = kThreads) {
@@ -72,11 +71,6 @@ inline void* thread_scratch(int device) {
   void*& p = cache.by_device[size_t(device)];
   if (p == nullptr) check(cudaMalloc(&p, kScratchBytes), "cudaMalloc (scratch)", device);
   return p;
-}
-
-__device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 }  // namespace meshtrain::cuda::compress::detail

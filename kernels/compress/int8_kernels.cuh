@@ -9,7 +9,7 @@
 //   feedback (one small CUDA block and two barriers per 256 elements), against a 0.30 ms floor
 //   for its 13 bytes per element (docs/compression.md).
 //
-// Included by int8.cu (after cuda_util.cuh, which gives detail::kThreads) and by
+// Included by int8.cu (after cuda_util.cuh) and by
 // tests/compress/int8_kernels_sim_test.cpp, which runs these kernels on the CPU through
 // tests/support/cuda_sim.h: keep them to the built-ins that file provides.
 #pragma once
@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "codec_math.h"
+#include "launch_shape.h"
 
 namespace meshtrain::cuda::compress {
 namespace {

@@ -10,16 +10,16 @@
 // before it; it goes to position gt_before(i) + min(eq_before(i), ties), so the output is in
 // index order and equals the CPU's.
 //
-// Included by topk.cu (after cuda_util.cuh, which gives detail::kThreads) and by
-// tests/compress/topk_kernels_sim_test.cpp, which runs these kernels on the CPU through
-// tests/support/cuda_sim.h (its own CUDA built-ins and kThreads): keep them to the built-ins
-// that file provides.
+// Included by topk.cu (after cuda_util.cuh) and by tests/compress/topk_kernels_sim_test.cpp,
+// which runs these kernels on the CPU through tests/support/cuda_sim.h (its own CUDA
+// built-ins): keep them to the built-ins that file provides.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
 #include "codec_math.h"
+#include "launch_shape.h"
 
 namespace meshtrain::cuda::compress {
 namespace {

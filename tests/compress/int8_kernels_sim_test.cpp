@@ -11,9 +11,6 @@
 #include "compress/helpers.h"
 #include "support/cuda_sim.h"
 
-namespace meshtrain::cuda::compress::detail {
-inline constexpr unsigned kThreads = 256;
-}
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
 #include "kernels/compress/int8_kernels.cuh"
@@ -25,13 +22,6 @@ using namespace meshtrain::compress::testing;
 namespace kc = meshtrain::cuda::compress;
 
 namespace {
-
-#if defined(__SANITIZE_ADDRESS__)
-#define SKIP_UNDER_ASAN() \
-  GTEST_SKIP() << "cuda_sim switches stacks with ucontext, which AddressSanitizer does not follow"
-#else
-#define SKIP_UNDER_ASAN() (void)0
-#endif
 
 // int8_quantize's launch (kernels/compress/int8.cu), on the simulator.
 void quantize_on_sim(const float* x, float* residual, size_t n, uint32_t block, bool stochastic, uint64_t seed,
@@ -61,7 +51,7 @@ struct Case {
 };
 
 TEST(SimInt8, QuantizeKernelsEqualTheCpuOverTwoSteps) {
-  SKIP_UNDER_ASAN();
+  CUDA_SIM_SKIP_UNDER_ASAN();
   const std::vector<Case> cases = {{256, Rounding::Nearest, true},     {128, Rounding::Stochastic, true},
                                    {512, Rounding::Nearest, false},    {1024, Rounding::Nearest, true},
                                    {64, Rounding::Stochastic, true},   {1000, Rounding::Nearest, false},
@@ -107,7 +97,7 @@ TEST(SimInt8, QuantizeKernelsEqualTheCpuOverTwoSteps) {
 }
 
 TEST(SimInt8, DequantizeKernelEqualsTheCpuDecode) {
-  SKIP_UNDER_ASAN();
+  CUDA_SIM_SKIP_UNDER_ASAN();
   for (uint32_t block : {37u, 256u}) {
     const size_t n = 4097, blocks = (n + block - 1) / block;
     auto codec = make_int8_codec({.block_size = block, .error_feedback = false});

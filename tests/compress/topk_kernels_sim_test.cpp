@@ -14,9 +14,6 @@
 #include "compress/topk_sample_emulation.h"
 #include "support/cuda_sim.h"
 
-namespace meshtrain::cuda::compress::detail {
-inline constexpr unsigned kThreads = 256;
-}
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
 #include "kernels/compress/topk_kernels.cuh"
@@ -28,21 +25,13 @@ namespace math = meshtrain::compress::math;
 
 namespace {
 
-// ucontext stack switches are not followed by AddressSanitizer (false reports).
-#if defined(__SANITIZE_ADDRESS__)
-#define SKIP_UNDER_ASAN() \
-  GTEST_SKIP() << "cuda_sim switches stacks with ucontext, which AddressSanitizer does not follow"
-#else
-#define SKIP_UNDER_ASAN() (void)0
-#endif
-
 unsigned blocks_for(uint64_t n, unsigned threads, unsigned at_most) {
   return static_cast<unsigned>(std::clamp<uint64_t>((n + threads - 1) / threads, 1, at_most));
 }
 size_t tiles_for(size_t n) { return (n + kc::kTile - 1) / kc::kTile; }
 
 TEST(SimTopK, HistogramKernelsPlainAndWarpAggregatedCountLikeTheHost) {
-  SKIP_UNDER_ASAN();
+  CUDA_SIM_SKIP_UNDER_ASAN();
   for (size_t n : {size_t(1), size_t(31), size_t(33), size_t(4097)}) {
     std::vector<float> x = random_gradient(n, 900 + n);
     for (size_t i = 0; i < n; i += 7) x[i] = 0.0f;
@@ -71,7 +60,7 @@ TEST(SimTopK, HistogramKernelsPlainAndWarpAggregatedCountLikeTheHost) {
 // One block sums the tiles' counts kScanThreads at a time: exclusive prefixes and totals, with
 // and without the second (eq) array, across several rounds.
 TEST(SimTopK, TileScanCarriesAcrossRounds) {
-  SKIP_UNDER_ASAN();
+  CUDA_SIM_SKIP_UNDER_ASAN();
   for (size_t tiles : {size_t(1), size_t(1023), size_t(1024), size_t(2500)}) {
     std::vector<uint32_t> gt(tiles), eq(tiles);
     for (size_t t = 0; t < tiles; ++t) {
@@ -193,7 +182,7 @@ void expect_like_the_emulation(const std::vector<float>& x, uint64_t k, const st
 // the compaction kernels), and, above 2^18 elements, a sample of strata and a case where no
 // candidate is taken.
 TEST(SimTopK, SampledKernelsDoWhatTheEmulationDoes) {
-  SKIP_UNDER_ASAN();
+  CUDA_SIM_SKIP_UNDER_ASAN();
   for (size_t n : {size_t(1), size_t(33), size_t(3 * 4096 + 17)}) {
     std::vector<SampledTestData> data = sampled_test_data(n);
     data.push_back({"all equal", std::vector<float>(n, 0.5f), false});

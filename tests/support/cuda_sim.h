@@ -29,6 +29,15 @@
 #include <vector>
 
 #define MESHTRAIN_CUDA_SIM 1
+
+// For gtest tests that use the simulator: AddressSanitizer does not follow ucontext's stack
+// switches (false reports), so they skip under it.
+#if defined(__SANITIZE_ADDRESS__)
+#define CUDA_SIM_SKIP_UNDER_ASAN() \
+  GTEST_SKIP() << "cuda_sim switches stacks with ucontext, which AddressSanitizer does not follow"
+#else
+#define CUDA_SIM_SKIP_UNDER_ASAN() (void)0
+#endif
 #define __global__
 #define __device__
 #define __host__
@@ -257,3 +266,9 @@ struct alignas(4) char4 {
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline char4 make_char4(signed char x, signed char y, signed char z, signed char w) { return {x, y, z, w}; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+template <typename T>
+T atomicMin(T* address, T value) {
+  const T old = *address;
+  if (value < old) *address = value;
+  return old;
+}
