@@ -65,6 +65,25 @@ void print_record(const std::string& codec, const std::string& op, size_t bytes,
   std::fflush(stdout);
 }
 
+// A record for a measurement that failed (a CUDA error, a codec's exception): the run goes on,
+// so one failing path does not lose the others' figures, and exits 1 at the end.
+int failures = 0;
+void print_failure(const std::string& codec, const std::string& op, const std::string& device, const char* what) {
+  ++failures;
+  std::fprintf(stderr, "meshtrain-bench-compress: %s %s: %s\n", codec.c_str(), op.c_str(), what);
+  std::printf("{\"codec\": \"%s\", \"op\": \"%s\", \"error\": \"%s\", \"device\": \"%s\"}\n",
+              json_escape(codec).c_str(), op.c_str(), json_escape(what).c_str(), json_escape(device).c_str());
+  std::fflush(stdout);
+}
+template <typename F>
+void guarded(const std::string& codec, const std::string& op, const std::string& device, F&& measure) {
+  try {
+    measure();
+  } catch (const std::exception& e) {
+    print_failure(codec, op, device, e.what());
+  }
+}
+
 const char* kOps[] = {"encode", "decode", "decode_accumulate"};
 
 // The codec cases to run: all, or those named with --codec.
@@ -86,7 +105,7 @@ void run_cpu(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
   prefault(out);
   const std::string device =
       "cpu (" + std::to_string(std::thread::hardware_concurrency()) + " hardware threads, 1 used)";
-  for (const auto& c : cases) {
+  for (const auto& c : cases) guarded(c.spec, "encode", device, [&] {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     auto state = codec->make_state(spec);
@@ -107,7 +126,7 @@ void run_cpu(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
       }
       print_record(c.spec, op, count * 4, payload.size(), median(times), median(copies), device, repeats);
     }
-  }
+  });
 }
 
 void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
@@ -197,10 +216,11 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     };
     // The selection bracketed by a sample (selection=sampled): whether its bracket held on this
     // data and how many candidates it gathered are printed after the phases.
-    kc::DeviceBuffer sampled_work(kc::topk_sampled_workspace_bytes(count, k, 0), 0);
+    kc::DeviceBuffer sampled_work;  // allocated by the first (untimed) call
     bool sampled_hit = false;
     uint64_t sampled_candidates = 0;
     auto sampled = [&] {
+      if (sampled_work.bytes() == 0) sampled_work = kc::DeviceBuffer(kc::topk_sampled_workspace_bytes(count, k, 0), 0);
       sampled_hit = kc::topk_select_sampled(v, nullptr, count, k, out.as<uint32_t>(),
                                             reinterpret_cast<float*>(out.as<uint32_t>() + k), sampled_work.data(),
                                             sampled_work.bytes(), 0, s, &sampled_candidates);
@@ -234,35 +254,39 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
            kc::synchronize(0, s);
          }},
     };
+    const std::string topk_codec = "topk:fraction=0.01,error_feedback=off";
     for (const auto& phase : phases) {
-      phase.run();
-      std::vector<double> times, copies;
-      for (int i = 0; i < repeats; ++i) {
-        copies.push_back(d2d());
-        times.push_back(seconds(phase.run));
-      }
-      print_record("topk:fraction=0.01,error_feedback=off", phase.op, bytes, 8 * k, median(times), median(copies),
-                   device, repeats);
+      guarded(topk_codec, phase.op, device, [&] {
+        phase.run();
+        std::vector<double> times, copies;
+        for (int i = 0; i < repeats; ++i) {
+          copies.push_back(d2d());
+          times.push_back(seconds(phase.run));
+        }
+        print_record(topk_codec, phase.op, bytes, 8 * k, median(times), median(copies), device, repeats);
+      });
     }
-    // The sampled selection's output against the radix select's compaction (both in index order).
-    auto selected = [&](const std::function<void()>& run) {
-      run();
-      std::vector<uint8_t> bytes_out(8 * k);
-      kc::copy_async(bytes_out.data(), out.data(), bytes_out.size(), 0, s);
-      kc::synchronize(0, s);
-      return bytes_out;
-    };
-    const bool sampled_matches = selected([&] { compact(); }) == selected(sampled);
-    std::printf("{\"codec\": \"topk:fraction=0.01,error_feedback=off\", \"op\": \"select_sampled_bracket\", "
-                "\"hit\": %s, \"matches_radix\": %s, \"candidates\": %llu, \"k\": %llu, \"count\": %zu, "
-                "\"device\": \"%s\"}\n",
-                sampled_hit ? "true" : "false", sampled_matches ? "true" : "false",
-                static_cast<unsigned long long>(sampled_candidates), static_cast<unsigned long long>(k), count,
-                json_escape(device).c_str());
-    std::fflush(stdout);
+    guarded(topk_codec, "select_sampled_bracket", device, [&] {
+      // The sampled selection's output against the radix select's compaction (both in index order).
+      auto selected = [&](const std::function<void()>& run) {
+        run();
+        std::vector<uint8_t> bytes_out(8 * k);
+        kc::copy_async(bytes_out.data(), out.data(), bytes_out.size(), 0, s);
+        kc::synchronize(0, s);
+        return bytes_out;
+      };
+      const bool sampled_matches = selected([&] { compact(); }) == selected(sampled);
+      std::printf("{\"codec\": \"topk:fraction=0.01,error_feedback=off\", \"op\": \"select_sampled_bracket\", "
+                  "\"hit\": %s, \"matches_radix\": %s, \"candidates\": %llu, \"k\": %llu, \"count\": %zu, "
+                  "\"device\": \"%s\"}\n",
+                  sampled_hit ? "true" : "false", sampled_matches ? "true" : "false",
+                  static_cast<unsigned long long>(sampled_candidates), static_cast<unsigned long long>(k), count,
+                  json_escape(device).c_str());
+      std::fflush(stdout);
+    });
   }
   // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).
-  for (const auto& c : cases) {
+  for (const auto& c : cases) guarded(c.spec, "encode", device, [&] {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     spec.device = DeviceKind::Cuda;
@@ -284,7 +308,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
       }
       print_record(c.spec, op, bytes, payload.size(), median(times), median(copies), device, repeats);
     }
-  }
+  });
   kc::stream_destroy(s, 0);
 }
 
@@ -323,5 +347,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "meshtrain-bench-compress: %s\n", e.what());
     return 1;
   }
-  return 0;
+  if (failures > 0) std::fprintf(stderr, "meshtrain-bench-compress: %d measurement(s) failed\n", failures);
+  return failures > 0 ? 1 : 0;
 }
