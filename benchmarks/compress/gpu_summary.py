@@ -40,6 +40,8 @@ def main(argv):
     for r in bench + torch_records:
         if "skipped" in r:
             print(f"skipped: {r['skipped']}")
+        if "error" in r:
+            print(f"FAILED: {r.get('codec')} {r.get('op')}: {r['error']}")
     # Codec records only (gpu-check.sh later appends the all-reduce's records to the same file).
     cuda = [r for r in bench if "ratio_vs_memcpy" in r and str(r.get("device", "")).startswith("cuda")]
     if cuda:
