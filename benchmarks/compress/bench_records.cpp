@@ -48,8 +48,16 @@ double median(std::vector<double> v) {
 std::string json_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {  // control characters (an error message's newline)
+      char u[8];
+      std::snprintf(u, sizeof u, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
+      out += u;
+    } else {
+      out += c;
+    }
   }
   return out;
 }
@@ -105,7 +113,7 @@ void run_cpu(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
   prefault(out);
   const std::string device =
       "cpu (" + std::to_string(std::thread::hardware_concurrency()) + " hardware threads, 1 used)";
-  for (const auto& c : cases) guarded(c.spec, "encode", device, [&] {
+  for (const auto& c : cases) guarded(c.spec, "setup", device, [&] {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     auto state = codec->make_state(spec);
@@ -114,7 +122,7 @@ void run_cpu(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     BufferView g{grad.data(), count, DType::Float32};
     BufferView o{out.data(), count, DType::Float32};
     codec->encode(g, *state, payload);  // warm-up: first touch, and a steady-state residual
-    for (const char* op : kOps) {
+    for (const char* op : kOps) guarded(c.spec, op, device, [&] {
       std::vector<double> times, copies;
       for (int r = 0; r < repeats; ++r) {
         copies.push_back(seconds([&] { std::memcpy(copy.data(), grad.data(), bytes); }));
@@ -125,7 +133,7 @@ void run_cpu(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         }));
       }
       print_record(c.spec, op, count * 4, payload.size(), median(times), median(copies), device, repeats);
-    }
+    });
   });
 }
 
@@ -173,7 +181,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         {"int8", "decode_accumulate_kernel", count + count / 64,
          [&] { kc::int8_dequantize(q.as<int8_t>(), scales.as<float>(), count, 256, o.as<float>(), true, 0, s); }},
     };
-    for (auto& k : kernels) {
+    for (auto& k : kernels) guarded(k.codec, k.op, device, [&] {
       k.run();
       kc::synchronize(0, s);
       std::vector<double> times, copies;
@@ -185,7 +193,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         }));
       }
       print_record(k.codec, k.op, bytes, k.payload, median(times), median(copies), device, repeats);
-    }
+    });
   }
   // Top-k of 1% by phases, as the codec's encode without error feedback runs them (radix passes
   // of 11, 11 and 9 bits: lib/compress/topk.cpp), on device buffers: where its time goes, and
@@ -248,11 +256,12 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         {"select_histogram_pass3_aggregated", [&] { pass(0, 9, true); }},
         {"select_compact_device_scan", [&] { compact(true); }},
         {"select_kernel_next", [&] { select(true); }},
-        {"select_sampled", sampled},
         {"payload_to_host", [&] {
            kc::copy_async(payload.data(), out.data(), 8 * k, 0, s);
            kc::synchronize(0, s);
          }},
+        // Last: not yet run on a GPU, and a device fault would spoil every later measurement.
+        {"select_sampled", sampled},
     };
     const std::string topk_codec = "topk:fraction=0.01,error_feedback=off";
     for (const auto& phase : phases) {
@@ -267,15 +276,20 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
       });
     }
     guarded(topk_codec, "select_sampled_bracket", device, [&] {
-      // The sampled selection's output against the radix select's compaction (both in index order).
+      // The sampled selection's output against the radix select's compaction (both in index order),
+      // each into an output filled with 0xff first; compared only when the bracket held.
+      const std::vector<uint8_t> poison(8 * k, 0xff);
       auto selected = [&](const std::function<void()>& run) {
+        kc::copy_async(out.data(), poison.data(), poison.size(), 0, s);
         run();
         std::vector<uint8_t> bytes_out(8 * k);
         kc::copy_async(bytes_out.data(), out.data(), bytes_out.size(), 0, s);
         kc::synchronize(0, s);
         return bytes_out;
       };
-      const bool sampled_matches = selected([&] { compact(); }) == selected(sampled);
+      const std::vector<uint8_t> by_radix = selected([&] { compact(); });
+      const std::vector<uint8_t> by_sample = selected(sampled);
+      const bool sampled_matches = sampled_hit && by_radix == by_sample;
       std::printf("{\"codec\": \"topk:fraction=0.01,error_feedback=off\", \"op\": \"select_sampled_bracket\", "
                   "\"hit\": %s, \"matches_radix\": %s, \"candidates\": %llu, \"k\": %llu, \"count\": %zu, "
                   "\"device\": \"%s\"}\n",
@@ -286,7 +300,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     });
   }
   // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).
-  for (const auto& c : cases) guarded(c.spec, "encode", device, [&] {
+  for (const auto& c : cases) guarded(c.spec, "setup", device, [&] {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     spec.device = DeviceKind::Cuda;
@@ -296,7 +310,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     BufferView g{x.data(), count, DType::Float32, DeviceKind::Cuda, 0};
     BufferView out{o.data(), count, DType::Float32, DeviceKind::Cuda, 0};
     codec->encode(g, *state, payload, CudaStream{s});
-    for (const char* op : kOps) {
+    for (const char* op : kOps) guarded(c.spec, op, device, [&] {
       std::vector<double> times, copies;
       for (int r = 0; r < repeats; ++r) {
         copies.push_back(d2d());
@@ -307,7 +321,7 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
         }));
       }
       print_record(c.spec, op, bytes, payload.size(), median(times), median(copies), device, repeats);
-    }
+    });
   });
   kc::stream_destroy(s, 0);
 }

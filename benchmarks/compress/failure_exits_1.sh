@@ -7,6 +7,6 @@ out=$("$1" --device cpu --bytes 65536 --repeats 1 --codec topk:fraction=2 --code
 rc=$?
 echo "$out"
 [ "$rc" -eq 1 ] || { echo "FAIL: exit $rc, expected 1"; exit 1; }
-grep -q '"codec": "topk:fraction=2", "op": "encode", "error":' <<<"$out" || { echo "FAIL: no error record"; exit 1; }
+grep -q '"codec": "topk:fraction=2", "op": "setup", "error":' <<<"$out" || { echo "FAIL: no error record"; exit 1; }
 grep -q '"codec": "int8", "op": "decode_accumulate"' <<<"$out" || { echo "FAIL: int8 records missing"; exit 1; }
 echo "ok"

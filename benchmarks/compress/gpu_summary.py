@@ -87,13 +87,14 @@ def main(argv):
             print(f"  candidate selection (select_kernel_next: aggregated histograms, device scan): "
                   f"{base / phases['select_kernel_next']['median_ms']:.2f}x torch.topk")
         if "select_sampled" in phases:  # selection=sampled, not yet the codec's default
-            bracket = next((r for r in bench if r.get("op") == "select_sampled_bracket"), None)
+            bracket = next((r for r in bench if r.get("op") == "select_sampled_bracket" and "error" not in r), None)
             valid = bool(bracket and bracket.get("hit") and bracket.get("matches_radix"))
             if not bracket or not bracket.get("hit"):
                 held = "bracket MISSED: timed up to the miss, not a selection"
             else:
+                same = bracket.get("matches_radix")
                 held = (f"bracket held, {bracket['candidates']} candidates for k = {bracket['k']}, output "
-                        + ("equals the radix select's" if bracket.get("matches_radix") else "DIFFERS from the radix select's"))
+                        + ("equals the radix select's" if same else "DIFFERS from the radix select's"))
             sampled = base / phases["select_sampled"]["median_ms"]
             print(f"  sampled selection (select_sampled; {held}): {sampled:.2f}x torch.topk  target >= 3: "
                   + ("met" if sampled >= 3 and valid else "NOT met"))

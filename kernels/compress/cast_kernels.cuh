@@ -2,7 +2,7 @@
 // codec_math.h's element math (the same bits as lib/compress/cast.cpp), clamp and flush counts
 // reduced per warp.
 //
-// Included by cast.cu (after cuda_util.cuh) and by tests/compress/cast_kernels_sim_test.cpp,
+// Included by cast.cu and by tests/compress/cast_kernels_sim_test.cpp,
 // which runs these kernels on the CPU through tests/support/cuda_sim.h: keep them to the
 // built-ins that file provides.
 #pragma once

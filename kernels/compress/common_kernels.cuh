@@ -1,6 +1,6 @@
 // The NaN/Inf scan and the fp32 add behind kernels/compress/api.h (launched by common.cu).
 //
-// Included by common.cu (after cuda_util.cuh) and by tests/compress/cast_kernels_sim_test.cpp,
+// Included by common.cu and by tests/compress/cast_kernels_sim_test.cpp,
 // which runs these kernels on the CPU through tests/support/cuda_sim.h: keep them to the
 // built-ins that file provides.
 #pragma once

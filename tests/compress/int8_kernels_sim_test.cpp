@@ -51,7 +51,6 @@ struct Case {
 };
 
 TEST(SimInt8, QuantizeKernelsEqualTheCpuOverTwoSteps) {
-  CUDA_SIM_SKIP_UNDER_ASAN();
   const std::vector<Case> cases = {{256, Rounding::Nearest, true},     {128, Rounding::Stochastic, true},
                                    {512, Rounding::Nearest, false},    {1024, Rounding::Nearest, true},
                                    {64, Rounding::Stochastic, true},   {1000, Rounding::Nearest, false},
@@ -59,37 +58,40 @@ TEST(SimInt8, QuantizeKernelsEqualTheCpuOverTwoSteps) {
   for (const Case& c : cases) {
     for (size_t n : {size_t(1), size_t(255), size_t(257), size_t(4097), size_t(3 * 1024 + 5)}) {
       for (size_t offset : {size_t(0), size_t(1)}) {  // 1: x and the residual 4 bytes past 16-byte alignment
-        const std::string at = "block " + std::to_string(c.block) + " n " + std::to_string(n) + " offset " +
-                               std::to_string(offset) + (c.rounding == Rounding::Stochastic ? " stochastic" : "") +
-                               (c.error_feedback ? "" : " no feedback");
-        auto codec = make_int8_codec({.block_size = c.block, .rounding = c.rounding, .seed = 11,
-                                      .error_feedback = c.error_feedback});
-        auto state = codec->make_state(TensorSpec::flat(n));
-        const size_t blocks = (n + c.block - 1) / c.block;
-        // 16-byte aligned storage, viewed at `offset` floats.
-        std::vector<float4> x_store(n / 4 + 2), r_store(n / 4 + 2);
-        float* x = reinterpret_cast<float*>(x_store.data()) + offset;
-        float* residual = c.error_feedback ? reinterpret_cast<float*>(r_store.data()) + offset : nullptr;
-        if (residual) std::fill(residual, residual + n, 0.0f);
-        for (uint64_t step = 0; step < 2; ++step) {
-          const std::vector<float> g = random_gradient(n, 70 + 13 * step + n);
-          std::copy(g.begin(), g.end(), x);
-          const std::vector<uint8_t> expected = encode(*codec, g, *state);
-          std::vector<float> scales(blocks);
-          std::vector<int8_t> q(n);
-          quantize_on_sim(x, residual, n, c.block, c.rounding == Rounding::Stochastic, 11, step, q.data(),
-                          scales.data());
-          ASSERT_EQ(expected.size(), kPayloadHeaderBytes + 4 * blocks + n) << at;
-          ASSERT_EQ(std::memcmp(expected.data() + kPayloadHeaderBytes, scales.data(), 4 * blocks), 0)
-              << at << " step " << step << ": scales";
-          ASSERT_EQ(std::memcmp(expected.data() + kPayloadHeaderBytes + 4 * blocks, q.data(), n), 0)
-              << at << " step " << step << ": q";
-          if (residual) {
-            const std::vector<float> cpu = state->residual();
-            for (size_t i = 0; i < n; ++i)
-              ASSERT_EQ(bits(residual[i]), bits(cpu[i])) << at << " step " << step << ": residual " << i;
+        cuda_sim::for_each_order([&](const char* order) {
+          const std::string at = std::string(order) + ", block " + std::to_string(c.block) + " n " +
+                                 std::to_string(n) + " offset " + std::to_string(offset) +
+                                 (c.rounding == Rounding::Stochastic ? " stochastic" : "") +
+                                 (c.error_feedback ? "" : " no feedback");
+          auto codec = make_int8_codec({.block_size = c.block, .rounding = c.rounding, .seed = 11,
+                                        .error_feedback = c.error_feedback});
+          auto state = codec->make_state(TensorSpec::flat(n));
+          const size_t blocks = (n + c.block - 1) / c.block;
+          // 16-byte aligned storage, viewed at `offset` floats.
+          std::vector<float4> x_store(n / 4 + 2), r_store(n / 4 + 2);
+          float* x = reinterpret_cast<float*>(x_store.data()) + offset;
+          float* residual = c.error_feedback ? reinterpret_cast<float*>(r_store.data()) + offset : nullptr;
+          if (residual) std::fill(residual, residual + n, 0.0f);
+          for (uint64_t step = 0; step < 2; ++step) {
+            const std::vector<float> g = random_gradient(n, 70 + 13 * step + n);
+            std::copy(g.begin(), g.end(), x);
+            const std::vector<uint8_t> expected = encode(*codec, g, *state);
+            std::vector<float> scales(blocks);
+            std::vector<int8_t> q(n);
+            quantize_on_sim(x, residual, n, c.block, c.rounding == Rounding::Stochastic, 11, step, q.data(),
+                            scales.data());
+            ASSERT_EQ(expected.size(), kPayloadHeaderBytes + 4 * blocks + n) << at;
+            ASSERT_EQ(std::memcmp(expected.data() + kPayloadHeaderBytes, scales.data(), 4 * blocks), 0)
+                << at << " step " << step << ": scales";
+            ASSERT_EQ(std::memcmp(expected.data() + kPayloadHeaderBytes + 4 * blocks, q.data(), n), 0)
+                << at << " step " << step << ": q";
+            if (residual) {
+              const std::vector<float> cpu = state->residual();
+              for (size_t i = 0; i < n; ++i)
+                ASSERT_EQ(bits(residual[i]), bits(cpu[i])) << at << " step " << step << ": residual " << i;
+            }
           }
-        }
+        });
       }
     }
   }
@@ -97,7 +99,6 @@ TEST(SimInt8, QuantizeKernelsEqualTheCpuOverTwoSteps) {
 }
 
 TEST(SimInt8, DequantizeKernelEqualsTheCpuDecode) {
-  CUDA_SIM_SKIP_UNDER_ASAN();
   for (uint32_t block : {37u, 256u}) {
     const size_t n = 4097, blocks = (n + block - 1) / block;
     auto codec = make_int8_codec({.block_size = block, .error_feedback = false});
@@ -110,9 +111,13 @@ TEST(SimInt8, DequantizeKernelEqualsTheCpuDecode) {
       std::vector<float> expected = random_gradient(n, 5), got = expected;
       if (accumulate) codec->decode_accumulate(payload, view(expected));
       else codec->decode(payload, view(expected));
-      cuda_sim::launch(3, kc::kThreads, 0, kc::dequantize_kernel, q, scales.data(), n, block, got.data(), accumulate);
-      for (size_t i = 0; i < n; ++i)
-        ASSERT_EQ(bits(got[i]), bits(expected[i])) << "block " << block << (accumulate ? " accumulate" : "") << " " << i;
+      cuda_sim::for_each_order([&](const char* order) {
+        std::vector<float> out = got;
+        cuda_sim::launch(3, kc::kThreads, 0, kc::dequantize_kernel, q, scales.data(), n, block, out.data(), accumulate);
+        for (size_t i = 0; i < n; ++i)
+          ASSERT_EQ(bits(out[i]), bits(expected[i])) << "block " << block << (accumulate ? " accumulate " : " ") << i
+                                                     << ", " << order;
+      });
     }
   }
   EXPECT_EQ(cuda_sim::violations(), 0);

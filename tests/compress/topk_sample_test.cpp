@@ -43,8 +43,6 @@ TEST(TopKSampled, PlanBracketsTheRankWithinTheSample) {
       EXPECT_EQ(p.samples, std::min<uint64_t>(n, kc::kTopKSamples));
       EXPECT_LE(p.lo_rank, p.hi_rank);
       EXPECT_LT(p.hi_rank, p.samples);
-      EXPECT_EQ(p.lo_open, p.lo_rank == 0);
-      EXPECT_EQ(p.hi_open, p.hi_rank == p.samples - 1);
       EXPECT_GE(p.capacity, std::min<uint64_t>(n, 8192));
       EXPECT_LE(p.capacity, n);
       EXPECT_LT(p.capacity, uint64_t(INT32_MAX));  // the device sorts count in int
@@ -91,12 +89,10 @@ TEST(TopKSampled, SelectsWhatTheRadixSelectSendsAndTheBracketHolds) {
         const uint64_t k = k_for(fraction, n);
         const SampledOutcome got = emulate_sampled_selection(d.x, k);
         if (d.must_hit) ASSERT_TRUE(got.hit) << "above " << got.above << " candidates " << got.in_bracket;
-        if (got.hit) {
-          EXPECT_EQ(got.sent, cpu_indices(d.x, fraction));
-        } else {
-          EXPECT_TRUE(got.above > k || got.above + got.in_bracket < k ||
-                      got.in_bracket > kc::topk_sample_plan(n, k).capacity);
-        }
+        if (got.hit) EXPECT_EQ(got.sent, cpu_indices(d.x, fraction));
+        // Normal data keeps its candidates well inside the buffer (3x the expected number).
+        if (std::string(d.name) == "normal with outliers" && n > kc::kTopKSamples)
+          EXPECT_LT(got.in_bracket, kc::topk_sample_plan(n, k).capacity / 2);
         // Beyond 5% of a 95%-zero tensor the threshold is 0: one key, more ties than the buffer.
         if (std::string(d.name) == "95% zeros" && fraction >= 0.1 && n > kc::kTopKSamples)
           EXPECT_TRUE(got.single_key);

@@ -6,38 +6,48 @@
 //
 // What it checks: indexing, ranks, barriers and the warp-synchronous logic of kernels written
 // against the built-ins below (thread and block indices, __syncthreads[_count], ballot,
-// match_any, shuffles of integers, atomicAdd, float4 / char4, max), with full warps. A full-mask warp intrinsic reached after a lane
-// of its warp has returned (undefined on a GPU) counts in cuda_sim::violations(); threads that
-// wait at barriers no other thread will reach (a GPU would hang) abort the test with a message.
+// match_any, shuffles of integers, atomicAdd/Min, float4 / char4, max), with full warps. A
+// full-mask warp intrinsic reached after a lane of its warp has returned (undefined on a GPU)
+// counts in cuda_sim::violations(); threads that wait at barriers no other thread will reach (a
+// GPU would hang), lanes meeting in different intrinsics, a grid of 0 blocks and over 48 KiB of
+// dynamic shared memory abort the test with a message. Under AddressSanitizer the fiber
+// switches are annotated, so out-of-bounds accesses by a kernel are reported.
 // What it cannot check: timing, memory ordering beyond barriers and launches, occupancy, and
 // anything the compiler does differently for a GPU; the CUDA tests on a GPU remain the reference.
 //
 // Include it before the kernels, then launch with cuda_sim::launch(grid, threads, shared_bytes,
-// kernel, args...). __shared__ variables are function statics: right while blocks run one at a
-// time, as here, and never read before written in a block (as CUDA requires anyway).
+// kernel, args...). A fixed schedule could hide a missing barrier (a thread reading what a
+// lower-numbered thread wrote without __syncthreads would always see it), so tests run each
+// case under both orders (cuda_sim::for_each_order): forward, and blocks and threads in reverse.
+// Limits: __shared__ variables are function statics, so a block that reads one before writing
+// it sees the previous block's value instead of garbage; lanes that reach different warp
+// intrinsics of the same kind pair up as on no GPU (different kinds abort).
 #pragma once
 
 #include <ucontext.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CUDA_SIM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUDA_SIM_ASAN 1
+#endif
+#endif
+#ifdef CUDA_SIM_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #define MESHTRAIN_CUDA_SIM 1
-
-// For gtest tests that use the simulator: AddressSanitizer does not follow ucontext's stack
-// switches (false reports), so they skip under it.
-#if defined(__SANITIZE_ADDRESS__)
-#define CUDA_SIM_SKIP_UNDER_ASAN() \
-  GTEST_SKIP() << "cuda_sim switches stacks with ucontext, which AddressSanitizer does not follow"
-#else
-#define CUDA_SIM_SKIP_UNDER_ASAN() (void)0
-#endif
 #define __global__
 #define __device__
 #define __host__
@@ -71,8 +81,11 @@ struct Barrier {
 struct Warp {
   Barrier sync;
   unsigned long long slot[32] = {};
+  int kind[32] = {};  // which intrinsic each lane is in: lanes of one call must agree
   unsigned exited = 0;
 };
+
+enum class Order { Forward, Reverse };
 
 struct State {
   ucontext_t scheduler{};
@@ -82,10 +95,16 @@ struct State {
   Barrier block;
   unsigned long long pending = 0, published = 0;  // __syncthreads_count's sum before / after
   std::vector<Warp> warps;
-  std::vector<unsigned long long> dynamic_shared;
+  alignas(16) unsigned char dynamic_shared[48 * 1024];  // kMaxDynamicShared
   std::function<void()> body;
   unsigned block_index = 0, grid_blocks = 1, block_threads = 1;
+  Order order = Order::Forward;
   int violations = 0;
+#ifdef CUDA_SIM_ASAN
+  void* fake_stack = nullptr;
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_bytes = 0;
+#endif
 };
 inline State& state() {
   static State s;
@@ -93,7 +112,40 @@ inline State& state() {
 }
 inline int violations() { return state().violations; }
 
+// Runs `body` once per schedule order (forward, then reverse); it should launch and check.
+template <typename Body>
+void for_each_order(Body&& body) {
+  for (Order o : {Order::Forward, Order::Reverse}) {
+    state().order = o;
+    body(o == Order::Forward ? "forward order" : "reverse order");
+  }
+  state().order = Order::Forward;
+}
+
 constexpr size_t kStackBytes = 64 * 1024;
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute's opt-in
+
+// AddressSanitizer follows the stack switches when told (fiber annotations).
+inline void switch_to_fiber(ucontext_t* from, ucontext_t* to, const void* stack, size_t bytes) {
+#ifdef CUDA_SIM_ASAN
+  __sanitizer_start_switch_fiber(&state().fake_stack, stack, bytes);
+  swapcontext(from, to);
+  __sanitizer_finish_switch_fiber(state().fake_stack, nullptr, nullptr);
+#else
+  (void)stack, (void)bytes;
+  swapcontext(from, to);
+#endif
+}
+inline void switch_to_scheduler(ucontext_t* from) {
+#ifdef CUDA_SIM_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, state().scheduler_stack, state().scheduler_stack_bytes);
+  swapcontext(from, &state().scheduler);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  swapcontext(from, &state().scheduler);
+#endif
+}
 
 inline void release(Barrier& b, bool is_block) {
   if (is_block) {
@@ -113,7 +165,7 @@ inline void arrive_and_wait(Barrier& b, bool is_block) {
   }
   s.current->blocked = true;
   b.waiting.push_back(s.current);
-  swapcontext(&s.current->context, &s.scheduler);
+  switch_to_scheduler(&s.current->context);
 }
 
 inline void arrive_and_drop(Barrier& b, bool is_block) {
@@ -123,26 +175,38 @@ inline void arrive_and_drop(Barrier& b, bool is_block) {
 
 inline void fiber_entry() {
   State& s = state();
+#ifdef CUDA_SIM_ASAN
+  // The scheduler's stack, to switch back to.
+  __sanitizer_finish_switch_fiber(nullptr, &s.scheduler_stack, &s.scheduler_stack_bytes);
+#endif
   s.body();
   Fiber* f = s.current;
   Warp& w = s.warps[f->index / 32];
   ++w.exited;
+  w.kind[f->index % 32] = 0;
   arrive_and_drop(w.sync, false);
   arrive_and_drop(s.block, true);
   f->done = true;  // uc_link returns to the scheduler
+#ifdef CUDA_SIM_ASAN
+  __sanitizer_start_switch_fiber(nullptr, s.scheduler_stack, s.scheduler_stack_bytes);  // this fiber ends
+#endif
 }
 
 inline Warp& my_warp() { return state().warps[state().current->index / 32]; }
 inline unsigned my_lane() { return state().current->index % 32; }
 
 // Every lane publishes `mine`; each gets f(slots, its lane) once all have.
+enum Intrinsic { kBallot = 1, kMatchAny, kShfl, kShflUp, kShflXor };
 template <typename F>
-unsigned long long exchange(unsigned mask, unsigned long long mine, F f) {
+unsigned long long exchange(int kind, unsigned mask, unsigned long long mine, F f) {
   if (mask != 0xffffffffu) fail("only full-mask warp intrinsics are simulated");
   Warp& w = my_warp();
   w.slot[my_lane()] = mine;
+  w.kind[my_lane()] = kind;
   arrive_and_wait(w.sync, false);
   if (w.exited != 0) ++state().violations;  // a lane returned before this full-mask call
+  for (unsigned l = 0; l < 32; ++l)
+    if (w.kind[l] != kind && w.kind[l] != 0) fail("lanes of one warp met in different warp intrinsics");
   const unsigned long long r = f(w.slot, my_lane());
   arrive_and_wait(w.sync, false);  // nobody rewrites a slot before every lane has read
   return r;
@@ -151,18 +215,21 @@ unsigned long long exchange(unsigned mask, unsigned long long mine, F f) {
 template <typename Kernel, typename... Args>
 void launch(unsigned grid, unsigned threads, size_t shared_bytes, Kernel kernel, Args... args) {
   if (threads == 0 || threads % 32 != 0 || threads > 1024) fail("blocks of 1 to 32 whole warps only");
+  if (grid == 0) fail("a grid of 0 blocks (an invalid configuration on a GPU)");
+  if (shared_bytes > kMaxDynamicShared) fail("over 48 KiB of dynamic shared memory (an opt-in on a GPU)");
   State& s = state();
   s.grid_blocks = grid;
   s.block_threads = threads;
   s.body = [&] { kernel(args...); };
   while (s.stacks.size() < threads) s.stacks.push_back(std::make_unique<char[]>(kStackBytes));
-  for (unsigned b = 0; b < grid; ++b) {
+  for (unsigned i = 0; i < grid; ++i) {
+    const unsigned b = s.order == Order::Forward ? i : grid - 1 - i;
     s.block_index = b;
     s.block = Barrier{threads, 0, {}};
     s.pending = s.published = 0;
     s.warps.assign(threads / 32, Warp{});
     for (Warp& w : s.warps) w.sync.expected = 32;
-    s.dynamic_shared.assign(shared_bytes / 8 + 1, 0xa5a5a5a5a5a5a5a5ull);  // shared memory starts undefined
+    std::memset(s.dynamic_shared, 0xa5, sizeof s.dynamic_shared);  // shared memory starts undefined
     s.fibers.assign(threads, Fiber{});
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& f = s.fibers[t];
@@ -176,13 +243,14 @@ void launch(unsigned grid, unsigned threads, size_t shared_bytes, Kernel kernel,
     for (unsigned live = threads; live > 0;) {
       bool ran = false;
       live = 0;
-      for (Fiber& f : s.fibers) {
+      for (unsigned j = 0; j < threads; ++j) {
+        Fiber& f = s.fibers[s.order == Order::Forward ? j : threads - 1 - j];
         if (f.done) continue;
         ++live;
         if (f.blocked) continue;
         ran = true;
         s.current = &f;
-        swapcontext(&s.scheduler, &f.context);
+        switch_to_fiber(&s.scheduler, &f.context, s.stacks[f.index].get(), kStackBytes);
         s.current = nullptr;
       }
       if (live > 0 && !ran) fail("deadlock: every live thread waits at a barrier that cannot complete");
@@ -195,12 +263,10 @@ void launch(unsigned grid, unsigned threads, size_t shared_bytes, Kernel kernel,
 
 #define threadIdx (dim3{cuda_sim::state().current->index, 0, 0})
 #define blockIdx (dim3{cuda_sim::state().block_index, 0, 0})
-#define blockDim (dim3{cuda_sim::state().block_threads, 0, 0})
-#define gridDim (dim3{cuda_sim::state().grid_blocks, 0, 0})
+#define blockDim (dim3{cuda_sim::state().block_threads, 1, 1})
+#define gridDim (dim3{cuda_sim::state().grid_blocks, 1, 1})
 
-inline uint32_t* dynamic_shared_words() {
-  return reinterpret_cast<uint32_t*>(cuda_sim::state().dynamic_shared.data());
-}
+inline uint32_t* dynamic_shared_words() { return reinterpret_cast<uint32_t*>(cuda_sim::state().dynamic_shared); }
 
 inline void __syncthreads() { cuda_sim::arrive_and_wait(cuda_sim::state().block, true); }
 inline int __syncthreads_count(int predicate) {
@@ -210,29 +276,31 @@ inline int __syncthreads_count(int predicate) {
 }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
-  return static_cast<unsigned>(cuda_sim::exchange(mask, predicate != 0, [](const unsigned long long* s, unsigned) {
+  const auto ballot = [](const unsigned long long* s, unsigned) {
     unsigned long long bits = 0;
     for (unsigned l = 0; l < 32; ++l) bits |= (s[l] != 0 ? 1ull : 0ull) << l;
     return bits;
-  }));
+  };
+  return static_cast<unsigned>(cuda_sim::exchange(cuda_sim::kBallot, mask, predicate != 0, ballot));
 }
 inline unsigned __match_any_sync(unsigned mask, unsigned value) {
-  return static_cast<unsigned>(cuda_sim::exchange(mask, value, [](const unsigned long long* s, unsigned lane) {
+  const auto match = [](const unsigned long long* s, unsigned lane) {
     unsigned long long bits = 0;
     for (unsigned l = 0; l < 32; ++l) bits |= (s[l] == s[lane] ? 1ull : 0ull) << l;
     return bits;
-  }));
+  };
+  return static_cast<unsigned>(cuda_sim::exchange(cuda_sim::kMatchAny, mask, value, match));
 }
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int src_lane) {
   static_assert(std::is_integral_v<T>, "cuda_sim shuffles integers only");
-  return static_cast<T>(cuda_sim::exchange(mask, static_cast<unsigned long long>(value),
+  return static_cast<T>(cuda_sim::exchange(cuda_sim::kShfl, mask, static_cast<unsigned long long>(value),
                                            [&](const unsigned long long* s, unsigned) { return s[src_lane & 31]; }));
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T value, unsigned delta) {
   static_assert(std::is_integral_v<T>, "cuda_sim shuffles integers only");
-  return static_cast<T>(cuda_sim::exchange(mask, static_cast<unsigned long long>(value),
+  return static_cast<T>(cuda_sim::exchange(cuda_sim::kShflUp, mask, static_cast<unsigned long long>(value),
                                            [&](const unsigned long long* s, unsigned lane) {
                                              return lane >= delta ? s[lane - delta] : s[lane];
                                            }));
@@ -240,7 +308,7 @@ T __shfl_up_sync(unsigned mask, T value, unsigned delta) {
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   static_assert(std::is_integral_v<T>, "cuda_sim shuffles integers only");
-  return static_cast<T>(cuda_sim::exchange(mask, static_cast<unsigned long long>(value),
+  return static_cast<T>(cuda_sim::exchange(cuda_sim::kShflXor, mask, static_cast<unsigned long long>(value),
                                            [&](const unsigned long long* s, unsigned lane) {
                                              return s[(lane ^ static_cast<unsigned>(lane_mask)) & 31];
                                            }));
