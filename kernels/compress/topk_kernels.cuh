@@ -165,8 +165,10 @@ __device__ __forceinline__ unsigned long long warp_inclusive_sum(unsigned long l
   return v;
 }
 
-__global__ void tile_scan_kernel(const uint32_t* gt, const uint32_t* eq, size_t tiles, unsigned long long* before,
-                                 unsigned long long* totals) {
+// One block of kScanThreads (1024): the bound keeps its registers within what such a block may use.
+__global__ void __launch_bounds__(kScanThreads)
+    tile_scan_kernel(const uint32_t* gt, const uint32_t* eq, size_t tiles, unsigned long long* before,
+                     unsigned long long* totals) {
   __shared__ unsigned long long warp_g[kScanThreads / 32], warp_e[kScanThreads / 32];
   __shared__ unsigned long long carry_g, carry_e;
   const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x / 32;
