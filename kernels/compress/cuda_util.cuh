@@ -3,7 +3,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -41,13 +40,6 @@ class DeviceGuard {
 };
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
-
-// Blocks for a grid-stride loop over n elements: enough to fill any current GPU, capped so
-// that each thread does a few elements of a large tensor.
-inline unsigned grid_for(size_t n, unsigned threads = kThreads) {
-  size_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(std::clamp<size_t>(blocks, 1, 1u << 16));
-}
 
 inline void check_launch(const char* what, int device) { check(cudaGetLastError(), what, device); }
 

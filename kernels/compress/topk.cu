@@ -21,7 +21,6 @@ namespace {
 constexpr size_t kWorkAlign = 256;
 
 size_t work_align(size_t bytes) { return (bytes + kWorkAlign - 1) / kWorkAlign * kWorkAlign; }
-size_t tiles_for(size_t n) { return (n + kTile - 1) / kTile; }
 size_t histogram_work_bytes(uint32_t bits) { return (size_t(1) << bits) * sizeof(unsigned long long); }
 size_t compact_counts_bytes(size_t tiles) { return work_align(2 * tiles * sizeof(uint32_t)); }
 size_t compact_work_bytes(size_t n) {
@@ -201,7 +200,7 @@ bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k,
   check(cudaMemsetAsync(counters, 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
   cub::DoubleBuffer<uint32_t> sample(reinterpret_cast<uint32_t*>(base + l.sample),
                                      reinterpret_cast<uint32_t*>(base + l.sample_alt));
-  sample_keys_kernel<<<static_cast<unsigned>((l.plan.samples + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+  sample_keys_kernel<<<blocks_covering(l.plan.samples), kThreads, 0, s>>>(
       d_v, n, l.plan.samples, sample.Current());
   check_launch("topk sample kernel", device);
   size_t sort_bytes = l.sort_bytes;  // each sort gets the whole storage (CUB takes the size by reference)

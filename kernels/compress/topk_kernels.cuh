@@ -37,6 +37,7 @@ __device__ __forceinline__ uint32_t* dynamic_shared_words() {
 
 constexpr unsigned kTileChunks = 16;
 constexpr size_t kTile = size_t(kThreads) * kTileChunks;
+inline size_t tiles_for(size_t n) { return (n + kTile - 1) / kTile; }
 
 // A block's shared-memory bins: zeroed before counting, added to the global bins after.
 __device__ __forceinline__ void clear_bins(uint32_t* local, uint32_t bins) {

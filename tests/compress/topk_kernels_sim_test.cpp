@@ -26,10 +26,9 @@ namespace math = meshtrain::compress::math;
 
 namespace {
 
-unsigned blocks_for(uint64_t n, unsigned threads, unsigned at_most) {
-  return static_cast<unsigned>(std::clamp<uint64_t>((n + threads - 1) / threads, 1, at_most));
-}
-size_t tiles_for(size_t n) { return (n + kc::kTile - 1) / kc::kTile; }
+using kc::tiles_for;
+using kc::detail::blocks_covering;
+using kc::detail::grid_for;
 
 TEST(SimTopK, HistogramKernelsPlainAndWarpAggregatedCountLikeTheHost) {
   for (size_t n : {size_t(1), size_t(31), size_t(33), size_t(4097)}) {
@@ -129,7 +128,7 @@ Selected sampled_on_sim(std::vector<float> v, uint64_t k) {
   const kc::TopKSamplePlan plan = kc::topk_sample_plan(n, k);
   std::vector<uint32_t> sample(plan.samples);
   if (plan.samples <= 8192) {
-    cuda_sim::launch(blocks_for(plan.samples, kc::kThreads, 1u << 20), kc::kThreads, 0, kc::sample_keys_kernel,
+    cuda_sim::launch(blocks_covering(plan.samples), kc::kThreads, 0, kc::sample_keys_kernel,
                      v.data(), static_cast<unsigned long long>(n), static_cast<unsigned long long>(plan.samples),
                      sample.data());
   } else {
@@ -159,7 +158,7 @@ Selected sampled_on_sim(std::vector<float> v, uint64_t k) {
   const uint64_t taken = k - above;
   std::sort(gathered.begin(), gathered.begin() + static_cast<std::ptrdiff_t>(in_bracket));
   kc::SampledThreshold threshold{};
-  cuda_sim::launch(blocks_for(taken, kc::kThreads, 4), kc::kThreads, 0, kc::sampled_take_kernel, gathered.data(),
+  cuda_sim::launch(grid_for(taken), kc::kThreads, 0, kc::sampled_take_kernel, gathered.data(),
                    static_cast<unsigned long long>(taken), hi, tile_counts.data(), &threshold);
   std::vector<unsigned long long> before(2 * tiles + 2);
   cuda_sim::launch(1, kc::kScanThreads, 0, kc::tile_scan_kernel, tile_counts.data(), nullptr, tiles, before.data(),
@@ -264,7 +263,7 @@ TEST(SimTopK, SampleKernelReadsOneElementPerStratum) {
     for (size_t s = 0; s < m; ++s) expected[s] = math::magnitude_key(x[math::topk_sample_index(s, n, m)]);
     cuda_sim::for_each_order([&](const char* order) {
       std::vector<uint32_t> got(m, 0xffffffffu);
-      cuda_sim::launch(blocks_for(m, kc::kThreads, 1u << 20), kc::kThreads, 0, kc::sample_keys_kernel, x.data(),
+      cuda_sim::launch(blocks_covering(m), kc::kThreads, 0, kc::sample_keys_kernel, x.data(),
                        static_cast<unsigned long long>(n), static_cast<unsigned long long>(m), got.data());
       EXPECT_EQ(got, expected) << "n " << n << " m " << m << ", " << order;
     });
