@@ -403,15 +403,12 @@ TEST(TopK, AllEqualAndAllZeroInputs) {
 }
 
 TEST(TopK, KIsTheCeilingOfFractionTimesCount) {
-  auto k_of = [](double fraction, size_t n) {
-    return (make_topk_codec({.fraction = fraction})->encoded_bytes(n) - kPayloadHeaderBytes) / 8;
-  };
-  EXPECT_EQ(k_of(0.07, 100), 7u);  // 0.07 * 100 is 7.000000000000001 in double: still 7
-  EXPECT_EQ(k_of(0.01, 1), 1u);
-  EXPECT_EQ(k_of(0.5, 3), 2u);
-  EXPECT_EQ(k_of(1.0, 5), 5u);
-  EXPECT_EQ(k_of(0.001, 1000001), 1001u);
-  EXPECT_EQ(k_of(0.01, 0), 0u);
+  EXPECT_EQ(topk_k_of(0.07, 100), 7u);  // 0.07 * 100 is 7.000000000000001 in double: still 7
+  EXPECT_EQ(topk_k_of(0.01, 1), 1u);
+  EXPECT_EQ(topk_k_of(0.5, 3), 2u);
+  EXPECT_EQ(topk_k_of(1.0, 5), 5u);
+  EXPECT_EQ(topk_k_of(0.001, 1000001), 1001u);
+  EXPECT_EQ(topk_k_of(0.01, 0), 0u);
 }
 
 // ---------------------------------------------------------------------------------------------

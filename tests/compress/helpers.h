@@ -39,6 +39,11 @@ inline std::vector<float> decode(const Codec& codec, const std::vector<uint8_t>&
   return out;
 }
 
+// The k a top-k codec of this fraction sends for n elements, read off its payload size.
+inline uint64_t topk_k_of(double fraction, size_t n) {
+  return (make_topk_codec({.fraction = fraction})->encoded_bytes(n) - kPayloadHeaderBytes) / 8;
+}
+
 // Codec specs the parameterised tests run over (make_codec syntax).
 inline std::vector<std::string> all_codec_specs() {
   return {"none",

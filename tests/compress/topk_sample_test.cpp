@@ -18,16 +18,12 @@ namespace kc = meshtrain::cuda::compress;
 
 namespace {
 
-uint64_t k_for(double fraction, size_t n) {
-  return (make_topk_codec({.fraction = fraction})->encoded_bytes(n) - kPayloadHeaderBytes) / 8;
-}
-
 // The indices the CPU codec sends for x at this fraction.
 std::vector<uint32_t> cpu_indices(const std::vector<float>& x, double fraction) {
   auto codec = make_topk_codec({.fraction = fraction, .error_feedback = false});
   auto state = codec->make_state(TensorSpec::flat(x.size()));
   const auto payload = encode(*codec, x, *state);
-  const uint64_t k = k_for(fraction, x.size());
+  const uint64_t k = topk_k_of(fraction, x.size());
   std::vector<uint32_t> idx(k);
   std::memcpy(idx.data(), payload.data() + kPayloadHeaderBytes, 4 * k);
   return idx;
@@ -37,7 +33,7 @@ TEST(TopKSampled, PlanBracketsTheRankWithinTheSample) {
   for (uint64_t n : {uint64_t(1), uint64_t(7), uint64_t(1000), uint64_t(1) << 18, (uint64_t(1) << 26) + 5,
                      uint64_t(UINT32_MAX)}) {
     for (double fraction : {1e-6, 0.001, 0.01, 0.5, 1.0}) {
-      const uint64_t k = k_for(fraction, n);
+      const uint64_t k = topk_k_of(fraction, n);
       const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k);
       SCOPED_TRACE("n " + std::to_string(n) + " k " + std::to_string(k));
       EXPECT_EQ(p.samples, std::min<uint64_t>(n, kc::kTopKSamples));
@@ -51,7 +47,7 @@ TEST(TopKSampled, PlanBracketsTheRankWithinTheSample) {
     }
   }
   // 1% of 64M: about 0.3% of the elements are candidates, against k = 1%.
-  const kc::TopKSamplePlan p = kc::topk_sample_plan(uint64_t(1) << 26, k_for(0.01, size_t(1) << 26));
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(uint64_t(1) << 26, topk_k_of(0.01, size_t(1) << 26));
   EXPECT_LT(double(p.hi_rank - p.lo_rank + 1) / double(p.samples), 0.004);
 }
 
@@ -86,7 +82,7 @@ TEST(TopKSampled, SelectsWhatTheRadixSelectSendsAndTheBracketHolds) {
     for (const SampledTestData& d : sampled_test_data(n)) {
       for (double fraction : {0.001, 0.01, 0.1, 0.5, 1.0}) {
         SCOPED_TRACE(std::string(d.name) + " n " + std::to_string(n) + " fraction " + std::to_string(fraction));
-        const uint64_t k = k_for(fraction, n);
+        const uint64_t k = topk_k_of(fraction, n);
         const SampledOutcome got = emulate_sampled_selection(d.x, k);
         if (d.must_hit) ASSERT_TRUE(got.hit) << "above " << got.above << " candidates " << got.in_bracket;
         if (got.hit) EXPECT_EQ(got.sent, cpu_indices(d.x, fraction));
@@ -103,7 +99,7 @@ TEST(TopKSampled, SelectsWhatTheRadixSelectSendsAndTheBracketHolds) {
 
 TEST(TopKSampled, TiesOfOneKeyBeyondTheBufferHoldAndHiddenDataMisses) {
   const size_t n = size_t(1) << 20;
-  const uint64_t k = k_for(0.01, n);
+  const uint64_t k = topk_k_of(0.01, n);
   // All equal: every element is a candidate, more than the buffer holds, but the bracket is one
   // key: the threshold, with the first k of its ties.
   const std::vector<float> equal(n, 0.5f);
