@@ -290,10 +290,9 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
       const std::vector<uint8_t> by_radix = selected([&] { compact(); });
       const std::vector<uint8_t> by_sample = selected(sampled);
       const bool sampled_matches = sampled_hit && by_radix == by_sample;
-      std::printf("{\"codec\": \"topk:fraction=0.01,error_feedback=off\", \"op\": \"select_sampled_bracket\", "
-                  "\"hit\": %s, \"matches_radix\": %s, \"candidates\": %llu, \"k\": %llu, \"count\": %zu, "
-                  "\"device\": \"%s\"}\n",
-                  sampled_hit ? "true" : "false", sampled_matches ? "true" : "false",
+      std::printf("{\"codec\": \"%s\", \"op\": \"select_sampled_bracket\", \"hit\": %s, \"matches_radix\": %s, "
+                  "\"candidates\": %llu, \"k\": %llu, \"count\": %zu, \"device\": \"%s\"}\n",
+                  json_escape(topk_codec).c_str(), sampled_hit ? "true" : "false", sampled_matches ? "true" : "false",
                   static_cast<unsigned long long>(sampled_candidates), static_cast<unsigned long long>(k), count,
                   json_escape(device).c_str());
       std::fflush(stdout);
