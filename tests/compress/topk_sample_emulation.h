@@ -5,10 +5,13 @@
 // candidate count and the same selection.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "compress/helpers.h"
@@ -72,6 +75,37 @@ inline SampledOutcome emulate_sampled_selection(const std::vector<float>& v, uin
     if (key > threshold || (key == threshold && i < cutoff)) out.sent.push_back(static_cast<uint32_t>(i));
   }
   return out;
+}
+
+// What a run of the sampled selection left, against the emulation's outcome for the same data
+// x and k: the same hit or miss and candidate count; on a hit, the emulation's indices, their
+// values and the residual (x before the call) with them cleared; on a miss, nothing written
+// (the indices still the 0xff poison the caller filled them with, the residual unchanged).
+struct SampledRun {
+  bool hit = false;
+  uint64_t candidates = 0;
+  std::vector<uint32_t> idx;  // k entries
+  std::vector<float> val;     // k entries
+  std::vector<float> residual;
+};
+inline void expect_like_the_emulation(const SampledRun& got, const SampledOutcome& expected,
+                                      const std::vector<float>& x, const std::string& at) {
+  ASSERT_EQ(got.hit, expected.hit) << at;
+  EXPECT_EQ(got.candidates, expected.in_bracket) << at;
+  std::vector<float> residual = x;
+  if (got.hit) {
+    ASSERT_EQ(got.idx, expected.sent) << at << (expected.single_key ? " (single-key bracket)" : "");
+    for (size_t j = 0; j < got.idx.size(); ++j) {
+      ASSERT_EQ(bits(got.val[j]), bits(x[got.idx[j]])) << at << " value " << j;
+      residual[got.idx[j]] = 0.0f;
+    }
+  } else {
+    for (size_t j = 0; j < got.idx.size(); ++j)
+      ASSERT_EQ(got.idx[j], 0xffffffffu) << at << ": a miss wrote index " << j;
+  }
+  ASSERT_EQ(got.residual.size(), residual.size()) << at;
+  for (size_t i = 0; i < residual.size(); ++i)
+    ASSERT_EQ(bits(got.residual[i]), bits(residual[i])) << at << " residual " << i;
 }
 
 // Gradient-like data for both: normal with outliers, heavy-tailed, laid out in rows of different
