@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kScanThreads)
 constexpr unsigned kWarpSpan = kTileChunks * 32;
 static_assert(kTile == size_t(kThreads / 32) * kWarpSpan, "a tile is its warps' spans");
 
-// The threshold the write pass applies: key > key_above, or key == key_above and i < cutoff.
+// The threshold the write pass applies: a key above `key`, or equal to it with i < cutoff.
 struct SampledThreshold {
   uint32_t key;
   uint32_t unused;
