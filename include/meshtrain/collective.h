@@ -68,7 +68,7 @@ struct CommunicatorOptions {
   // The CUDA stream that buffers on a CUDA device are read and written on (nullptr: the legacy
   // default stream, which is torch's current stream unless the caller switched streams). A
   // collective orders itself after the work already enqueued there and has written its result
-  // when it returns. From torch: c10::cuda::getCurrentCUDAStream().stream().
+  // when it returns. From torch: torch_glue::current_cuda_stream(device) (meshtrain/torch.h).
   compress::CudaStream cuda_stream;
   // Test hook: called at each ring step ("reduce_scatter" or "all_gather", index); may kill the
   // process to inject a fault at a precise point.

@@ -1,5 +1,6 @@
 // meshtrain torch glue (library meshtrain_torch, CMake target meshtrain::torch): torch tensors
-// as BufferViews, and a torch::nn::Module with its torch::optim::Optimizer saved into a
+// as BufferViews; gradient codecs (meshtrain/compress.h) on torch tensors, on torch's current
+// CUDA stream; and a torch::nn::Module with its torch::optim::Optimizer saved into a
 // checkpoint::State and restored from a checkpoint, exactly enough that a resumed run continues
 // bit-identically (parameters, buffers, optimizer moments and step counters, optimizer options,
 // torch's RNG states).
@@ -24,8 +25,10 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "meshtrain/checkpoint.h"
+#include "meshtrain/compress.h"
 #include "meshtrain/core.h"
 
 namespace at {
@@ -62,6 +65,46 @@ at::Tensor from_buffer_view(const BufferView& view, std::span<const int64_t> sha
 
 // A checkpoint tensor of a contiguous CPU tensor (borrowed, as to_buffer_view).
 checkpoint::TensorView to_tensor_view(const at::Tensor& tensor, std::string name);
+
+// ---------------------------------------------------------------------------------------------
+// CUDA streams. meshtrain's CUDA work (codec kernels, a Communicator's staging) runs on the
+// stream it is given; torch's ops run on the *current* stream of their device, which the
+// caller may have switched (c10::cuda::CUDAStreamGuard, torch.cuda.stream(...) in Python).
+// Running on that stream orders meshtrain's work after the ops that produced a gradient and
+// before the ops that read what meshtrain wrote, with no synchronisation in between.
+
+// torch's current stream on CUDA device `device_index`, e.g. for
+// collective::CommunicatorOptions::cuda_stream. InvalidArgumentError when the torch that
+// meshtrain_torch was built against has no CUDA, or torch sees no such device.
+compress::CudaStream current_cuda_stream(int device_index);
+// The stream torch would run work on `tensor` on: its device's current stream; {} (no stream)
+// for a CPU tensor.
+compress::CudaStream current_stream_of(const at::Tensor& tensor);
+
+// ---------------------------------------------------------------------------------------------
+// Codecs on torch tensors: the Codec calls of meshtrain/compress.h with a tensor in place of a
+// BufferView, on torch's current stream of the tensor's device. Tensors are float32 and
+// contiguous, on the CPU or a CUDA device; `name` (a parameter's name) is in every error, which
+// keeps its type (InvalidArgumentError for the tensor, ProtocolError / CorruptError for a bad
+// payload). Each call returns when its work is done, as the Codec's do.
+
+// The tensor's shape (PowerSGD compresses a tensor of 2 or more dimensions as
+// shape[0] x the rest) and device.
+compress::TensorSpec tensor_spec(const at::Tensor& tensor, std::string_view name);
+// A codec state for gradients shaped and placed like `like` (once per parameter).
+std::unique_ptr<compress::CodecState> make_state(const compress::Codec& codec, const at::Tensor& like,
+                                                 std::string_view name);
+// Encodes `grad` into `out` (at least codec.encoded_bytes(state.spec()) bytes); returns the
+// bytes written. The second form returns the payload.
+size_t encode(const compress::Codec& codec, const at::Tensor& grad, compress::CodecState& state,
+              std::span<uint8_t> out, std::string_view name);
+std::vector<uint8_t> encode(const compress::Codec& codec, const at::Tensor& grad, compress::CodecState& state,
+                            std::string_view name);
+// out = the decoded tensor; out += the decoded tensor (out unchanged when the payload is bad).
+void decode(const compress::Codec& codec, std::span<const uint8_t> payload, const at::Tensor& out,
+            std::string_view name);
+void decode_accumulate(const compress::Codec& codec, std::span<const uint8_t> payload, const at::Tensor& out,
+                       std::string_view name);
 
 // ---------------------------------------------------------------------------------------------
 // Saving: a snapshot of the training state at a step boundary.
