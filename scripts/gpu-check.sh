@@ -159,7 +159,8 @@ stage ctest_cuda 150 "$out/ctest-cuda.log" \
 stage bench_gpu 150 "$out/bench-gpu.jsonl" "$cuda_build/benchmarks/compress/meshtrain-bench-compress" \
   --device cuda --bytes 268435456 --repeats 9 --codec fp16 --codec bf16 --codec int8 \
   --codec int8:error_feedback=off --codec topk:fraction=0.01 --codec topk:fraction=0.01,error_feedback=off \
-  --codec topk:fraction=0.01,selection=sampled --codec topk:fraction=0.01,error_feedback=off,selection=sampled
+  --codec topk:fraction=0.01,selection=sampled --codec topk:fraction=0.01,error_feedback=off,selection=sampled \
+  --codec powersgd:rank=4
 stage torch_topk 90 "$out/torch-topk.jsonl" python3 benchmarks/compress/torch_topk.py \
   --count 67108864 --fraction 0.01 --repeats 9
 stage summary 20 "$out/summary.txt" python3 benchmarks/compress/gpu_summary.py \

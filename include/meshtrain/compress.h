@@ -163,9 +163,8 @@ class Codec {
   // Encodes `grad` (fp32, count == state.count(), on state.spec()'s device) into `out` (host
   // memory, at least encoded_bytes(state.spec()) bytes) and updates the state's residual. The
   // payload is a deterministic function of (codec configuration, grad, state): the same inputs
-  // give the same bytes on every host, and the CUDA path gives the CPU path's bytes (PowerSGD
-  // on a CUDA tensor is staged through host memory and runs the CPU path). Returns the bytes
-  // written.
+  // give the same bytes on every host, and the CUDA path gives the CPU path's bytes. Returns
+  // the bytes written.
   // Throws InvalidArgumentError (wrong dtype, count, device, state of another codec, `out` too
   // small, a non-finite element).
   virtual size_t encode(BufferView grad, CodecState& state, std::span<uint8_t> out,
@@ -235,7 +234,7 @@ std::unique_ptr<Codec> make_codec(std::string_view spec);
 //   powersgd_finish:       out = p q^T;  residual = M - p q^T;  Q = q (the next warm start)
 // Members that start from the same Q and all-reduce the same p and q get the same bytes out.
 // A shape with rank 0 (1-D, or r(rows + cols) >= rows * cols) is not compressed: the caller
-// all-reduces the gradient itself and calls none of these. CPU buffers only; a state of
+// all-reduces the gradient itself and calls none of these. CPU buffers and states only; a state of
 // another codec is an InvalidArgumentError; the project step rejects NaN/Inf like encode.
 struct LowRankShape {
   size_t rows = 0, cols = 0, rank = 0;  // rank 0: sent uncompressed

@@ -214,4 +214,19 @@ bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k,
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device,
                  void* stream);
 
+// ---- PowerSGD's products (powersgd.cu; powersgd_kernels.cuh says how), in the CPU reference's
+// order, so that they give its bits. M is rows x cols, P rows x r, Q cols x r, all row-major fp32
+// on `device`; 1 <= r <= 64. Each enqueues.
+// d_p = M Q.
+void lowrank_project(const float* d_m, const float* d_q, size_t rows, size_t cols, uint32_t r, float* d_p,
+                     int device, void* stream);
+// d_q = M^T P.
+void lowrank_back_project(const float* d_m, const float* d_p, size_t rows, size_t cols, uint32_t r, float* d_q,
+                          int device, void* stream);
+// d_out = P Q^T (Assign), d_out += P Q^T (Add: decode_accumulate), d_out -= P Q^T (Subtract: the
+// residual's update).
+enum class LowRankWrite : int { Assign = 0, Add = 1, Subtract = 2 };
+void lowrank_reconstruct(const float* d_p, const float* d_q, size_t rows, size_t cols, uint32_t r, float* d_out,
+                         LowRankWrite write, int device, void* stream);
+
 }  // namespace meshtrain::cuda::compress

@@ -184,4 +184,38 @@ MT_HD uint64_t topk_sample_index(uint64_t s, uint64_t n, uint64_t m) {
   return begin + mix32(static_cast<uint32_t>(s) * 0x9e3779b9u + 0x7f4a7c15u) % width;
 }
 
+// ---- PowerSGD's products (lib/compress/powersgd.cpp, powersgd_kernels.cuh). The sums run in
+// double, in a fixed order; a float times a float is exact in double, so only the additions
+// round, and an FMA would round the same (the explicit intrinsics keep nvcc honest anyway).
+MT_HD double dadd_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+MT_HD double dmul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+// acc[l] += sum over j ascending of m_row[j] * q[j r + l], for the r columns of Q: one row of
+// P = M Q (acc starts at 0).
+MT_HD void lowrank_project_row(const float* m_row, const float* q, uint64_t cols, uint32_t r, double* acc) {
+  for (uint64_t j = 0; j < cols; ++j) {
+    const double v = m_row[j];
+    const float* qj = q + j * r;
+    for (uint32_t l = 0; l < r; ++l) acc[l] = dadd_rn(acc[l], dmul_rn(v, qj[l]));
+  }
+}
+// One element of P Q^T: sum over l ascending of p_row[l] * q_row[l], in float. What decode
+// writes and what the residual subtracts, bit for bit.
+MT_HD float lowrank_element(const float* p_row, const float* q_row, uint32_t r) {
+  float acc = 0.0f;
+  for (uint32_t l = 0; l < r; ++l) acc = add_rn(acc, mul_rn(p_row[l], q_row[l]));
+  return acc;
+}
+
 }  // namespace meshtrain::compress::math

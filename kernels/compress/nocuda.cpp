@@ -69,5 +69,14 @@ bool topk_select_sampled(const float*, float*, size_t, uint64_t, uint32_t*, floa
   unavailable("topk_select_sampled");
 }
 void scatter_add(const uint32_t*, const float*, uint64_t, float*, int, void*) { unavailable("scatter_add"); }
+void lowrank_project(const float*, const float*, size_t, size_t, uint32_t, float*, int, void*) {
+  unavailable("lowrank_project");
+}
+void lowrank_back_project(const float*, const float*, size_t, size_t, uint32_t, float*, int, void*) {
+  unavailable("lowrank_back_project");
+}
+void lowrank_reconstruct(const float*, const float*, size_t, size_t, uint32_t, float*, LowRankWrite, int, void*) {
+  unavailable("lowrank_reconstruct");
+}
 
 }  // namespace meshtrain::cuda::compress

@@ -11,9 +11,10 @@
 // are sent uncompressed (fp32, flag 1 in the header) and leave no residual.
 //
 // The products are written out here (no BLAS dependency): loops in row-major order with
-// double accumulators, a fixed summation order, so the payload is deterministic. On a CUDA
-// tensor the gradient is staged through host memory and this CPU path runs; the residual and
-// Q live on the host (docs/compression.md: cuBLAS products are future work).
+// double accumulators, a fixed summation order, so the payload is deterministic. A CUDA
+// tensor's products run on its device (kernels/compress/powersgd_kernels.cuh) in the same
+// order, so they give the same bits; its residual lives there too. Only P (rows x r) crosses
+// to the host in the middle of an encode, to be orthonormalised, and Q for the payload.
 #include <cmath>
 
 #include "compress/common.h"
@@ -38,20 +39,12 @@ Shape matrix_shape(const TensorSpec& spec, uint32_t rank) {
   return s;
 }
 
-// out[i, j] = sum_l P[i, l] Q[j, l], float, l ascending: what decode computes and what the
-// residual subtracts, bit for bit.
-inline float reconstruct(const float* p_row, const float* q_row, size_t r) {
-  float acc = 0.0f;
-  for (size_t l = 0; l < r; ++l) acc += p_row[l] * q_row[l];
-  return acc;
-}
-
 class PowerSgdState final : public StateBase {
  public:
   PowerSgdState(TensorSpec spec, Shape shape, uint64_t seed, bool error_feedback)
       : StateBase(CodecId::PowerSgd, std::move(spec)), shape_(shape), seed_(seed) {
     has_residual_ = error_feedback && shape.rank > 0;
-    if (has_residual_) residual_.assign(count(), 0.0f);
+    if (has_residual_) residual_ = Residual(count(), this->spec().device, this->spec().device_index);
     init_q();
   }
   // Without the scratch buffers.
@@ -61,19 +54,20 @@ class PowerSgdState final : public StateBase {
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<PowerSgdState>(*this); }
   // Q and the residual change in place through three calls (compress.h): no staging.
   void stage() override { CodecState::stage(); }
-  std::vector<float> residual() const override { return has_residual_ ? residual_ : std::vector<float>{}; }
+  std::vector<float> residual() const override { return has_residual_ ? residual_.to_host() : std::vector<float>{}; }
   void reset() override {
     StateBase::reset();
-    std::fill(residual_.begin(), residual_.end(), 0.0f);
+    if (has_residual_) residual_.zero();
     init_q();
   }
 
   const Shape& shape() const { return shape_; }
   bool has_residual() const { return has_residual_; }
-  std::vector<float>& residual_vec() { return residual_; }
-  std::vector<float>& q() { return q_; }
-  std::vector<float> host_grad;  // CUDA tensors: the staged gradient
-  std::vector<float> scratch;    // M without error feedback
+  // M after project (x + residual, in place); null without error feedback. On the tensor's device.
+  float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+  std::vector<float>& q() { return q_; }  // on the host, also for a CUDA tensor (it goes into the payload)
+  std::vector<float> scratch;             // CPU: M without error feedback
+  kc::DeviceBuffer d_p, d_q;              // CUDA: P and Q for the products (kept, not cloned)
 
  private:
   // Q_0: uniform in [-1, 1) from a hash of (seed, element), identical on every peer.
@@ -88,7 +82,7 @@ class PowerSgdState final : public StateBase {
   Shape shape_;
   uint64_t seed_;
   bool has_residual_ = false;
-  std::vector<float> residual_;
+  Residual residual_;
   std::vector<float> q_;
 };
 
@@ -98,9 +92,8 @@ class PowerSgdState final : public StateBase {
 void project(const float* x, PowerSgdState& s, float* p) {
   const Shape& sh = s.shape();
   const size_t rows = sh.rows, cols = sh.cols, r = sh.rank, n = rows * cols;
-  float* m = nullptr;
-  if (s.has_residual()) {
-    m = s.residual_vec().data();
+  float* m = s.residual_data();
+  if (m != nullptr) {
     for (size_t i = 0; i < n; ++i) m[i] = x[i] + m[i];
   } else {
     s.scratch.assign(x, x + n);
@@ -110,18 +103,13 @@ void project(const float* x, PowerSgdState& s, float* p) {
   std::vector<double> acc(r);
   for (size_t i = 0; i < rows; ++i) {
     std::fill(acc.begin(), acc.end(), 0.0);
-    const float* mi = m + i * cols;
-    for (size_t j = 0; j < cols; ++j) {
-      const double v = mi[j];
-      const float* qj = q_prev + j * r;
-      for (size_t l = 0; l < r; ++l) acc[l] += v * qj[l];
-    }
+    math::lowrank_project_row(m + i * cols, q_prev, cols, static_cast<uint32_t>(r), acc.data());
     for (size_t l = 0; l < r; ++l) p[i * r + l] = static_cast<float>(acc[l]);
   }
 }
 
 // M as project left it.
-const float* matrix_of(PowerSgdState& s) { return s.has_residual() ? s.residual_vec().data() : s.scratch.data(); }
+const float* matrix_of(PowerSgdState& s) { return s.has_residual() ? s.residual_data() : s.scratch.data(); }
 
 // q = M^T p (cols x r).
 void back_project(PowerSgdState& s, const float* p, float* q) {
@@ -135,7 +123,7 @@ void back_project(PowerSgdState& s, const float* p, float* q) {
     for (size_t j = 0; j < cols; ++j) {
       const double v = mi[j];
       double* qj = qd.data() + j * r;
-      for (size_t l = 0; l < r; ++l) qj[l] += v * pi[l];
+      for (size_t l = 0; l < r; ++l) qj[l] = math::dadd_rn(qj[l], math::dmul_rn(v, pi[l]));
     }
   }
   for (size_t i = 0; i < qd.size(); ++i) q[i] = static_cast<float>(qd[i]);
@@ -145,9 +133,10 @@ void back_project(PowerSgdState& s, const float* p, float* q) {
 void subtract_from_residual(PowerSgdState& s, const float* p, const float* q) {
   if (!s.has_residual()) return;
   const Shape& sh = s.shape();
-  float* m = s.residual_vec().data();
+  const auto r = static_cast<uint32_t>(sh.rank);
+  float* m = s.residual_data();
   for (size_t i = 0; i < sh.rows; ++i)
-    for (size_t j = 0; j < sh.cols; ++j) m[i * sh.cols + j] -= reconstruct(p + i * sh.rank, q + j * sh.rank, sh.rank);
+    for (size_t j = 0; j < sh.cols; ++j) m[i * sh.cols + j] -= math::lowrank_element(p + i * r, q + j * r, r);
 }
 
 // Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double. A column
@@ -182,6 +171,10 @@ PowerSgdState& low_rank_state(CodecState& state, std::string_view what) {
     throw InvalidArgumentError(fmt::format("{}: given a state made by the {} codec", what, codec_name(state.codec())));
   if (s->shape().rank == 0)
     throw InvalidArgumentError(fmt::format("{}: the tensor is sent uncompressed (rank 0); all-reduce it directly", what));
+  if (s->spec().device != DeviceKind::Cpu)
+    throw InvalidArgumentError(fmt::format("{}: the state was made for a CUDA tensor; these steps take CPU states "
+                                           "(stage a CUDA gradient through the host, as allreduce_compressed does)",
+                                           what));
   return *s;
 }
 
@@ -218,17 +211,18 @@ class PowerSgdCodec final : public ApplyingCodec {
     check_capacity(id(), out, bytes);
     reject_nonfinite(id(), grad, stream);
     const float* x = static_cast<const float*>(grad.data);
-    if (grad.device == DeviceKind::Cuda) {
-      s.host_grad.resize(n);
-      cuda_call("powersgd encode (staging the gradient)", [&] {
-        kc::copy_async(s.host_grad.data(), grad.data, n * 4, grad.device_index, stream.handle);
-        kc::synchronize(grad.device_index, stream.handle);
-      });
-      x = s.host_grad.data();
-    }
     const Shape& sh = s.shape();
     uint8_t* body = out.data() + kPayloadHeaderBytes;
-    if (sh.rank == 0) {
+    if (grad.device == DeviceKind::Cuda) {
+      if (sh.rank == 0) {
+        cuda_call("powersgd encode (uncompressed)", [&] {
+          kc::copy_async(body, x, n * 4, grad.device_index, stream.handle);
+          kc::synchronize(grad.device_index, stream.handle);
+        });
+      } else {
+        encode_low_rank_cuda(grad, s, body, stream);
+      }
+    } else if (sh.rank == 0) {
       if (n > 0) std::memcpy(body, x, n * 4);
     } else {
       encode_low_rank(x, s, body);
@@ -255,6 +249,43 @@ class PowerSgdCodec final : public ApplyingCodec {
     subtract_from_residual(s, p.data(), s.q().data());
   }
 
+  // encode_low_rank's steps on the tensor's device, with the same bits: M = x + residual in
+  // place (without error feedback M is x itself), P = M Q there, P orthonormalised here,
+  // Q = M^T P and residual -= P Q^T there.
+  static void encode_low_rank_cuda(const BufferView& grad, PowerSgdState& s, uint8_t* body, CudaStream stream) {
+    const Shape& sh = s.shape();
+    const size_t rows = sh.rows, cols = sh.cols, n = rows * cols;
+    const auto r = static_cast<uint32_t>(sh.rank);
+    const int dev = grad.device_index;
+    void* st = stream.handle;
+    std::vector<float> p(rows * r);
+    cuda_call("powersgd encode", [&] {
+      // Allocations first: an encode that fails for want of memory leaves the residual as it was.
+      if (s.d_p.bytes() < p.size() * 4) s.d_p = kc::DeviceBuffer(p.size() * 4, dev);
+      if (s.d_q.bytes() < s.q().size() * 4) s.d_q = kc::DeviceBuffer(s.q().size() * 4, dev);
+      float* d_p = s.d_p.as<float>();
+      float* d_q = s.d_q.as<float>();
+      const float* m = static_cast<const float*>(grad.data);
+      if (float* residual = s.residual_data()) {
+        kc::add_async(residual, m, n, dev, st);
+        m = residual;
+      }
+      kc::copy_async(d_q, s.q().data(), s.q().size() * 4, dev, st);
+      kc::lowrank_project(m, d_q, rows, cols, r, d_p, dev, st);
+      kc::copy_async(p.data(), d_p, p.size() * 4, dev, st);
+      kc::synchronize(dev, st);
+      orthonormalise(p.data(), rows, r);
+      kc::copy_async(d_p, p.data(), p.size() * 4, dev, st);
+      kc::lowrank_back_project(m, d_p, rows, cols, r, d_q, dev, st);
+      kc::copy_async(s.q().data(), d_q, s.q().size() * 4, dev, st);
+      if (float* residual = s.residual_data())
+        kc::lowrank_reconstruct(d_p, d_q, rows, cols, r, residual, kc::LowRankWrite::Subtract, dev, st);
+      kc::synchronize(dev, st);
+    });
+    std::memcpy(body, p.data(), p.size() * 4);
+    std::memcpy(body + p.size() * 4, s.q().data(), s.q().size() * 4);
+  }
+
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
              CudaStream stream) const override {
     check_fp32(accumulate ? "powersgd decode_accumulate" : "powersgd decode", "output", out, out.count);
@@ -263,43 +294,41 @@ class PowerSgdCodec final : public ApplyingCodec {
     const uint8_t* body = payload.data() + kPayloadHeaderBytes;
     const size_t values = (payload.size() - kPayloadHeaderBytes) / 4;
     require_finite_bytes(id(), "value", body, values);
-    std::vector<float> host;
     float* o = static_cast<float*>(out.data);
-    const bool cuda = out.device == DeviceKind::Cuda;
-    if (cuda) {
-      host.assign(n, 0.0f);
-      o = host.data();
+    const size_t rows = h.param_a, cols = rows ? n / rows : 0;
+    const auto r = static_cast<uint32_t>(h.param_b);
+    if (out.device == DeviceKind::Cuda) {  // P and Q go up (the whole tensor when uncompressed)
+      auto d = upload(payload.subspan(kPayloadHeaderBytes), out.device_index, stream);
+      cuda_call("powersgd decode", [&] {
+        const int dev = out.device_index;
+        if (h.flags == 1 && accumulate)
+          kc::add_async(o, d.as<float>(), n, dev, stream.handle);
+        else if (h.flags == 1)
+          kc::copy_async(o, d.data(), n * 4, dev, stream.handle);
+        else
+          kc::lowrank_reconstruct(d.as<float>(), d.as<float>() + rows * r, rows, cols, r, o,
+                                  accumulate ? kc::LowRankWrite::Add : kc::LowRankWrite::Assign, dev, stream.handle);
+        kc::synchronize(dev, stream.handle);
+      });
+      return;
     }
-    const bool add = accumulate && !cuda;
     if (h.flags == 1) {
       std::vector<float> tmp(n);
       if (n > 0) std::memcpy(tmp.data(), body, n * 4);
-      copy_or_add(o, tmp.data(), n, add);
+      copy_or_add(o, tmp.data(), n, accumulate);
     } else {
-      const size_t rows = h.param_a, r = h.param_b, cols = n / rows;
       std::vector<float> p(rows * r), q(cols * r);
       std::memcpy(p.data(), body, p.size() * 4);
       std::memcpy(q.data(), body + p.size() * 4, q.size() * 4);
       for (size_t i = 0; i < rows; ++i) {
         float* oi = o + i * cols;
         const float* pi = p.data() + i * r;
-        if (add) {
-          for (size_t j = 0; j < cols; ++j) oi[j] += reconstruct(pi, q.data() + j * r, r);
+        if (accumulate) {
+          for (size_t j = 0; j < cols; ++j) oi[j] += math::lowrank_element(pi, q.data() + j * r, r);
         } else {
-          for (size_t j = 0; j < cols; ++j) oi[j] = reconstruct(pi, q.data() + j * r, r);
+          for (size_t j = 0; j < cols; ++j) oi[j] = math::lowrank_element(pi, q.data() + j * r, r);
         }
       }
-    }
-    if (cuda) {
-      auto d = upload(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(host.data()), n * 4),
-                      out.device_index, stream);
-      cuda_call("powersgd decode", [&] {
-        if (accumulate)
-          kc::add_async(static_cast<float*>(out.data), d.as<float>(), n, out.device_index, stream.handle);
-        else
-          kc::copy_async(out.data, d.data(), n * 4, out.device_index, stream.handle);
-        kc::synchronize(out.device_index, stream.handle);
-      });
     }
   }
 
@@ -345,7 +374,9 @@ void powersgd_finish(CodecState& state, std::span<const float> p, std::span<cons
   if (out.device != DeviceKind::Cpu) throw InvalidArgumentError("powersgd_finish: CPU buffers only");
   float* o = static_cast<float*>(out.data);
   for (size_t i = 0; i < sh.rows; ++i)
-    for (size_t j = 0; j < sh.cols; ++j) o[i * sh.cols + j] = reconstruct(p.data() + i * sh.rank, q.data() + j * sh.rank, sh.rank);
+    for (size_t j = 0; j < sh.cols; ++j)
+      o[i * sh.cols + j] = math::lowrank_element(p.data() + i * sh.rank, q.data() + j * sh.rank,
+                                                 static_cast<uint32_t>(sh.rank));
   subtract_from_residual(s, p.data(), q.data());
   std::copy(q.begin(), q.end(), s.q().begin());
   s.record(0);
