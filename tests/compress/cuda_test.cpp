@@ -83,6 +83,8 @@ std::vector<Case> cases() {
   for (const char* sampled_spec : {"topk:fraction=0.01,selection=sampled",
                                    "topk:fraction=0.3,error_feedback=off,selection=sampled"})
     specs.push_back(sampled_spec);
+  // PowerSGD without error feedback (its products read the gradient itself) at a higher rank.
+  specs.push_back("powersgd:rank=7,error_feedback=off");
   std::vector<Case> out;
   for (const auto& spec : specs)
     for (const auto& shape : shapes) out.push_back({spec, shape});
@@ -432,6 +434,42 @@ TEST(CudaStaging, FailedAttemptThenRetryEqualsOneCpuEncode) {
     staged->commit_staged();
     expect_same_bits(staged->residual(), before, "residual after a rejected staged encode");
   }
+}
+
+// A CUDA PowerSGD state keeps its residual on the device: clone() copies it there, reset()
+// zeroes it and restarts Q, and both continue like CPU states that did the same; the
+// all-reduce's by-linearity steps refuse it by name.
+TEST(CudaPowerSgd, CloneAndResetOfADeviceStateContinueLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  Stream stream;
+  auto codec = make_codec("powersgd:rank=3");
+  const std::vector<size_t> shape = {120, 77};
+  const size_t n = 120 * 77;
+  auto gpu = codec->make_state(TensorSpec{shape, DeviceKind::Cuda, 0});
+  auto cpu = codec->make_state(TensorSpec{shape});
+  auto gpu_encode = [&](CodecState& state, const std::vector<float>& x) {
+    DeviceVector d(x, stream.raw());
+    std::vector<uint8_t> out(codec->encoded_bytes(state.spec()));
+    codec->encode(d.view(), state, out, stream.get());
+    return out;
+  };
+  for (uint64_t step = 0; step < 2; ++step) {
+    const auto grad = random_gradient(n, 70 + step);
+    ASSERT_EQ(gpu_encode(*gpu, grad), encode(*codec, grad, *cpu)) << "step " << step;
+  }
+  auto gpu_clone = gpu->clone();
+  auto cpu_clone = cpu->clone();
+  const auto grad = random_gradient(n, 80);
+  ASSERT_EQ(gpu_encode(*gpu_clone, grad), encode(*codec, grad, *cpu_clone));
+  expect_same_bits(gpu_clone->residual(), cpu_clone->residual(), "clone's residual");
+  expect_same_bits(gpu->residual(), cpu->residual(), "the original's residual after its clone encoded");
+  gpu->reset();
+  cpu->reset();
+  EXPECT_EQ(gpu->residual(), std::vector<float>(n, 0.0f));
+  ASSERT_EQ(gpu_encode(*gpu, grad), encode(*codec, grad, *cpu)) << "after reset";
+  std::vector<float> p(120 * 3);
+  std::vector<float> host_grad = grad;
+  EXPECT_THROW(powersgd_project(view(host_grad), *gpu, p), InvalidArgumentError);
 }
 
 TEST(CudaCast, ClampAndFlushCountsMatchTheCpu) {
