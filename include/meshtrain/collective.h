@@ -224,7 +224,8 @@ class Communicator {
   // A buffer on a CUDA device is encoded there (the codec's kernels, error feedback kept on the
   // device) and the reduced chunks are decoded there; only payloads cross to the host, where
   // owners reduce in fp32 as for CPU buffers, so CPU and CUDA members of one job get the same
-  // bytes. PowerSGD stages a CUDA buffer through host memory. One CompressedState serves one
+  // bytes. PowerSGD's products run on the device too; only P and Q are all-reduced (over host
+  // memory), and a tensor it sends uncompressed is staged through the host. One CompressedState serves one
   // device: using it with a buffer elsewhere is an InvalidArgumentError.
   void allreduce_compressed(BufferView buffer, const compress::Codec& codec, CompressedState& state, ReduceOp op);
 

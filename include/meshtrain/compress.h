@@ -234,15 +234,18 @@ std::unique_ptr<Codec> make_codec(std::string_view spec);
 //   powersgd_finish:       out = p q^T;  residual = M - p q^T;  Q = q (the next warm start)
 // Members that start from the same Q and all-reduce the same p and q get the same bytes out.
 // A shape with rank 0 (1-D, or r(rows + cols) >= rows * cols) is not compressed: the caller
-// all-reduces the gradient itself and calls none of these. CPU buffers and states only; a state of
-// another codec is an InvalidArgumentError; the project step rejects NaN/Inf like encode.
+// all-reduces the gradient itself and calls none of these. p and q are in host memory; grad,
+// out, M and the residual are on the state's device (a CUDA state runs the products there, on
+// `stream`, with the CPU's bits). A state of another codec, or a buffer on another device, is
+// an InvalidArgumentError; the project step rejects NaN/Inf like encode.
 struct LowRankShape {
   size_t rows = 0, cols = 0, rank = 0;  // rank 0: sent uncompressed
 };
 LowRankShape powersgd_shape(const CodecState& state);
-void powersgd_project(BufferView grad, CodecState& state, std::span<float> p);
-void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q);
-void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out);
+void powersgd_project(BufferView grad, CodecState& state, std::span<float> p, CudaStream stream = {});
+void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q, CudaStream stream = {});
+void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out,
+                     CudaStream stream = {});
 // For a member that added zeros to this step (a joiner, or one back after missed steps): takes
 // the step's q as its next warm start, as powersgd_finish does for the contributors, and keeps
 // its residual and counters. Its next contribution then uses the same Q as everyone else's.

@@ -96,6 +96,8 @@ size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream);
 
 // d_acc[i] += d_x[i]. Enqueues.
 void add_async(float* d_acc, const float* d_x, size_t n, int device, void* stream);
+// d_x[i] *= factor. Enqueues.
+void scale_async(float* d_x, size_t n, float factor, int device, void* stream);
 
 // ---- casts (cast.cu). Inputs must be finite (checked before with find_nonfinite).
 struct CastCounts {

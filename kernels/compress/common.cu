@@ -126,4 +126,11 @@ void add_async(float* d_acc, const float* d_x, size_t n, int device, void* strea
   check_launch("add kernel", device);
 }
 
+void scale_async(float* d_x, size_t n, float factor, int device, void* stream) {
+  if (n == 0) return;
+  DeviceGuard guard(device);
+  scale_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_x, n, factor);
+  check_launch("scale kernel", device);
+}
+
 }  // namespace meshtrain::cuda::compress

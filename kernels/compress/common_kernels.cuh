@@ -1,4 +1,4 @@
-// The NaN/Inf scan and the fp32 add behind kernels/compress/api.h (launched by common.cu).
+// The NaN/Inf scan, the fp32 add and the scale behind kernels/compress/api.h (launched by common.cu).
 //
 // Included by common.cu and by tests/compress/cast_kernels_sim_test.cpp,
 // which runs these kernels on the CPU through tests/support/cuda_sim.h: keep them to the
@@ -30,6 +30,11 @@ __global__ void add_kernel(float* acc, const float* x, size_t n) {
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     acc[i] = math::add_rn(x[i], acc[i]);
+}
+
+__global__ void scale_kernel(float* x, size_t n, float factor) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = math::mul_rn(x[i], factor);
 }
 
 }  // namespace

@@ -43,6 +43,7 @@ void synchronize(int, void*) { unavailable("synchronize"); }
 void zero_async(void*, size_t, int, void*) { unavailable("zero_async"); }
 size_t find_nonfinite(const float*, size_t, int, void*) { unavailable("find_nonfinite"); }
 void add_async(float*, const float*, size_t, int, void*) { unavailable("add_async"); }
+void scale_async(float*, size_t, float, int, void*) { unavailable("scale_async"); }
 CastCounts fp32_to_fp16(const float*, uint16_t*, size_t, int, void*) { unavailable("fp32_to_fp16"); }
 CastCounts fp32_to_bf16(const float*, uint16_t*, size_t, int, void*) { unavailable("fp32_to_bf16"); }
 void fp16_to_fp32(const uint16_t*, float*, size_t, bool, int, void*) { unavailable("fp16_to_fp32"); }

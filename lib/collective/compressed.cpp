@@ -94,7 +94,7 @@ struct CompressedState::Impl {
   CompressedOptions options;
   std::string codec_config;  // describe() of the codec it is bound to; empty before first use
   size_t count = 0;
-  std::string device;  // where the bound buffer lives (and the member states' residuals, but PowerSGD's)
+  std::string device;  // where the bound buffer lives, and the member states' residuals
   MemberSide member;
   OwnerSide owner;
   CompressedTraffic traffic;
@@ -215,10 +215,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count,
                                              device::element(buffer, i, stream)));
   if (codec.id() == compress::CodecId::PowerSgd) {
-    // The power iteration runs on the CPU (compress.h): a CUDA buffer is staged through the host.
-    device::HostView host(buffer, stream);
-    powersgd_attempt(host.view(), codec, state, op);
-    host.write_back();
+    powersgd_attempt(buffer, codec, state, op);
     return;
   }
 
@@ -392,9 +389,12 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
   const size_t count = buffer.count, n = quorum().members.size();
   const float contributors = static_cast<float>(std::max<size_t>(quorum().contributors(), 1));
   const float divisor = op == ReduceOp::Avg ? contributors : 1.0f;
-  float* data = static_cast<float*>(buffer.data);
   const bool contributes = quorum().member(id()).contributes;
-  compress::TensorSpec spec{st.options.shape.empty() ? std::vector<size_t>{count} : st.options.shape};
+  const compress::CudaStream stream = options().cuda_stream;
+  // The states live on the buffer's device, where the products run; only p and q (rows x r and
+  // cols x r) are all-reduced, over host memory.
+  compress::TensorSpec spec{st.options.shape.empty() ? std::vector<size_t>{count} : st.options.shape,
+                            buffer.device, buffer.device_index};
   if (spec.count() != count)
     throw InvalidArgumentError(fmt::format("allreduce_compressed: CompressedOptions::shape holds {} elements, the "
                                            "buffer {}", spec.count(), count));
@@ -410,27 +410,29 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
     const compress::LowRankShape shape = compress::powersgd_shape(s);
     CompressedTraffic traffic;
     traffic.gradient_bytes = count * sizeof(float);
-    if (shape.rank == 0) {  // sent uncompressed: a plain all-reduce
+    if (shape.rank == 0) {  // sent uncompressed: a plain all-reduce (over host memory)
+      device::HostView host(buffer, stream, contributes);
+      float* data = static_cast<float*>(host.view().data);
       if (!contributes) std::fill(data, data + count, 0.0f);
       run_ring_op("allreduce_compressed", [&](RingContext& ctx) { ring_allreduce(ctx, data, count, divisor); });
+      host.write_back();
       traffic.sent_bytes = traffic.received_bytes = ring_bytes(count * sizeof(float));
     } else {
-      std::vector<float> zeros;
+      std::optional<device::Floats> zeros;
       BufferView grad = buffer;
       if (!contributes) {
-        zeros.assign(count, 0.0f);
-        grad.data = zeros.data();
+        zeros.emplace(count, buffer);
+        grad = zeros->view();
       }
       std::vector<float> p(shape.rows * shape.rank), q(shape.cols * shape.rank);
-      compress::powersgd_project(grad, s, p);
+      compress::powersgd_project(grad, s, p, stream);
       run_ring_op("allreduce_compressed (powersgd P)",
                   [&](RingContext& ctx) { ring_allreduce(ctx, p.data(), p.size(), 1.0f); });
-      compress::powersgd_back_project(s, p, q);
+      compress::powersgd_back_project(s, p, q, stream);
       run_ring_op("allreduce_compressed (powersgd Q)",
                   [&](RingContext& ctx) { ring_allreduce(ctx, q.data(), q.size(), contributors); });
-      compress::powersgd_finish(s, p, q, buffer);
-      if (op == ReduceOp::Sum)
-        for (size_t i = 0; i < count; ++i) data[i] *= contributors;
+      compress::powersgd_finish(s, p, q, buffer, stream);
+      if (op == ReduceOp::Sum) device::scale(buffer, contributors, stream);
       traffic.sent_bytes = traffic.received_bytes = ring_bytes((p.size() + q.size()) * sizeof(float));
       if (!contributes) {
         MemberSide kept;

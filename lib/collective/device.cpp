@@ -56,6 +56,18 @@ size_t find_nonfinite(const BufferView& buffer, CudaStream stream) {
   return compress::detail::find_nonfinite(buffer, stream);
 }
 
+void scale(const BufferView& buffer, float factor, CudaStream stream) {
+  float* x = static_cast<float*>(buffer.data);
+  if (!on_cuda(buffer)) {
+    for (size_t i = 0; i < buffer.count; ++i) x[i] *= factor;
+    return;
+  }
+  cuda_call("scaling a collective's result on the device", [&] {
+    kc::scale_async(x, buffer.count, factor, buffer.device_index, stream.handle);
+    kc::synchronize(buffer.device_index, stream.handle);
+  });
+}
+
 Snapshot::Snapshot(const BufferView& buffer, CudaStream stream) : buffer_(buffer), stream_(stream) {
   if (!on_cuda(buffer)) {
     host_.resize(buffer.bytes());

@@ -28,6 +28,8 @@ void copy_from_host(const void* host, const BufferView& buffer, CudaStream strea
 float element(const BufferView& buffer, size_t i, CudaStream stream);
 // Index of the first NaN / Inf of an fp32 buffer, or buffer.count.
 size_t find_nonfinite(const BufferView& buffer, CudaStream stream);
+// buffer[i] *= factor (fp32, rounded as the CPU rounds); blocks.
+void scale(const BufferView& buffer, float factor, CudaStream stream);
 
 // A copy of a buffer's bytes on the buffer's own device (host memory for a CPU buffer), which
 // restore() puts back: reduce_step's inputs for a retry, without a round trip through the host.

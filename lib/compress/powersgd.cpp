@@ -65,9 +65,14 @@ class PowerSgdState final : public StateBase {
   bool has_residual() const { return has_residual_; }
   // M after project (x + residual, in place); null without error feedback. On the tensor's device.
   float* residual_data() { return has_residual_ ? residual_.data() : nullptr; }
+  bool on_cuda() const { return spec().device == DeviceKind::Cuda; }
+  int device_index() const { return spec().device_index; }
   std::vector<float>& q() { return q_; }  // on the host, also for a CUDA tensor (it goes into the payload)
   std::vector<float> scratch;             // CPU: M without error feedback
-  kc::DeviceBuffer d_p, d_q;              // CUDA: P and Q for the products (kept, not cloned)
+  // CUDA: P and Q for the products, M without error feedback when a later call needs it, and
+  // where project left M (kept across calls, not cloned).
+  kc::DeviceBuffer d_p, d_q, d_m;
+  const float* device_m = nullptr;
 
  private:
   // Q_0: uniform in [-1, 1) from a hash of (seed, element), identical on every peer.
@@ -86,12 +91,42 @@ class PowerSgdState final : public StateBase {
   std::vector<float> q_;
 };
 
-// The steps of one power iteration, shared by encode and the all-reduce's two-phase form.
+// The steps of one power iteration, shared by encode and the all-reduce's two-phase form. P and
+// Q are in host memory (the all-reduce sums them there, the payload carries them); M and the
+// residual are on the tensor's device, where a CUDA state's products run
+// (kernels/compress/powersgd_kernels.cuh, the same sums in the same order: the same bits).
 
-// M = x + residual (in place in the residual; in scratch without error feedback); p = M Q.
-void project(const float* x, PowerSgdState& s, float* p) {
+// M = x + residual (in place in the residual; without error feedback x itself, or a copy of it
+// when `keep_matrix`, i.e. when a later call reads M); p = M Q.
+void project(const float* x, PowerSgdState& s, float* p, bool keep_matrix, CudaStream stream) {
   const Shape& sh = s.shape();
-  const size_t rows = sh.rows, cols = sh.cols, r = sh.rank, n = rows * cols;
+  const size_t rows = sh.rows, cols = sh.cols, n = rows * cols;
+  const auto r = static_cast<uint32_t>(sh.rank);
+  if (s.on_cuda()) {
+    const int dev = s.device_index();
+    void* st = stream.handle;
+    cuda_call("powersgd project", [&] {
+      // Allocations first: a call that fails for want of memory leaves the residual as it was.
+      if (s.d_p.bytes() < rows * r * 4) s.d_p = kc::DeviceBuffer(rows * r * 4, dev);
+      if (s.d_q.bytes() < cols * r * 4) s.d_q = kc::DeviceBuffer(cols * r * 4, dev);
+      const bool copy = keep_matrix && !s.has_residual();
+      if (copy && s.d_m.bytes() < n * 4) s.d_m = kc::DeviceBuffer(n * 4, dev);
+      const float* m = x;
+      if (float* residual = s.residual_data()) {
+        kc::add_async(residual, x, n, dev, st);
+        m = residual;
+      } else if (copy) {
+        kc::copy_async(s.d_m.data(), x, n * 4, dev, st);
+        m = s.d_m.as<float>();
+      }
+      s.device_m = m;
+      kc::copy_async(s.d_q.data(), s.q().data(), cols * r * 4, dev, st);
+      kc::lowrank_project(m, s.d_q.as<float>(), rows, cols, r, s.d_p.as<float>(), dev, st);
+      kc::copy_async(p, s.d_p.data(), rows * r * 4, dev, st);
+      kc::synchronize(dev, st);
+    });
+    return;
+  }
   float* m = s.residual_data();
   if (m != nullptr) {
     for (size_t i = 0; i < n; ++i) m[i] = x[i] + m[i];
@@ -103,19 +138,29 @@ void project(const float* x, PowerSgdState& s, float* p) {
   std::vector<double> acc(r);
   for (size_t i = 0; i < rows; ++i) {
     std::fill(acc.begin(), acc.end(), 0.0);
-    math::lowrank_project_row(m + i * cols, q_prev, cols, static_cast<uint32_t>(r), acc.data());
+    math::lowrank_project_row(m + i * cols, q_prev, cols, r, acc.data());
     for (size_t l = 0; l < r; ++l) p[i * r + l] = static_cast<float>(acc[l]);
   }
 }
 
-// M as project left it.
-const float* matrix_of(PowerSgdState& s) { return s.has_residual() ? s.residual_data() : s.scratch.data(); }
-
-// q = M^T p (cols x r).
-void back_project(PowerSgdState& s, const float* p, float* q) {
+// q = M^T p (cols x r), M as project left it. On a device, P and Q stay there for write().
+void back_project(PowerSgdState& s, const float* p, float* q, CudaStream stream) {
   const Shape& sh = s.shape();
-  const size_t rows = sh.rows, cols = sh.cols, r = sh.rank;
-  const float* m = matrix_of(s);
+  const size_t rows = sh.rows, cols = sh.cols;
+  const auto r = static_cast<uint32_t>(sh.rank);
+  if (s.on_cuda()) {
+    if (s.device_m == nullptr) throw InternalError("powersgd back_project before project");
+    const int dev = s.device_index();
+    void* st = stream.handle;
+    cuda_call("powersgd back_project", [&] {
+      kc::copy_async(s.d_p.data(), p, rows * r * 4, dev, st);
+      kc::lowrank_back_project(s.device_m, s.d_p.as<float>(), rows, cols, r, s.d_q.as<float>(), dev, st);
+      kc::copy_async(q, s.d_q.data(), cols * r * 4, dev, st);
+      kc::synchronize(dev, st);
+    });
+    return;
+  }
+  const float* m = s.has_residual() ? s.residual_data() : s.scratch.data();
   std::vector<double> qd(cols * r, 0.0);
   for (size_t i = 0; i < rows; ++i) {
     const float* mi = m + i * cols;
@@ -129,14 +174,37 @@ void back_project(PowerSgdState& s, const float* p, float* q) {
   for (size_t i = 0; i < qd.size(); ++i) q[i] = static_cast<float>(qd[i]);
 }
 
-// residual = M - p q^T (in place; nothing to keep without error feedback).
-void subtract_from_residual(PowerSgdState& s, const float* p, const float* q) {
-  if (!s.has_residual()) return;
+// out = p q^T (when out is not null) and residual = M - p q^T (in place; nothing to keep without
+// error feedback). On a device `upload` first copies p and q there (else they are back_project's).
+void write(PowerSgdState& s, const float* p, const float* q, float* out, bool upload, CudaStream stream) {
   const Shape& sh = s.shape();
+  const size_t rows = sh.rows, cols = sh.cols;
   const auto r = static_cast<uint32_t>(sh.rank);
-  float* m = s.residual_data();
-  for (size_t i = 0; i < sh.rows; ++i)
-    for (size_t j = 0; j < sh.cols; ++j) m[i * sh.cols + j] -= math::lowrank_element(p + i * r, q + j * r, r);
+  float* residual = s.residual_data();
+  if (s.on_cuda()) {
+    const int dev = s.device_index();
+    void* st = stream.handle;
+    cuda_call("powersgd reconstruct", [&] {
+      if (upload) {
+        kc::copy_async(s.d_p.data(), p, rows * r * 4, dev, st);
+        kc::copy_async(s.d_q.data(), q, cols * r * 4, dev, st);
+      }
+      const float* d_p = s.d_p.as<float>();
+      const float* d_q = s.d_q.as<float>();
+      if (out != nullptr) kc::lowrank_reconstruct(d_p, d_q, rows, cols, r, out, kc::LowRankWrite::Assign, dev, st);
+      if (residual != nullptr)
+        kc::lowrank_reconstruct(d_p, d_q, rows, cols, r, residual, kc::LowRankWrite::Subtract, dev, st);
+      kc::synchronize(dev, st);
+    });
+    return;
+  }
+  for (size_t i = 0; i < rows; ++i) {
+    for (size_t j = 0; j < cols; ++j) {
+      const float v = math::lowrank_element(p + i * r, q + j * r, r);
+      if (out != nullptr) out[i * cols + j] = v;
+      if (residual != nullptr) residual[i * cols + j] -= v;
+    }
+  }
 }
 
 // Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double. A column
@@ -171,10 +239,6 @@ PowerSgdState& low_rank_state(CodecState& state, std::string_view what) {
     throw InvalidArgumentError(fmt::format("{}: given a state made by the {} codec", what, codec_name(state.codec())));
   if (s->shape().rank == 0)
     throw InvalidArgumentError(fmt::format("{}: the tensor is sent uncompressed (rank 0); all-reduce it directly", what));
-  if (s->spec().device != DeviceKind::Cpu)
-    throw InvalidArgumentError(fmt::format("{}: the state was made for a CUDA tensor; these steps take CPU states "
-                                           "(stage a CUDA gradient through the host, as allreduce_compressed does)",
-                                           what));
   return *s;
 }
 
@@ -213,19 +277,15 @@ class PowerSgdCodec final : public ApplyingCodec {
     const float* x = static_cast<const float*>(grad.data);
     const Shape& sh = s.shape();
     uint8_t* body = out.data() + kPayloadHeaderBytes;
-    if (grad.device == DeviceKind::Cuda) {
-      if (sh.rank == 0) {
-        cuda_call("powersgd encode (uncompressed)", [&] {
-          kc::copy_async(body, x, n * 4, grad.device_index, stream.handle);
-          kc::synchronize(grad.device_index, stream.handle);
-        });
-      } else {
-        encode_low_rank_cuda(grad, s, body, stream);
-      }
-    } else if (sh.rank == 0) {
-      if (n > 0) std::memcpy(body, x, n * 4);
-    } else {
-      encode_low_rank(x, s, body);
+    if (sh.rank > 0) {
+      encode_low_rank(x, s, body, stream);
+    } else if (grad.device == DeviceKind::Cuda) {
+      cuda_call("powersgd encode (uncompressed)", [&] {
+        kc::copy_async(body, x, n * 4, grad.device_index, stream.handle);
+        kc::synchronize(grad.device_index, stream.handle);
+      });
+    } else if (n > 0) {
+      std::memcpy(body, x, n * 4);
     }
     write_header(out, header(n, sh));
     s.record(bytes);
@@ -238,52 +298,15 @@ class PowerSgdCodec final : public ApplyingCodec {
     return Header{CodecId::PowerSgd, 0, count, sh.rows, sh.rank};
   }
 
-  static void encode_low_rank(const float* x, PowerSgdState& s, uint8_t* body) {
+  static void encode_low_rank(const float* x, PowerSgdState& s, uint8_t* body, CudaStream stream) {
     const Shape& sh = s.shape();
     std::vector<float> p(sh.rows * sh.rank);
-    project(x, s, p.data());
+    project(x, s, p.data(), /*keep_matrix=*/false, stream);
     orthonormalise(p.data(), sh.rows, sh.rank);
-    back_project(s, p.data(), s.q().data());
+    back_project(s, p.data(), s.q().data(), stream);
     std::memcpy(body, p.data(), p.size() * 4);
     std::memcpy(body + p.size() * 4, s.q().data(), s.q().size() * 4);
-    subtract_from_residual(s, p.data(), s.q().data());
-  }
-
-  // encode_low_rank's steps on the tensor's device, with the same bits: M = x + residual in
-  // place (without error feedback M is x itself), P = M Q there, P orthonormalised here,
-  // Q = M^T P and residual -= P Q^T there.
-  static void encode_low_rank_cuda(const BufferView& grad, PowerSgdState& s, uint8_t* body, CudaStream stream) {
-    const Shape& sh = s.shape();
-    const size_t rows = sh.rows, cols = sh.cols, n = rows * cols;
-    const auto r = static_cast<uint32_t>(sh.rank);
-    const int dev = grad.device_index;
-    void* st = stream.handle;
-    std::vector<float> p(rows * r);
-    cuda_call("powersgd encode", [&] {
-      // Allocations first: an encode that fails for want of memory leaves the residual as it was.
-      if (s.d_p.bytes() < p.size() * 4) s.d_p = kc::DeviceBuffer(p.size() * 4, dev);
-      if (s.d_q.bytes() < s.q().size() * 4) s.d_q = kc::DeviceBuffer(s.q().size() * 4, dev);
-      float* d_p = s.d_p.as<float>();
-      float* d_q = s.d_q.as<float>();
-      const float* m = static_cast<const float*>(grad.data);
-      if (float* residual = s.residual_data()) {
-        kc::add_async(residual, m, n, dev, st);
-        m = residual;
-      }
-      kc::copy_async(d_q, s.q().data(), s.q().size() * 4, dev, st);
-      kc::lowrank_project(m, d_q, rows, cols, r, d_p, dev, st);
-      kc::copy_async(p.data(), d_p, p.size() * 4, dev, st);
-      kc::synchronize(dev, st);
-      orthonormalise(p.data(), rows, r);
-      kc::copy_async(d_p, p.data(), p.size() * 4, dev, st);
-      kc::lowrank_back_project(m, d_p, rows, cols, r, d_q, dev, st);
-      kc::copy_async(s.q().data(), d_q, s.q().size() * 4, dev, st);
-      if (float* residual = s.residual_data())
-        kc::lowrank_reconstruct(d_p, d_q, rows, cols, r, residual, kc::LowRankWrite::Subtract, dev, st);
-      kc::synchronize(dev, st);
-    });
-    std::memcpy(body, p.data(), p.size() * 4);
-    std::memcpy(body + p.size() * 4, s.q().data(), s.q().size() * 4);
+    write(s, p.data(), s.q().data(), nullptr, /*upload=*/false, stream);
   }
 
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,
@@ -345,39 +368,37 @@ LowRankShape powersgd_shape(const CodecState& state) {
   return LowRankShape{s->shape().rows, s->shape().cols, s->shape().rank};
 }
 
-void powersgd_project(BufferView grad, CodecState& state, std::span<float> p) {
+void powersgd_project(BufferView grad, CodecState& state, std::span<float> p, CudaStream stream) {
   constexpr std::string_view what = "powersgd_project";
   PowerSgdState& s = low_rank_state(state, what);
   check_grad(CodecId::PowerSgd, grad, state);
-  if (grad.device != DeviceKind::Cpu) throw InvalidArgumentError("powersgd_project: CPU buffers only");
   check_span(what, "p", p.size(), s.shape().rows * s.shape().rank);
-  reject_nonfinite(CodecId::PowerSgd, grad, {});
-  project(static_cast<const float*>(grad.data), s, p.data());
+  reject_nonfinite(CodecId::PowerSgd, grad, stream);
+  project(static_cast<const float*>(grad.data), s, p.data(), /*keep_matrix=*/true, stream);
 }
 
-void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q) {
+void powersgd_back_project(CodecState& state, std::span<float> p, std::span<float> q, CudaStream stream) {
   constexpr std::string_view what = "powersgd_back_project";
   PowerSgdState& s = low_rank_state(state, what);
   check_span(what, "p", p.size(), s.shape().rows * s.shape().rank);
   check_span(what, "q", q.size(), s.shape().cols * s.shape().rank);
   orthonormalise(p.data(), s.shape().rows, s.shape().rank);
-  back_project(s, p.data(), q.data());
+  back_project(s, p.data(), q.data(), stream);
 }
 
-void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out) {
+void powersgd_finish(CodecState& state, std::span<const float> p, std::span<const float> q, BufferView out,
+                     CudaStream stream) {
   constexpr std::string_view what = "powersgd_finish";
   PowerSgdState& s = low_rank_state(state, what);
   const Shape& sh = s.shape();
   check_span(what, "p", p.size(), sh.rows * sh.rank);
   check_span(what, "q", q.size(), sh.cols * sh.rank);
   check_fp32(what, "output", out, s.count());
-  if (out.device != DeviceKind::Cpu) throw InvalidArgumentError("powersgd_finish: CPU buffers only");
-  float* o = static_cast<float*>(out.data);
-  for (size_t i = 0; i < sh.rows; ++i)
-    for (size_t j = 0; j < sh.cols; ++j)
-      o[i * sh.cols + j] = math::lowrank_element(p.data() + i * sh.rank, q.data() + j * sh.rank,
-                                                 static_cast<uint32_t>(sh.rank));
-  subtract_from_residual(s, p.data(), q.data());
+  if (out.device != s.spec().device || (s.on_cuda() && out.device_index != s.device_index()))
+    throw InvalidArgumentError(fmt::format("{}: the output is on {}:{} but the state was made for {}:{}", what,
+                                           out.device == DeviceKind::Cuda ? "cuda" : "cpu", out.device_index,
+                                           s.on_cuda() ? "cuda" : "cpu", s.device_index()));
+  write(s, p.data(), q.data(), static_cast<float*>(out.data), /*upload=*/true, stream);
   std::copy(q.begin(), q.end(), s.q().begin());
   s.record(0);
 }

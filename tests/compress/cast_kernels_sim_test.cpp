@@ -63,7 +63,7 @@ TEST(SimCast, EncodeAndDecodeKernelsEqualTheCpu) {
   EXPECT_EQ(cuda_sim::violations(), 0);
 }
 
-TEST(SimCommon, NonfiniteScanFindsTheFirstAndAddRoundsLikeTheCpu) {
+TEST(SimCommon, NonfiniteScanFindsTheFirstAndAddAndScaleRoundLikeTheCpu) {
   const size_t n = 3000;
   for (size_t bad : {size_t(0), size_t(1), size_t(1234), n - 1, n}) {  // n: none
     std::vector<float> x = random_gradient(n, 4);
@@ -79,6 +79,9 @@ TEST(SimCommon, NonfiniteScanFindsTheFirstAndAddRoundsLikeTheCpu) {
   for (size_t i = 0; i < n; ++i) want[i] = meshtrain::compress::math::add_rn(x[i], want[i]);
   cuda_sim::launch(2, kc::detail::kThreads, 0, kc::add_kernel, acc.data(), x.data(), n);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(acc[i]), bits(want[i])) << i;
+  for (size_t i = 0; i < n; ++i) want[i] = meshtrain::compress::math::mul_rn(want[i], 3.0f);
+  cuda_sim::launch(2, kc::detail::kThreads, 0, kc::scale_kernel, acc.data(), n, 3.0f);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(acc[i]), bits(want[i])) << "scale " << i;
   EXPECT_EQ(cuda_sim::violations(), 0);
 }
 
