@@ -13,11 +13,18 @@ if(MESHTRAIN_SANITIZE)
   add_link_options(-fsanitize=${_meshtrain_san})
 endif()
 
-if(NOT MESHTRAIN_CUDA MATCHES "^(AUTO|ON|OFF)$")
-  message(FATAL_ERROR "MESHTRAIN_CUDA must be AUTO, ON or OFF, not '${MESHTRAIN_CUDA}'")
+if(NOT MESHTRAIN_CUDA MATCHES "^(AUTO|ON|OFF|SIM)$")
+  message(FATAL_ERROR "MESHTRAIN_CUDA must be AUTO, ON, OFF or SIM, not '${MESHTRAIN_CUDA}'")
 endif()
 set(MESHTRAIN_HAVE_CUDA OFF)
-if(NOT MESHTRAIN_CUDA STREQUAL "OFF")
+# SIM: no CUDA; the kernels and every CUDA path run on a simulated device (device memory is host
+# memory, kernels run through tests/support/cuda_sim.h), so that their host side is tested in
+# CI without a GPU. For tests only: nothing in such a build touches a GPU.
+set(MESHTRAIN_SIM_DEVICE OFF)
+if(MESHTRAIN_CUDA STREQUAL "SIM")
+  set(MESHTRAIN_SIM_DEVICE ON)
+  message(STATUS "meshtrain: CUDA kernels on a simulated device (MESHTRAIN_CUDA=SIM; tests only)")
+elseif(NOT MESHTRAIN_CUDA STREQUAL "OFF")
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)

@@ -27,7 +27,16 @@ int device_count() noexcept {
   return n < 0 ? 0 : n;
 }
 
+bool simulated() noexcept {
+#ifdef MESHTRAIN_SIM_DEVICE_RUNTIME
+  return true;
+#else
+  return false;
+#endif
+}
+
 std::string runtime_description() {
+  if (simulated()) return "simulated device (MESHTRAIN_CUDA=SIM), 1 device: kernels run on the CPU";
   std::string out = "CUDA runtime ";
   int runtime = 0;
   if (cudaRuntimeGetVersion(&runtime) == cudaSuccess) {

@@ -17,6 +17,11 @@ int device_count() noexcept;
 //   "CUDA runtime 13.0, driver 13.0, 2 devices"
 //   "CUDA runtime 13.0, no driver, 0 devices (cudaErrorNoDevice: no CUDA-capable device is detected)"
 //   "built without CUDA"
+//   "simulated device (MESHTRAIN_CUDA=SIM), 1 device: kernels run on the CPU"
 std::string runtime_description();
+
+// True in a build with MESHTRAIN_CUDA=SIM: device_count() is 1, a simulated device on which
+// kernels run on the CPU (tests/support/sim_device), thousands of times slower than a GPU.
+bool simulated() noexcept;
 
 }  // namespace meshtrain::cuda

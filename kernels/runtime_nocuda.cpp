@@ -7,4 +7,6 @@ int device_count() noexcept { return 0; }
 
 std::string runtime_description() { return "built without CUDA"; }
 
+bool simulated() noexcept { return false; }
+
 }  // namespace meshtrain::cuda

@@ -17,7 +17,7 @@ CastCounts encode(const float* d_x, uint16_t* d_out, size_t n, int device, void*
   static_assert(2 * sizeof(unsigned long long) <= kScratchBytes);
   auto* counts = static_cast<unsigned long long*>(thread_scratch(device));
   check(cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
-  encode_kernel<kBf16><<<grid_for(n), kThreads, 0, s>>>(d_x, d_out, n, counts);
+  MT_LAUNCH(encode_kernel<kBf16>, grid_for(n), kThreads, 0, s)(d_x, d_out, n, counts);
   check_launch(kBf16 ? "fp32_to_bf16 kernel" : "fp32_to_fp16 kernel", device);
   unsigned long long host[2] = {0, 0};
   check(cudaMemcpyAsync(host, counts, sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync",
@@ -32,7 +32,7 @@ template <bool kBf16>
 void decode(const uint16_t* d_in, float* d_out, size_t n, bool accumulate, int device, void* stream) {
   if (n == 0) return;
   DeviceGuard guard(device);
-  decode_kernel<kBf16><<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_in, d_out, n, accumulate);
+  MT_LAUNCH(decode_kernel<kBf16>, grid_for(n), kThreads, 0, as_stream(stream))(d_in, d_out, n, accumulate);
   check_launch(kBf16 ? "bf16_to_fp32 kernel" : "fp16_to_fp32 kernel", device);
 }
 

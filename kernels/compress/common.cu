@@ -111,7 +111,7 @@ size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream) {
   auto* first = static_cast<unsigned long long*>(thread_scratch(device));
   unsigned long long host = n;
   check(cudaMemcpyAsync(first, &host, sizeof host, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", device);
-  find_nonfinite_kernel<<<grid_for(n), kThreads, 0, s>>>(d_x, n, first);
+  MT_LAUNCH(find_nonfinite_kernel, grid_for(n), kThreads, 0, s)(d_x, n, first);
   check_launch("find_nonfinite kernel", device);
   check(cudaMemcpyAsync(&host, first, sizeof host, cudaMemcpyDeviceToHost, s),
         "cudaMemcpyAsync", device);
@@ -122,14 +122,14 @@ size_t find_nonfinite(const float* d_x, size_t n, int device, void* stream) {
 void add_async(float* d_acc, const float* d_x, size_t n, int device, void* stream) {
   if (n == 0) return;
   DeviceGuard guard(device);
-  add_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_acc, d_x, n);
+  MT_LAUNCH(add_kernel, grid_for(n), kThreads, 0, as_stream(stream))(d_acc, d_x, n);
   check_launch("add kernel", device);
 }
 
 void scale_async(float* d_x, size_t n, float factor, int device, void* stream) {
   if (n == 0) return;
   DeviceGuard guard(device);
-  scale_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_x, n, factor);
+  MT_LAUNCH(scale_kernel, grid_for(n), kThreads, 0, as_stream(stream))(d_x, n, factor);
   check_launch("scale kernel", device);
 }
 

@@ -41,6 +41,15 @@ class DeviceGuard {
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
+// kernel<<<grid, threads, shared_bytes, stream>>>(args...), written so that the sim-device build
+// (MESHTRAIN_CUDA=SIM: tests/support/sim_device) can run it on the CPU instead.
+#ifdef MESHTRAIN_SIM_DEVICE_RUNTIME
+#define MT_LAUNCH(kernel, grid, threads, shared_bytes, stream) \
+  ::meshtrain::sim_device::launch(grid, threads, shared_bytes, kernel)
+#else
+#define MT_LAUNCH(kernel, grid, threads, shared_bytes, stream) kernel<<<grid, threads, shared_bytes, stream>>>
+#endif
+
 inline void check_launch(const char* what, int device) { check(cudaGetLastError(), what, device); }
 
 // Small device memory (kScratchBytes) for the result of one blocking call (the cast encode's

@@ -20,7 +20,7 @@ void int8_quantize(const float* d_x, float* d_residual, size_t n, uint32_t block
   const Int8Launch l = int8_launch(blocks, block, aligned);
   cudaStream_t s = as_stream(stream);
   const auto launch = [&](auto kernel) {
-    kernel<<<l.grid, l.threads, 0, s>>>(d_x, d_residual, n, blocks, stochastic, seed, step, d_q, d_scales);
+    MT_LAUNCH(kernel, l.grid, l.threads, 0, s)(d_x, d_residual, n, blocks, stochastic, seed, step, d_q, d_scales);
   };
   switch (l.per_lane) {
     case 4: launch(quantize_warp_kernel<4>); break;
@@ -28,7 +28,7 @@ void int8_quantize(const float* d_x, float* d_residual, size_t n, uint32_t block
     case 16: launch(quantize_warp_kernel<16>); break;
     case 32: launch(quantize_warp_kernel<32>); break;
     default:
-      quantize_kernel<<<l.grid, l.threads, 0, s>>>(d_x, d_residual, n, block, stochastic, seed, step, d_q,
+      MT_LAUNCH(quantize_kernel, l.grid, l.threads, 0, s)(d_x, d_residual, n, block, stochastic, seed, step, d_q,
                                                    d_scales);
   }
   check_launch("int8 quantize kernel", device);
@@ -38,7 +38,7 @@ void int8_dequantize(const int8_t* d_q, const float* d_scales, size_t n, uint32_
                      bool accumulate, int device, void* stream) {
   if (n == 0) return;
   DeviceGuard guard(device);
-  dequantize_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(d_q, d_scales, n, block, d_out,
+  MT_LAUNCH(dequantize_kernel, grid_for(n), kThreads, 0, as_stream(stream))(d_q, d_scales, n, block, d_out,
                                                                         accumulate);
   check_launch("int8 dequantize kernel", device);
 }

@@ -21,7 +21,8 @@ void lowrank_project(const float* d_m, const float* d_q, size_t rows, size_t col
   check_rank("lowrank_project", r);
   if (rows == 0) return;
   DeviceGuard guard(device);
-  lowrank_project_kernel<<<blocks_covering(rows), kThreads, 0, as_stream(stream)>>>(d_m, d_q, rows, cols, r, d_p);
+  MT_LAUNCH(lowrank_project_kernel, blocks_covering(rows), kThreads, 0, as_stream(stream))(d_m, d_q, rows, cols, r,
+                                                                                          d_p);
   check_launch("lowrank project kernel", device);
 }
 
@@ -30,7 +31,7 @@ void lowrank_back_project(const float* d_m, const float* d_p, size_t rows, size_
   check_rank("lowrank_back_project", r);
   if (cols == 0) return;
   DeviceGuard guard(device);
-  lowrank_back_project_kernel<<<blocks_covering(cols), kThreads, 0, as_stream(stream)>>>(d_m, d_p, rows, cols, r,
+  MT_LAUNCH(lowrank_back_project_kernel, blocks_covering(cols), kThreads, 0, as_stream(stream))(d_m, d_p, rows, cols, r,
                                                                                           d_q);
   check_launch("lowrank back-project kernel", device);
 }
@@ -40,7 +41,7 @@ void lowrank_reconstruct(const float* d_p, const float* d_q, size_t rows, size_t
   check_rank("lowrank_reconstruct", r);
   if (rows == 0 || cols == 0) return;
   DeviceGuard guard(device);
-  lowrank_reconstruct_kernel<<<grid_for(rows * cols), kThreads, 0, as_stream(stream)>>>(d_p, d_q, rows, cols, r,
+  MT_LAUNCH(lowrank_reconstruct_kernel, grid_for(rows * cols), kThreads, 0, as_stream(stream))(d_p, d_q, rows, cols, r,
                                                                                        d_out, write);
   check_launch("lowrank reconstruct kernel", device);
 }

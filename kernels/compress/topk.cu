@@ -113,7 +113,7 @@ void magnitude_histogram(const float* d_v, size_t n, uint32_t shift, uint32_t bi
   check(cudaMemsetAsync(hist, 0, bins * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
   if (n > 0) {
     const auto kernel = warp_aggregated ? histogram_aggregated_kernel : histogram_kernel;
-    kernel<<<grid_for(n), kThreads, bins * sizeof(uint32_t), s>>>(d_v, n, shift, bits, prefix, hist);
+    MT_LAUNCH(kernel, grid_for(n), kThreads, bins * sizeof(uint32_t), s)(d_v, n, shift, bits, prefix, hist);
     check_launch("topk histogram kernel", device);
   }
   static_assert(sizeof(uint64_t) == sizeof(unsigned long long));
@@ -142,10 +142,10 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
       throw CudaFailure("topk_compact: " + std::to_string(g) + " keys above the threshold and " + std::to_string(e) +
                         " equal to it cannot make k = " + std::to_string(k));
   };
-  tile_count_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(d_v, n, threshold, d_gt, d_eq);
+  MT_LAUNCH(tile_count_kernel, static_cast<unsigned>(tiles), kThreads, 0, s)(d_v, n, threshold, d_gt, d_eq);
   check_launch("topk tile count kernel", device);
   if (device_scan) {
-    tile_scan_kernel<<<1, kScanThreads, 0, s>>>(d_gt, d_eq, tiles, d_before, d_totals);
+    MT_LAUNCH(tile_scan_kernel, 1, kScanThreads, 0, s)(d_gt, d_eq, tiles, d_before, d_totals);
     check_launch("topk tile scan kernel", device);
   } else {
     std::vector<uint32_t> gt(tiles), eq(tiles);
@@ -165,7 +165,7 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
                           s),
           "cudaMemcpyAsync", device);
   }
-  tile_write_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(
+  MT_LAUNCH(tile_write_kernel, static_cast<unsigned>(tiles), kThreads, 0, s)(
       d_v, d_clear, n, threshold, ties, d_before, d_before + tiles, d_idx, d_val, k, device_scan ? d_totals : nullptr);
   check_launch("topk tile write kernel", device);
   unsigned long long totals[2] = {0, 0};
@@ -200,7 +200,7 @@ bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k,
   check(cudaMemsetAsync(counters, 0, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync", device);
   cub::DoubleBuffer<uint32_t> sample(reinterpret_cast<uint32_t*>(base + l.sample),
                                      reinterpret_cast<uint32_t*>(base + l.sample_alt));
-  sample_keys_kernel<<<blocks_covering(l.plan.samples), kThreads, 0, s>>>(
+  MT_LAUNCH(sample_keys_kernel, blocks_covering(l.plan.samples), kThreads, 0, s)(
       d_v, n, l.plan.samples, sample.Current());
   check_launch("topk sample kernel", device);
   size_t sort_bytes = l.sort_bytes;  // each sort gets the whole storage (CUB takes the size by reference)
@@ -211,7 +211,7 @@ bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k,
   const uint32_t* hi = l.plan.hi_open ? nullptr : sorted_sample + l.plan.hi_rank;
   cub::DoubleBuffer<unsigned long long> gathered(reinterpret_cast<unsigned long long*>(base + l.gathered),
                                                  reinterpret_cast<unsigned long long*>(base + l.gathered_alt));
-  sampled_count_kernel<<<tiles, kThreads, 0, s>>>(d_v, n, lo, hi, tile_counts, counters, gathered.Current(),
+  MT_LAUNCH(sampled_count_kernel, tiles, kThreads, 0, s)(d_v, n, lo, hi, tile_counts, counters, gathered.Current(),
                                                   l.plan.capacity);
   check_launch("topk sampled count kernel", device);
   unsigned long long counted[kSampledCounters] = {};  // above hi, in [lo, hi], lo, hi
@@ -234,12 +234,13 @@ bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k,
   if (taken > 0)
     check(cub::DeviceRadixSort::SortKeys(sort_storage, sort_bytes, gathered, static_cast<int>(in_bracket), 0, 64, s),
           "cub::DeviceRadixSort (the candidates)", device);
-  sampled_take_kernel<<<grid_for(taken), kThreads, 0, s>>>(gathered.Current(), taken, hi, tile_counts, threshold);
+  MT_LAUNCH(sampled_take_kernel, grid_for(taken), kThreads, 0, s)(gathered.Current(), taken, hi, tile_counts,
+                                                                  threshold);
   check_launch("topk sampled take kernel", device);
   unsigned long long* totals = before + 2 * l.tiles;
-  tile_scan_kernel<<<1, kScanThreads, 0, s>>>(tile_counts, nullptr, l.tiles, before, totals);
+  MT_LAUNCH(tile_scan_kernel, 1, kScanThreads, 0, s)(tile_counts, nullptr, l.tiles, before, totals);
   check_launch("topk tile scan kernel", device);
-  sampled_write_kernel<<<tiles, kThreads, 0, s>>>(d_v, d_clear, n, threshold, before, totals, k, d_idx, d_val);
+  MT_LAUNCH(sampled_write_kernel, tiles, kThreads, 0, s)(d_v, d_clear, n, threshold, before, totals, k, d_idx, d_val);
   check_launch("topk sampled write kernel", device);
   unsigned long long sent = 0;
   check(cudaMemcpyAsync(&sent, totals, sizeof sent, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", device);
@@ -253,7 +254,7 @@ bool topk_select_sampled(const float* d_v, float* d_clear, size_t n, uint64_t k,
 void scatter_add(const uint32_t* d_idx, const float* d_val, uint64_t k, float* d_out, int device, void* stream) {
   if (k == 0) return;
   DeviceGuard guard(device);
-  scatter_add_kernel<<<grid_for(k), kThreads, 0, as_stream(stream)>>>(d_idx, d_val, k, d_out);
+  MT_LAUNCH(scatter_add_kernel, grid_for(k), kThreads, 0, as_stream(stream))(d_idx, d_val, k, d_out);
   check_launch("topk scatter-add kernel", device);
 }
 

@@ -23,7 +23,17 @@ TEST(CudaRuntimeTest, DescriptionMentionsDeviceCount) {
   if (n == 0) GTEST_SKIP() << "no CUDA device: " << description;
   std::string expected = std::to_string(n) + (n == 1 ? " device" : " devices");
   EXPECT_NE(description.find(expected), std::string::npos) << description;
-  EXPECT_EQ(description.rfind("CUDA runtime ", 0), 0u) << description;
+  const char* start = cuda::simulated() ? "simulated device" : "CUDA runtime ";
+  EXPECT_EQ(description.rfind(start, 0), 0u) << description;
+}
+
+TEST(CudaRuntimeTest, OnlyTheSimBuildSimulates) {
+#ifdef MESHTRAIN_TEST_SIM_DEVICE
+  EXPECT_TRUE(cuda::simulated());
+  EXPECT_EQ(cuda::device_count(), 1);
+#else
+  EXPECT_FALSE(cuda::simulated());
+#endif
 }
 
 }  // namespace

@@ -19,6 +19,8 @@
 // kernel, args...). A fixed schedule could hide a missing barrier (a thread reading what a
 // lower-numbered thread wrote without __syncthreads would always see it), so tests run each
 // case under both orders (cuda_sim::for_each_order): forward, and blocks and threads in reverse.
+// Each OS thread has its own simulator (state and __shared__ variables are thread-local), so
+// threads may launch at once, as the collectives' do on the simulated device (sim_device/).
 // Limits: __shared__ variables are function statics, so a block that reads one before writing
 // it sees the previous block's value instead of garbage; lanes that reach different warp
 // intrinsics of the same kind pair up as on no GPU (different kinds abort).
@@ -53,7 +55,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -107,7 +109,7 @@ struct State {
 #endif
 };
 inline State& state() {
-  static State s;
+  static thread_local State s;
   return s;
 }
 inline int violations() { return state().violations; }

@@ -90,7 +90,8 @@ TEST(TorchCodec, ErrorsNameTheTensorAndKeepTheirType) {
 
   expect_error<InvalidArgumentError>([&] { tg::encode(*codec, grad.to(at::kHalf), *state, "fc1.weight"); },
                                      {"fc1.weight", "float16", "float32"});
-  expect_error<InvalidArgumentError>([&] { tg::encode(*codec, at::randn({200}).slice(0, 0, 200, 2), *state, "fc2.bias"); },
+  at::Tensor strided = at::randn({200}).slice(0, 0, 200, 2);
+  expect_error<InvalidArgumentError>([&] { tg::encode(*codec, strided, *state, "fc2.bias"); },
                                      {"fc2.bias", "not contiguous"});
   expect_error<InvalidArgumentError>([&] { tg::encode(*codec, at::randn({101}), *state, "fc1.weight"); },
                                      {"fc1.weight", "101 elements"});
