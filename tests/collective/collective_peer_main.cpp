@@ -36,6 +36,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <thread>
 
@@ -116,7 +117,10 @@ int run(std::map<std::string, std::string>& a) {
   if (device != "cpu" && device != "cuda") throw InvalidArgumentError("--device " + device + " (cpu, cuda)");
   const bool own_stream = a.count("--cuda-stream");
   if (own_stream && device != "cuda") throw InvalidArgumentError("--cuda-stream needs --device cuda");
-  if (own_stream) o.cuda_stream.handle = cuda::compress::stream_create(0);  // never destroyed: the process ends
+  // Declared before the communicator, so destroyed after it (it uses the stream to the end).
+  const std::unique_ptr<void, void (*)(void*)> own_cuda_stream(
+      own_stream ? cuda::compress::stream_create(0) : nullptr, [](void* s) { cuda::compress::stream_destroy(s, 0); });
+  o.cuda_stream.handle = own_cuda_stream.get();
   void* const stream = o.cuda_stream.handle;
   collective::Communicator comm(self, o);
   std::optional<cuda::compress::DeviceBuffer> device_gradient;
