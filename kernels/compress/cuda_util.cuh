@@ -42,7 +42,8 @@ class DeviceGuard {
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 // kernel<<<grid, threads, shared_bytes, stream>>>(args...), written so that the sim-device build
-// (MESHTRAIN_CUDA=SIM: tests/support/sim_device) can run it on the CPU instead.
+// (MESHTRAIN_CUDA=SIM: tests/support/sim_device) can run it on the CPU instead. A kernel name
+// with a comma in it (kernel<A, B>) needs an alias first: the preprocessor splits it.
 #ifdef MESHTRAIN_SIM_DEVICE_RUNTIME
 #define MT_LAUNCH(kernel, grid, threads, shared_bytes, stream) \
   ::meshtrain::sim_device::launch(grid, threads, shared_bytes, kernel)
