@@ -1,7 +1,7 @@
 // PowerSGD's products on the device (launched by powersgd.cu), in the CPU reference's order
 // (lib/compress/powersgd.cpp), so that payloads and residuals are the CPU's bits:
-//   project:      P = M Q      one thread per row of M, r double sums over the row (j ascending)
-//   back_project: Q = M^T P    one thread per column of M, r double sums down it (i ascending)
+//   project:      P = M Q      one thread per element of P: a double sum along M's row (j ascending)
+//   back_project: Q = M^T P    one thread per element of Q: a double sum down M's column (i ascending)
 //   reconstruct:  out = / += / -= P Q^T, one thread per element (codec_math.h lowrank_element)
 // M is rows x cols, row-major; P is rows x r and Q cols x r, row-major; r <= kMaxRank.
 //
@@ -23,29 +23,27 @@ namespace math = meshtrain::compress::math;
 
 constexpr uint32_t kLowRankMaxRank = 64;  // lib/compress/payload.h kMaxPowerSgdRank
 
+// Element e = i r + l of P; the r threads of a row read it together.
 __global__ void lowrank_project_kernel(const float* m, const float* q, size_t rows, size_t cols, uint32_t r,
                                        float* p) {
-  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows) return;
-  double acc[kLowRankMaxRank];
-  for (uint32_t l = 0; l < r; ++l) acc[l] = 0.0;
-  math::lowrank_project_row(m + i * cols, q, cols, r, acc);
-  for (uint32_t l = 0; l < r; ++l) p[i * r + l] = static_cast<float>(acc[l]);
+  const size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= rows * r) return;
+  const size_t i = e / r, l = e - i * r;
+  const float* mi = m + i * cols;
+  double acc = 0.0;  // as codec_math.h lowrank_project_row's acc[l]
+  for (size_t j = 0; j < cols; ++j) acc = math::dadd_rn(acc, math::dmul_rn(mi[j], q[j * r + l]));
+  p[e] = static_cast<float>(acc);
 }
 
-// Threads of a warp take neighbouring columns, so each row's reads are coalesced.
+// Element e = j r + l of Q; neighbouring threads read neighbouring columns of each row.
 __global__ void lowrank_back_project_kernel(const float* m, const float* p, size_t rows, size_t cols, uint32_t r,
                                             float* q) {
-  const size_t j = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
-  double acc[kLowRankMaxRank];
-  for (uint32_t l = 0; l < r; ++l) acc[l] = 0.0;
-  for (size_t i = 0; i < rows; ++i) {
-    const double v = m[i * cols + j];
-    const float* pi = p + i * r;
-    for (uint32_t l = 0; l < r; ++l) acc[l] = math::dadd_rn(acc[l], math::dmul_rn(v, pi[l]));
-  }
-  for (uint32_t l = 0; l < r; ++l) q[j * r + l] = static_cast<float>(acc[l]);
+  const size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= cols * r) return;
+  const size_t j = e / r, l = e - j * r;
+  double acc = 0.0;
+  for (size_t i = 0; i < rows; ++i) acc = math::dadd_rn(acc, math::dmul_rn(m[i * cols + j], p[i * r + l]));
+  q[e] = static_cast<float>(acc);
 }
 
 __global__ void lowrank_reconstruct_kernel(const float* p, const float* q, size_t rows, size_t cols, uint32_t r,

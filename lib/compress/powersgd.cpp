@@ -59,6 +59,7 @@ class PowerSgdState final : public StateBase {
     StateBase::reset();
     if (has_residual_) residual_.zero();
     init_q();
+    device_m = nullptr;
   }
 
   const Shape& shape() const { return shape_; }
@@ -70,9 +71,16 @@ class PowerSgdState final : public StateBase {
   std::vector<float>& q() { return q_; }  // on the host, also for a CUDA tensor (it goes into the payload)
   std::vector<float> scratch;             // CPU: M without error feedback
   // CUDA: P and Q for the products, M without error feedback when a later call needs it, and
-  // where project left M (kept across calls, not cloned).
+  // where project left M, until the step's last call (kept across calls, not cloned).
   kc::DeviceBuffer d_p, d_q, d_m;
   const float* device_m = nullptr;
+  // Sized for this state's P and Q (before anything is written: a call that fails for want of
+  // memory leaves the residual as it was).
+  void allocate_device_factors() {
+    const int dev = spec().device_index;
+    if (d_p.bytes() < shape_.rows * shape_.rank * 4) d_p = kc::DeviceBuffer(shape_.rows * shape_.rank * 4, dev);
+    if (d_q.bytes() < shape_.cols * shape_.rank * 4) d_q = kc::DeviceBuffer(shape_.cols * shape_.rank * 4, dev);
+  }
 
  private:
   // Q_0: uniform in [-1, 1) from a hash of (seed, element), identical on every peer.
@@ -106,9 +114,7 @@ void project(const float* x, PowerSgdState& s, float* p, bool keep_matrix, CudaS
     const int dev = s.device_index();
     void* st = stream.handle;
     cuda_call("powersgd project", [&] {
-      // Allocations first: a call that fails for want of memory leaves the residual as it was.
-      if (s.d_p.bytes() < rows * r * 4) s.d_p = kc::DeviceBuffer(rows * r * 4, dev);
-      if (s.d_q.bytes() < cols * r * 4) s.d_q = kc::DeviceBuffer(cols * r * 4, dev);
+      s.allocate_device_factors();
       const bool copy = keep_matrix && !s.has_residual();
       if (copy && s.d_m.bytes() < n * 4) s.d_m = kc::DeviceBuffer(n * 4, dev);
       const float* m = x;
@@ -176,16 +182,20 @@ void back_project(PowerSgdState& s, const float* p, float* q, CudaStream stream)
 
 // out = p q^T (when out is not null) and residual = M - p q^T (in place; nothing to keep without
 // error feedback). On a device `upload` first copies p and q there (else they are back_project's).
+// The step's last call: M is no longer needed.
 void write(PowerSgdState& s, const float* p, const float* q, float* out, bool upload, CudaStream stream) {
   const Shape& sh = s.shape();
   const size_t rows = sh.rows, cols = sh.cols;
   const auto r = static_cast<uint32_t>(sh.rank);
   float* residual = s.residual_data();
+  s.device_m = nullptr;
+  if (out == nullptr && residual == nullptr) return;
   if (s.on_cuda()) {
     const int dev = s.device_index();
     void* st = stream.handle;
     cuda_call("powersgd reconstruct", [&] {
       if (upload) {
+        s.allocate_device_factors();
         kc::copy_async(s.d_p.data(), p, rows * r * 4, dev, st);
         kc::copy_async(s.d_q.data(), q, cols * r * 4, dev, st);
       }

@@ -67,7 +67,7 @@ TEST(SimPowerSgd, KernelsEqualTheCpuCodecOverTwoSteps) {
       }
       // P = M Q_prev, against codec_math.h's row function as the CPU calls it.
       std::vector<float> got_p(c.rows * r);
-      cuda_sim::launch(kc::detail::blocks_covering(c.rows), kThreads, 0, kc::lowrank_project_kernel, m.data(),
+      cuda_sim::launch(kc::detail::blocks_covering(c.rows * r), kThreads, 0, kc::lowrank_project_kernel, m.data(),
                        q_prev.data(), c.rows, c.cols, c.rank, got_p.data());
       for (size_t i = 0; i < c.rows; ++i) {
         std::vector<double> acc(r, 0.0);
@@ -77,7 +77,7 @@ TEST(SimPowerSgd, KernelsEqualTheCpuCodecOverTwoSteps) {
       }
       // Q = M^T P with the payload's (orthonormalised) P: the payload's Q.
       std::vector<float> got_q(c.cols * r);
-      cuda_sim::launch(kc::detail::blocks_covering(c.cols), kThreads, 0, kc::lowrank_back_project_kernel, m.data(),
+      cuda_sim::launch(kc::detail::blocks_covering(c.cols * r), kThreads, 0, kc::lowrank_back_project_kernel, m.data(),
                        p.data(), c.rows, c.cols, c.rank, got_q.data());
       expect_same_bits(got_q.data(), q.data(), q.size(), at + " q");
       // residual = M - P Q^T: the CPU state's residual.

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/runtime.h"
 #include "meshtrain/torch.h"
 
 namespace meshtrain {
@@ -130,6 +131,7 @@ TEST(TorchCodec, CpuTensorsHaveNoStream) {
 // final values plus the decoded payload.
 TEST(TorchCuda, CodecsRunOnTorchsCurrentStream) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: torch::cuda::is_available() is false";
+  if (cuda::device_count() == 0) GTEST_SKIP() << "meshtrain's CUDA paths: " << cuda::runtime_description();
   constexpr int64_t kCount = int64_t{1} << 26;
   const at::Device gpu(at::kCUDA, 0);
   const mc::CudaStream default_stream = tg::current_cuda_stream(0);
