@@ -203,11 +203,16 @@ void check_grad(CodecId codec, const BufferView& grad, const CodecState& state) 
     throw InvalidArgumentError(
         fmt::format("{} given a state made by the {} codec", what, codec_name(state.codec())));
   check_fp32(what, "gradient", grad, state.count());
+  check_state_device(what, "gradient", grad, state);
+}
+
+void check_state_device(std::string_view who, std::string_view what, const BufferView& buffer,
+                        const CodecState& state) {
   const TensorSpec& spec = state.spec();
-  if (grad.device != spec.device || (grad.device == DeviceKind::Cuda && grad.device_index != spec.device_index))
+  if (buffer.device != spec.device || (buffer.device == DeviceKind::Cuda && buffer.device_index != spec.device_index))
     throw InvalidArgumentError(fmt::format(
-        "{}: gradient is on {}:{} but its state was made for {}:{}", what,
-        grad.device == DeviceKind::Cuda ? "cuda" : "cpu", grad.device_index,
+        "{}: {} is on {}:{} but its state was made for {}:{}", who, what,
+        buffer.device == DeviceKind::Cuda ? "cuda" : "cpu", buffer.device_index,
         spec.device == DeviceKind::Cuda ? "cuda" : "cpu", spec.device_index));
 }
 

@@ -39,6 +39,10 @@ void check_fp32(std::string_view codec, std::string_view what, const BufferView&
                 size_t count);
 // grad matches the state (fp32, count, device and index) and the state is of `codec`.
 void check_grad(CodecId codec, const BufferView& grad, const CodecState& state);
+// InvalidArgumentError "<who>: <what> is on cuda:1 but its state was made for cpu:0" unless
+// `buffer` is on the device `state` was made for.
+void check_state_device(std::string_view who, std::string_view what, const BufferView& buffer,
+                        const CodecState& state);
 void check_capacity(CodecId codec, std::span<const uint8_t> out, size_t need);
 // Throws InvalidArgumentError when `device` is Cuda and meshtrain was built without CUDA.
 void check_device_supported(std::string_view who, DeviceKind device, int device_index);

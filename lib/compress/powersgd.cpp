@@ -404,10 +404,7 @@ void powersgd_finish(CodecState& state, std::span<const float> p, std::span<cons
   check_span(what, "p", p.size(), sh.rows * sh.rank);
   check_span(what, "q", q.size(), sh.cols * sh.rank);
   check_fp32(what, "output", out, s.count());
-  if (out.device != s.spec().device || (s.on_cuda() && out.device_index != s.device_index()))
-    throw InvalidArgumentError(fmt::format("{}: the output is on {}:{} but the state was made for {}:{}", what,
-                                           out.device == DeviceKind::Cuda ? "cuda" : "cpu", out.device_index,
-                                           s.on_cuda() ? "cuda" : "cpu", s.device_index()));
+  check_state_device(what, "output", out, state);
   write(s, p.data(), q.data(), static_cast<float*>(out.data), /*upload=*/true, stream);
   std::copy(q.begin(), q.end(), s.q().begin());
   s.record(0);
