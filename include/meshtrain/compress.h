@@ -71,6 +71,10 @@ struct CodecStats {
   uint64_t last_flushed = 0;
   uint64_t total_flushed = 0;
   size_t last_payload_bytes = 0;
+  // top-k with the sampled selection: encodes whose sample did not bracket the threshold, so
+  // that the radix select ran after it (the same payload, slower). Many misses mean data unlike
+  // its sample (TopKOptions::Selection).
+  uint64_t sampled_misses = 0;
 };
 
 // Per-tensor state: the error-feedback residual (what earlier steps did not send), PowerSGD's
@@ -201,14 +205,17 @@ struct TopKOptions {
   // k = ceil(fraction * count), at least 1 for a non-empty tensor. 0 < fraction <= 1.
   double fraction = 0.01;
   bool error_feedback = true;
-  // How an encode of a CUDA tensor finds the k largest magnitudes; the payload is the same
-  // either way (and the CPU's selection is the one reference). Radix: three histogram passes
-  // over the tensor and a compaction (verified on an H100). Sampled: a sorted sample of the
-  // keys brackets the k-th largest, then two passes (one counts and gathers the bracket, one
-  // writes), falling back to Radix when the bracket misses; faster by design, not yet run on a
-  // GPU (docs/compression.md), hence not the default.
-  enum class Selection { Radix, Sampled };
-  Selection selection = Selection::Radix;
+  // How an encode finds the k largest magnitudes; the payload is the same every way (the CPU's
+  // radix select is the one reference). Radix: three histogram passes over the tensor, then a
+  // compaction (on the CPU the last two passes and the compaction run on the elements of pass 1's
+  // threshold bin only; verified on an H100). Sampled: a sorted sample of the keys brackets the
+  // k-th largest, then two passes (one gathers the bracket, one writes; on the CPU one pass
+  // that also adds the residual), falling back to Radix when the bracket misses (data unlike its
+  // sample). Auto: Sampled for CPU tensors of 65,536 elements and more (measured 2x faster,
+  // docs/benchmarks.md), Radix for smaller ones and for CUDA tensors: the sampled kernels have
+  // not run on a GPU yet (docs/compression.md).
+  enum class Selection { Auto, Radix, Sampled };
+  Selection selection = Selection::Auto;
 };
 std::unique_ptr<Codec> make_topk_codec(const TopKOptions& options = {});
 

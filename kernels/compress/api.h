@@ -170,6 +170,9 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
 // buffer in a bracket of one key (lo == hi: ties, such as a sparse gradient's zeros) make that
 // key the threshold: topk_compact sends k - above of its ties.
 inline constexpr uint64_t kTopKSamples = uint64_t(1) << 18;
+// The CPU's sampled selection (lib/compress/topk.cpp) sorts fewer: it pays for the sample's
+// order statistic and little per candidate.
+inline constexpr uint64_t kTopKCpuSamples = uint64_t(1) << 15;
 inline constexpr double kTopKSampleSigmas = 8.0;
 inline constexpr uint64_t kTopKSampleSlack = 32;
 
@@ -181,10 +184,10 @@ struct TopKSamplePlan {
   bool hi_open = false;   // hi_rank == m - 1: no upper bound (nothing is "above")
   uint64_t capacity = 0;  // candidates kept: 3 times the expected number + 8192, at most n
 };
-// 1 <= k <= n.
-inline TopKSamplePlan topk_sample_plan(uint64_t n, uint64_t k) {
+// 1 <= k <= n. The CPU's selection (lib/compress/topk.cpp) draws fewer samples (max_samples).
+inline TopKSamplePlan topk_sample_plan(uint64_t n, uint64_t k, uint64_t max_samples = kTopKSamples) {
   TopKSamplePlan p;
-  p.samples = n < kTopKSamples ? n : kTopKSamples;
+  p.samples = n < max_samples ? n : max_samples;
   const double m = static_cast<double>(p.samples), q = static_cast<double>(k) / static_cast<double>(n);
   // Ascending, the k-th largest of n sits at rank n - k; in the sample, near (n - k) * m / n.
   uint64_t at = static_cast<uint64_t>(static_cast<double>(n - k) / static_cast<double>(n) * m);

@@ -148,9 +148,10 @@ std::unique_ptr<Codec> make_codec(std::string_view spec) {
     o.fraction = p.real("fraction", o.fraction);
     o.error_feedback = p.flag("error_feedback", o.error_feedback);
     if (auto sel = p.take("selection")) {
-      if (*sel == "radix") o.selection = TopKOptions::Selection::Radix;
+      if (*sel == "auto") o.selection = TopKOptions::Selection::Auto;
+      else if (*sel == "radix") o.selection = TopKOptions::Selection::Radix;
       else if (*sel == "sampled") o.selection = TopKOptions::Selection::Sampled;
-      else p.bad("selection", *sel, "radix or sampled");
+      else p.bad("selection", *sel, "auto, radix or sampled");
     }
     codec = make_topk_codec(o);
   } else if (p.codec == "powersgd") {
@@ -348,6 +349,7 @@ void ResidualState::restore_backup() {
 }
 
 void ResidualState::commit_staged() {
+  if (staging() && staged_result()) encoded_before_ = true;
   if (staging() && staged_result() && has_residual_) {
     if (spec().device != DeviceKind::Cuda) residual_.swap_host(spare_);
     device_spare_ = std::move(backup_);  // the pending result stays in place; keep the buffer

@@ -102,9 +102,10 @@ class StateBase : public CodecState {
   void begin_encode() { staged_ = false; }
   // Called after each successful encode (the counters an encode starts from are stats(), the
   // committed ones, also while staging).
-  void record(size_t payload_bytes, uint64_t clamped = 0, uint64_t flushed = 0) {
+  void record(size_t payload_bytes, uint64_t clamped = 0, uint64_t flushed = 0, bool sampled_miss = false) {
     CodecStats s = stats();
     ++s.encodes;
+    s.sampled_misses += sampled_miss;
     s.last_payload_bytes = payload_bytes;
     s.last_clamped = clamped;
     s.total_clamped += clamped;
@@ -181,6 +182,13 @@ class ResidualState : public StateBase {
   }
   // Unstaged CPU double buffering: makes spare() the residual (the old one becomes the spare).
   void swap_residual() { residual_.swap_host(spare_); }
+  // CPU with error feedback: whether this object has encoded before (set by an unstaged encode
+  // through mark_encoded() and by a committed staged one; a clone starts unset). Such a state
+  // is likely to encode again, so a double-buffered encode (the new residual into spare(),
+  // swapped in when the whole gradient has passed: a NaN/Inf found on the way leaves the state
+  // untouched without a scan before) pays for the spare's memory.
+  bool encoded_before() const { return encoded_before_; }
+  void mark_encoded() { encoded_before_ = true; }
   // CUDA with a residual, while staging: keeps (or restores) a copy of the committed residual
   // so that the encode may update residual_data() in place.
   void begin_in_place_staged_encode(CudaStream stream);
@@ -193,6 +201,7 @@ class ResidualState : public StateBase {
   const Residual& committed() const { return backup_ ? *backup_ : residual_; }
 
   bool has_residual_ = false;
+  bool encoded_before_ = false;
   Residual residual_;
   std::vector<float> spare_;
   std::optional<Residual> backup_;  // CUDA staging: the committed residual

@@ -39,15 +39,8 @@ class Int8State final : public ResidualState {
   Int8State(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::Int8, std::move(spec), error_feedback) {}
   Int8State(const Int8State& other) : ResidualState(other) {}  // without the scratch
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<Int8State>(*this); }
-  void commit_staged() override {
-    if (staging() && staged_result()) encoded = true;
-    ResidualState::commit_staged();
-  }
 
   kc::DeviceBuffer staging_buffer;
-  // CPU, error feedback: this object has encoded before, so the double-buffered loop (and
-  // its spare()) pays off. Not copied by clone().
-  bool encoded = false;
 };
 
 // The loops, compiled per CPU level (MT_VECTOR_CLONES).
@@ -232,7 +225,7 @@ class Int8Codec final : public ApplyingCodec {
     const size_t block = o_.block_size, blocks = (n + block - 1) / block;
     const bool staged = s.staging() && residual != nullptr;
     const bool double_buffered =
-        grad.device == DeviceKind::Cpu && residual != nullptr && block <= kChunk && (s.encoded || staged);
+        grad.device == DeviceKind::Cpu && residual != nullptr && block <= kChunk && (s.encoded_before() || staged);
     if (grad.device == DeviceKind::Cuda || (residual != nullptr && !double_buffered))
       reject_nonfinite(id(), grad, stream);
     if (staged && grad.device == DeviceKind::Cuda) s.begin_in_place_staged_encode(stream);
@@ -266,7 +259,7 @@ class Int8Codec final : public ApplyingCodec {
       if (quantize_loop(static_cast<const float*>(grad.data), residual, n, block, stochastic, o_.seed, step,
                         scales, q) < n)
         reject_nonfinite(id(), grad, stream);
-      if (!staged) s.encoded = true;
+      if (!staged) s.mark_encoded();
     }
     write_header(out, header(n));
     s.record(bytes);

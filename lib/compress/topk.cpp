@@ -8,12 +8,12 @@
 // indices fill the rest: ties go to the lower index, so the selection is a function of v alone
 // (+0 and -0 tie). CPU and CUDA share radix_select below and differ only in who counts.
 //
-// CPU: pass 1 forms v in place and histograms the top 11 bits; one pass gathers the keys of the
-// elements in the k-th element's bin (a small fraction for gradient-like data) and the last two
-// radix passes run on them; a final pass compacts. The CUDA path (kernels/compress/topk.cu)
-// histograms on the GPU in three passes and compacts with per-tile prefix sums; with
-// selection=sampled it first tries kernels/compress/api.h's topk_select_sampled (a sorted sample
-// brackets T; same output), which falls back to that when its bracket misses.
+// CPU: (below, "The CPU selection") one pass finds a lower bound of the k-th key, one gathers
+// the indices of the keys at or above it, and the radix select and compaction run on those
+// alone. The CUDA path (kernels/compress/topk.cu) histograms on the GPU in three passes and
+// compacts with per-tile prefix sums; with selection=sampled it first tries
+// kernels/compress/api.h's topk_select_sampled (a sorted sample brackets T; same output), which
+// falls back to that when its bracket misses.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -69,6 +69,193 @@ uint64_t topk_k(double fraction, size_t n) {
   return static_cast<uint64_t>(k);
 }
 
+// ---- The CPU selection. Both ways find a lower bound lo <= T (T: the k-th largest key), gather
+// the indices of the keys >= lo in one pass (in index order; the candidates), run the radix
+// select on the candidates' keys alone and compact them. Radix: lo is the bottom of pass 1's
+// top-digit bin that holds T (exact; pass 1 also forms v). Sampled: lo is a low order statistic
+// of a sorted sample of v (the GPU's plan, kc::topk_sample_plan, with fewer samples), and v is
+// formed in the gathering pass: two passes over the data instead of three, and none of pass
+// 1's scattered histogram increments. It misses when fewer than k keys are >= lo or more than
+// its capacity are (data unlike its sample); v is formed by then and the radix select runs on it.
+
+// Selection::Auto samples tensors from this size on (below it the sample is most of the work).
+constexpr size_t kCpuSampledMinCount = size_t(1) << 16;
+// The gathering pass forms v a chunk at a time, then scans the chunk while it is in L1.
+constexpr size_t kCpuChunk = 4096;
+
+struct CpuTopKScratch {
+  std::vector<uint32_t> sample;      // the sample's keys
+  std::vector<uint32_t> candidates;  // indices of the keys >= lo, ascending
+  std::vector<float> values;         // their values of v (read while v is in cache)
+};
+
+// The gradient x, the residual r added to it (null: v is x itself), and `out`, where v is
+// written when r is set and where what is sent is cleared to 0 (null: nothing is written).
+struct CpuVectors {
+  const float* x;
+  const float* r;
+  float* out;
+  const float* v() const { return r != nullptr ? out : x; }
+};
+
+// Expected candidates of the sampled selection: the keys >= the sample's lo_rank-th.
+uint64_t cpu_sampled_capacity(const kc::TopKSamplePlan& p, uint64_t n) {
+  const double expected = static_cast<double>(p.samples - p.lo_rank) / static_cast<double>(p.samples) *
+                          static_cast<double>(n);
+  const double capacity = 3.0 * std::ceil(expected) + 8192.0;
+  return capacity >= static_cast<double>(n) ? n : static_cast<uint64_t>(capacity);
+}
+// Sampling prunes only when lo cuts off most of the tensor.
+bool cpu_sampling_worthwhile(uint64_t n, uint64_t k) {
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
+  return !p.lo_open && cpu_sampled_capacity(p, n) < n / 2;
+}
+
+// Writes v over [0, n) when r is set, and appends to cand / cand_v the indices i with
+// key(v[i]) >= lo and v[i] while at most `capacity` are gathered; both have room for capacity +
+// kCpuChunk. Returns how many were gathered, or more than capacity once they overflowed (v is
+// still formed entirely).
+MT_VECTOR_CLONES
+size_t form_and_gather(const float* x, const float* r, float* out, size_t n, uint32_t lo, uint32_t* cand,
+                       float* cand_v, size_t capacity) {
+  size_t c = 0;
+  for (size_t b = 0; b < n; b += kCpuChunk) {
+    const size_t e = std::min(n, b + kCpuChunk);
+    const float* v = x;
+    if (r != nullptr) {
+      for (size_t i = b; i < e; ++i) out[i] = math::add_rn(x[i], r[i]);
+      v = out;
+    }
+    if (c > capacity) continue;
+    size_t i = b;
+    for (; i + 16 <= e; i += 16) {  // most groups of 16 hold no candidate: test them at once
+      uint32_t any = 0;
+      for (size_t t = 0; t < 16; ++t) any |= static_cast<uint32_t>(math::magnitude_key(v[i + t]) >= lo);
+      if (any == 0) continue;
+      for (size_t t = 0; t < 16; ++t) {  // branch-free: the taken ones are unpredictable
+        cand[c] = static_cast<uint32_t>(i + t);
+        cand_v[c] = v[i + t];
+        c += math::magnitude_key(v[i + t]) >= lo;
+      }
+    }
+    for (; i < e; ++i)
+      if (math::magnitude_key(v[i]) >= lo) {
+        cand[c] = static_cast<uint32_t>(i);
+        cand_v[c++] = v[i];
+      }
+  }
+  return c;
+}
+
+// v = x + r, fused with the histogram of the top digit (pass 1 of the radix select); returns the
+// bottom key of the top-digit bin that holds the k-th largest key, and how many keys are >= it.
+MT_VECTOR_CLONES
+std::pair<uint32_t, uint64_t> form_and_bound(const CpuVectors& vec, size_t n, uint64_t k) {
+  // Four interleaved histograms, because gradient magnitudes crowd into a few bins.
+  constexpr uint32_t kTop = 1u << 11;
+  std::vector<uint64_t> h4(4 * kTop, 0);
+  const float *x = vec.x, *r = vec.r;
+  float* v = vec.out;
+  size_t i = 0;
+  if (r != nullptr) {
+    for (; i + 4 <= n; i += 4)
+      for (size_t j = 0; j < 4; ++j) {
+        v[i + j] = math::add_rn(x[i + j], r[i + j]);
+        ++h4[j * kTop + (math::magnitude_key(v[i + j]) >> 20)];
+      }
+    for (; i < n; ++i) {
+      v[i] = math::add_rn(x[i], r[i]);
+      ++h4[math::magnitude_key(v[i]) >> 20];
+    }
+  } else {
+    for (; i + 4 <= n; i += 4)
+      for (size_t j = 0; j < 4; ++j) ++h4[j * kTop + (math::magnitude_key(x[i + j]) >> 20)];
+    for (; i < n; ++i) ++h4[math::magnitude_key(x[i]) >> 20];
+  }
+  static_assert(kPasses[0].shift == 20 && kPasses[0].bits == 11);
+  uint64_t at_or_above = 0;
+  for (uint32_t b = kTop; b-- > 0;) {
+    at_or_above += h4[b] + h4[kTop + b] + h4[2 * kTop + b] + h4[3 * kTop + b];
+    if (at_or_above >= k) return {b << 20, at_or_above};
+  }
+  return {0, at_or_above};  // not reached: the bins hold all n >= k keys
+}
+
+// What select_candidates and the selections below return when v is finite.
+constexpr size_t kFinite = SIZE_MAX;
+
+// The exact selection among the gathered candidates (every key >= lo, at least k of them, in
+// index order), written as k (index, value) pairs; what is sent is cleared in `clear` when set.
+// The candidates hold every NaN/Inf of v: their keys are the largest, and the largest key is
+// always a candidate. Returns kFinite, or the index of v's first NaN/Inf (nothing written).
+size_t select_candidates(float* clear, uint64_t k, const CpuTopKScratch& scratch, size_t count, uint8_t* idx,
+                         uint8_t* val) {
+  const uint32_t* cand = scratch.candidates.data();
+  const float* values = scratch.values.data();
+  if (const size_t bad = find_nonfinite(values, count); bad < count) return cand[bad];
+  const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
+    const RadixPass rp = kPasses[pass];
+    std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
+    const uint32_t above = rp.shift + rp.bits, mask = (1u << rp.bits) - 1;  // above <= 31
+    for (size_t q = 0; q < count; ++q) {
+      const uint32_t key = math::magnitude_key(values[q]);
+      if ((key >> above) == prefix) ++h[(key >> rp.shift) & mask];
+    }
+    return h;
+  });
+  // Everything above T is sent, and of the keys equal to T the first t.ties in index order.
+  uint64_t j = 0, ties = t.ties;
+  for (size_t q = 0; q < count; ++q) {
+    const uint32_t key = math::magnitude_key(values[q]);
+    if (key > t.key || (key == t.key && ties > 0)) {
+      ties -= key == t.key;
+      store<uint32_t>(idx, j, cand[q]);
+      store<float>(val, j, values[q]);
+      if (clear != nullptr) clear[cand[q]] = 0.0f;
+      ++j;
+    }
+  }
+  if (j != k) throw InternalError(fmt::format("topk encode selected {} elements, expected {}", j, k));
+  return kFinite;
+}
+
+// The radix way: exact lo from pass 1's histogram (which forms v), then gather and select.
+// Returns as select_candidates.
+size_t select_radix_cpu(const CpuVectors& vec, size_t n, uint64_t k, CpuTopKScratch& scratch, uint8_t* idx,
+                          uint8_t* val) {
+  const auto [lo, count] = form_and_bound(vec, n, k);
+  scratch.candidates.resize(count + kCpuChunk);
+  scratch.values.resize(count + kCpuChunk);
+  const size_t gathered = form_and_gather(vec.v(), nullptr, nullptr, n, lo, scratch.candidates.data(),
+                                          scratch.values.data(), count);
+  if (gathered != count)
+    throw InternalError(fmt::format("topk encode gathered {} candidates, its histogram counted {}", gathered, count));
+  return select_candidates(vec.out, k, scratch, count, idx, val);
+}
+
+// The sampled way; returns false when the sample's lo missed (v formed, nothing written), else
+// true with select_candidates' result in `nonfinite`.
+bool select_sampled_cpu(const CpuVectors& vec, size_t n, uint64_t k, CpuTopKScratch& scratch, uint8_t* idx,
+                        uint8_t* val, size_t& nonfinite) {
+  const kc::TopKSamplePlan plan = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
+  const uint64_t capacity = cpu_sampled_capacity(plan, n);
+  scratch.sample.resize(plan.samples);
+  for (uint64_t q = 0; q < plan.samples; ++q) {
+    const uint64_t i = math::topk_sample_index(q, n, plan.samples);
+    scratch.sample[q] = math::magnitude_key(vec.r != nullptr ? math::add_rn(vec.x[i], vec.r[i]) : vec.x[i]);
+  }
+  const auto at = scratch.sample.begin() + static_cast<std::ptrdiff_t>(plan.lo_rank);
+  std::nth_element(scratch.sample.begin(), at, scratch.sample.end());
+  const uint32_t lo = *at;
+  scratch.candidates.resize(capacity + kCpuChunk);
+  scratch.values.resize(capacity + kCpuChunk);
+  const size_t count = form_and_gather(vec.x, vec.r, vec.out, n, lo, scratch.candidates.data(),
+                                       scratch.values.data(), capacity);
+  if (count < k || count > capacity) return false;
+  nonfinite = select_candidates(vec.out, k, scratch, count, idx, val);
+  return true;
+}
+
 class TopKState final : public ResidualState {
  public:
   TopKState(TensorSpec spec, bool error_feedback) : ResidualState(CodecId::TopK, std::move(spec), error_feedback) {}
@@ -76,7 +263,7 @@ class TopKState final : public ResidualState {
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<TopKState>(*this); }
 
   // Scratch, kept across encodes (on CUDA, a cudaFree would synchronise the whole device).
-  std::vector<float> scratch;   // CPU without error feedback: v (a copy of the gradient)
+  CpuTopKScratch cpu;
   kc::DeviceBuffer d_out;       // CUDA: indices then values
   kc::DeviceBuffer d_work;      // CUDA: the kernels' workspace (kc::topk_workspace_bytes)
 };
@@ -91,7 +278,7 @@ class TopKCodec final : public ApplyingCodec {
   CodecId id() const noexcept override { return CodecId::TopK; }
   std::string describe() const override {
     return fmt::format("topk(fraction={}, error_feedback={}{})", o_.fraction, o_.error_feedback ? "on" : "off",
-                       sampled() ? ", selection=sampled" : "");
+                       selection_text());
   }
 
   std::unique_ptr<CodecState> make_state(const TensorSpec& spec) const override {
@@ -116,90 +303,81 @@ class TopKCodec final : public ApplyingCodec {
     const size_t n = grad.count, bytes = encoded_bytes(s.spec());
     const uint64_t k = topk_k(o_.fraction, n);
     check_capacity(id(), out, bytes);
-    reject_nonfinite(id(), grad, stream);
+    // A NaN/Inf gradient must leave the state as it was. On the CPU the selection sees every
+    // NaN/Inf of v among its candidates at no cost; the encodes that never write the committed
+    // residual (without error feedback; double-buffered, as int8's: a state encoded before, or
+    // staged) rely on that. The others (a state's first unstaged encode, CUDA) scan first.
+    const bool cpu = grad.device == DeviceKind::Cpu;
+    const bool feedback = s.residual_data() != nullptr, staged = feedback && s.staging();
+    const bool double_buffered = cpu && feedback && (s.encoded_before() || staged);
+    if (!cpu || (feedback && !double_buffered)) reject_nonfinite(id(), grad, stream);
     uint8_t* idx = out.data() + kPayloadHeaderBytes;
     uint8_t* val = idx + 4 * k;
-    if (n > 0 && grad.device == DeviceKind::Cuda) {
+    bool sampled_miss = false;
+    if (n > 0 && !cpu) {
       s.begin_in_place_staged_encode(stream);
-      encode_cuda(grad, s, k, sampled(), idx, stream);
+      sampled_miss = encode_cuda(grad, s, k, sampled(), idx, stream);
     } else if (n > 0) {
-      encode_cpu(static_cast<const float*>(grad.data), n, s, k, idx, val);
+      const float* x = static_cast<const float*>(grad.data);
+      const CpuOutcome got = encode_cpu(x, n, s, k, o_.selection, double_buffered, idx, val);
+      if (got.nonfinite != kFinite) {
+        reject_nonfinite(id(), grad, stream);  // throws when the gradient itself has one
+        throw InvalidArgumentError(fmt::format(
+            "topk encode: element {} of the gradient ({}) plus the residual overflows float{}", got.nonfinite,
+            x[got.nonfinite],
+            double_buffered ? "; the state is unchanged" : "; the residual was updated in place: reset() the state"));
+      }
+      if (double_buffered && !staged) s.swap_residual();  // staged: the spare is the pending residual
+      if (feedback && !staged) s.mark_encoded();
+      sampled_miss = got.missed;
     }
     write_header(out, Header{id(), 0, n, k, 0});
-    s.record(bytes);
+    s.record(bytes, 0, 0, sampled_miss);
     return bytes;
   }
 
  private:
-  static void encode_cpu(const float* x, size_t n, TopKState& s, uint64_t k, uint8_t* idx, uint8_t* val) {
-    // v is the residual, updated in place; while staging it is the spare (the pending
-    // residual), formed from the committed residual r, which is only read.
+  struct CpuOutcome {
+    bool missed = false;        // the sampled selection missed, and the radix select ran after it
+    size_t nonfinite = kFinite;  // else the index of v's first NaN/Inf
+  };
+  static CpuOutcome encode_cpu(const float* x, size_t n, TopKState& s, uint64_t k,
+                               TopKOptions::Selection selection, bool double_buffered, uint8_t* idx, uint8_t* val) {
+    // v = x + r goes into the residual in place, or double-buffered into the spare (the
+    // committed residual r is only read). Without error feedback v is the gradient itself, only
+    // read, and nothing is cleared.
     const float* r = s.residual_data();
-    float* v = s.residual_data();
-    if (v == nullptr) {
-      s.scratch.resize(n);
-      v = s.scratch.data();
-      std::memcpy(v, x, n * 4);
-    } else if (s.staging()) {
-      v = s.spare().data();
+    float* residual = double_buffered ? s.spare().data() : s.residual_data();
+    const CpuVectors vec{x, r, residual};
+    const bool sampled = selection == TopKOptions::Selection::Sampled ||
+                         (selection == TopKOptions::Selection::Auto && n >= kCpuSampledMinCount);
+    CpuOutcome got;
+    if (sampled && cpu_sampling_worthwhile(n, k)) {
+      got.missed = !select_sampled_cpu(vec, n, k, s.cpu, idx, val, got.nonfinite);
+      // The bracket missed: v is formed; the radix select reads it.
+      if (got.missed) got.nonfinite = select_radix_cpu(CpuVectors{vec.v(), nullptr, residual}, n, k, s.cpu, idx, val);
+    } else {
+      got.nonfinite = select_radix_cpu(vec, n, k, s.cpu, idx, val);
     }
-    // Pass 1: v = x + residual, and the histogram of the top digit. Four interleaved
-    // histograms, because gradient magnitudes crowd into a few bins.
-    constexpr uint32_t kTop = 1u << 11;
-    std::vector<uint64_t> h4(4 * kTop, 0);
-    const bool add = r != nullptr;
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      for (size_t j = 0; j < 4; ++j) {
-        if (add) v[i + j] = math::add_rn(x[i + j], r[i + j]);
-        ++h4[j * kTop + (math::magnitude_key(v[i + j]) >> 20)];
-      }
-    }
-    for (; i < n; ++i) {
-      if (add) v[i] = math::add_rn(x[i], r[i]);
-      ++h4[math::magnitude_key(v[i]) >> 20];
-    }
-    std::vector<uint32_t> candidates;
-    const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
-      const RadixPass rp = kPasses[pass];
-      std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
-      if (pass == 0) {
-        for (uint32_t b = 0; b < kTop; ++b) h[b] = h4[b] + h4[kTop + b] + h4[2 * kTop + b] + h4[3 * kTop + b];
-        return h;
-      }
-      if (pass == 1) {  // gather the keys of the chosen top bin once
-        for (size_t e = 0; e < n; ++e) {
-          const uint32_t key = math::magnitude_key(v[e]);
-          if ((key >> 20) == prefix) candidates.push_back(key);
-        }
-      }
-      const uint32_t above = rp.shift + rp.bits, mask = (1u << rp.bits) - 1;
-      for (uint32_t key : candidates)
-        if ((key >> above) == prefix) ++h[(key >> rp.shift) & mask];
-      return h;
-    });
-    // Compaction in index order; what is sent leaves the residual.
-    uint64_t j = 0, ties = t.ties;
-    for (size_t e = 0; e < n; ++e) {
-      const uint32_t key = math::magnitude_key(v[e]);
-      if (key > t.key || (key == t.key && ties > 0)) {
-        ties -= key == t.key;
-        store<uint32_t>(idx, j, static_cast<uint32_t>(e));
-        store<float>(val, j, v[e]);
-        v[e] = 0.0f;
-        ++j;
-      }
-    }
-    if (j != k)
-      throw InternalError(fmt::format("topk encode selected {} elements, expected {}", j, k));
+    return got;
   }
 
+  // CUDA tensors: Auto is Radix until the sampled kernels have run on a GPU.
   bool sampled() const noexcept { return o_.selection == TopKOptions::Selection::Sampled; }
+  const char* selection_text() const noexcept {
+    switch (o_.selection) {
+      case TopKOptions::Selection::Radix: return ", selection=radix";
+      case TopKOptions::Selection::Sampled: return ", selection=sampled";
+      case TopKOptions::Selection::Auto: break;
+    }
+    return "";
+  }
 
-  static void encode_cuda(const BufferView& grad, TopKState& s, uint64_t k, bool sampled, uint8_t* host_out,
+  static bool encode_cuda(const BufferView& grad, TopKState& s, uint64_t k, bool sampled, uint8_t* host_out,
                           CudaStream stream) {
     const size_t n = grad.count;
     const int dev = grad.device_index;
+    bool missed = false;
     cuda_call("topk encode", [&] {
       // Every allocation comes before the first write: unstaged with error feedback, v is the
       // residual itself, and an encode that throws must leave it as it was (a full device is
@@ -215,8 +393,9 @@ class TopKCodec final : public ApplyingCodec {
       uint32_t* d_idx = s.d_out.as<uint32_t>();
       float* d_val = reinterpret_cast<float*>(d_idx + k);
       // The sampled selection writes nothing when its bracket misses; the radix select then runs.
-      if (!sampled || !kc::topk_select_sampled(v, residual, n, k, d_idx, d_val, s.d_work.data(), s.d_work.bytes(),
-                                               dev, stream.handle)) {
+      missed = sampled && !kc::topk_select_sampled(v, residual, n, k, d_idx, d_val, s.d_work.data(),
+                                                   s.d_work.bytes(), dev, stream.handle);
+      if (!sampled || missed) {
         const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
           const RadixPass rp = kPasses[pass];
           std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
@@ -230,6 +409,7 @@ class TopKCodec final : public ApplyingCodec {
       kc::copy_async(host_out, s.d_out.data(), 8 * k, dev, stream.handle);
       kc::synchronize(dev, stream.handle);
     });
+    return missed;
   }
 
   void apply(std::span<const uint8_t> payload, BufferView out, bool accumulate,

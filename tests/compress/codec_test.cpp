@@ -566,7 +566,7 @@ INSTANTIATE_TEST_SUITE_P(Codecs, Staged,
                          ::testing::Values("none", "fp16", "bf16", "int8",
                                            "int8:block_size=64,rounding=stochastic,seed=3", "int8:block_size=5000",
                                            "int8:block_size=1000,error_feedback=off", "topk:fraction=0.1",
-                                           "topk:fraction=0.001,error_feedback=off"),
+                                           "topk:fraction=0.01,selection=radix", "topk:fraction=0.001,error_feedback=off"),
                          [](const auto& info) { return test_name(info.param); });
 
 TEST(PowerSgd, StatesDoNotStage) {
@@ -576,41 +576,69 @@ TEST(PowerSgd, StatesDoNotStage) {
   EXPECT_FALSE(state->staging());
 }
 
-// NaN/Inf found late: the double-buffered loop has already quantized every block before it,
-// so the old residual must come out untouched because it was never written. The bad element
-// in the first, a middle and the last block of 4 MiB.
-TEST(Int8, NonFiniteInALateBlockLeavesTheDoubleBufferedStateUnchanged) {
-  auto codec = make_codec("int8");
-  const size_t n = (size_t(1) << 20) + 5;
-  auto state = codec->make_state(TensorSpec::flat(n));
-  auto grad = random_gradient(n, 8);
-  encode(*codec, grad, *state);
-  encode(*codec, random_gradient(n, 9), *state);  // now double-buffered, next buffer in use once
-  const auto residual = state->residual();
-  const auto encodes = state->stats().encodes;
-  for (size_t at : {size_t(3), n / 2 + 1, n - 1}) {
-    for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
-      auto g = grad;
-      g[at] = bad;
-      std::vector<uint8_t> out(codec->encoded_bytes(state->spec()));
-      try {
-        codec->encode(view(g), *state, out);
-        FAIL() << "no error for " << bad << " at " << at;
-      } catch (const InvalidArgumentError& e) {
-        EXPECT_NE(std::string(e.what()).find("element " + std::to_string(at) + " of " + std::to_string(n)), std::string::npos)
-            << e.what();
+// NaN/Inf found late: the double-buffered encodes (int8's loop, top-k's selections) have
+// already formed everything before it, so the old residual must come out untouched because it
+// was never written. The bad element in the first, a middle and the last block of 4 MiB.
+TEST(DoubleBuffered, NonFiniteFoundLateLeavesTheStateUnchanged) {
+  for (const char* spec : {"int8", "topk:fraction=0.01", "topk:fraction=0.01,selection=radix",
+                           "topk:fraction=0.001,error_feedback=off"}) {
+    SCOPED_TRACE(spec);
+    auto codec = make_codec(spec);
+    const size_t n = (size_t(1) << 20) + 5;
+    auto state = codec->make_state(TensorSpec::flat(n));
+    auto grad = random_gradient(n, 8);
+    encode(*codec, grad, *state);
+    encode(*codec, random_gradient(n, 9), *state);  // now double-buffered, next buffer in use once
+    const auto residual = state->residual();
+    const auto encodes = state->stats().encodes;
+    for (size_t at : {size_t(3), n / 2 + 1, n - 1}) {
+      for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+        auto g = grad;
+        g[at] = bad;
+        std::vector<uint8_t> out(codec->encoded_bytes(state->spec()));
+        try {
+          codec->encode(view(g), *state, out);
+          FAIL() << "no error for " << bad << " at " << at;
+        } catch (const InvalidArgumentError& e) {
+          EXPECT_NE(std::string(e.what()).find("element " + std::to_string(at) + " of " + std::to_string(n)),
+                    std::string::npos)
+              << e.what();
+        }
+        ASSERT_EQ(state->residual(), residual) << at;
+        EXPECT_EQ(state->stats().encodes, encodes);
       }
-      ASSERT_EQ(state->residual(), residual) << at;
-      EXPECT_EQ(state->stats().encodes, encodes);
     }
+    // It continues exactly as a state that never saw the bad gradients.
+    auto twin = codec->make_state(TensorSpec::flat(n));
+    encode(*codec, grad, *twin);
+    encode(*codec, random_gradient(n, 9), *twin);
+    auto next = random_gradient(n, 10);
+    EXPECT_EQ(encode(*codec, next, *state), encode(*codec, next, *twin));
+    EXPECT_EQ(state->residual(), twin->residual());
   }
-  // It continues exactly as a state that never saw the bad gradients.
-  auto twin = codec->make_state(TensorSpec::flat(n));
-  encode(*codec, grad, *twin);
-  encode(*codec, random_gradient(n, 9), *twin);
-  auto next = random_gradient(n, 10);
-  EXPECT_EQ(encode(*codec, next, *state), encode(*codec, next, *twin));
-  EXPECT_EQ(state->residual(), twin->residual());
+}
+
+// A finite gradient whose sum with the residual overflows float would send an Inf, which every
+// decoder rejects: top-k refuses it like a NaN gradient, and a double-buffered state is unchanged.
+TEST(TopK, GradientPlusResidualOverflowIsRejected) {
+  auto codec = make_codec("topk:fraction=0.01");
+  const size_t n = 1000;  // k = 10
+  auto state = codec->make_state(TensorSpec::flat(n));
+  std::vector<float> big(n, 0.0f);
+  for (size_t i = 0; i < 20; ++i) big[i * 7] = 3e38f;  // 10 sent, 10 left in the residual
+  encode(*codec, big, *state);
+  const auto residual = state->residual();
+  ASSERT_EQ(residual[70], 3e38f);
+  std::vector<uint8_t> out(codec->encoded_bytes(state->spec()));
+  try {
+    codec->encode(view(big), *state, out);
+    FAIL() << "an overflowing gradient + residual was encoded";
+  } catch (const InvalidArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("element 70 of the gradient"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("overflows"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(state->residual(), residual);
+  EXPECT_EQ(state->stats().encodes, 1u);
 }
 
 // ---------------------------------------------------------------------------------------------

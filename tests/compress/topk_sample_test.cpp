@@ -7,6 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
 
 #include "compress/helpers.h"
 #include "compress/topk_sample_emulation.h"
@@ -18,9 +21,10 @@ namespace kc = meshtrain::cuda::compress;
 
 namespace {
 
-// The indices the CPU codec sends for x at this fraction.
+// The indices the CPU codec's radix select sends for x at this fraction.
 std::vector<uint32_t> cpu_indices(const std::vector<float>& x, double fraction) {
-  auto codec = make_topk_codec({.fraction = fraction, .error_feedback = false});
+  auto codec = make_topk_codec(
+      {.fraction = fraction, .error_feedback = false, .selection = TopKOptions::Selection::Radix});
   auto state = codec->make_state(TensorSpec::flat(x.size()));
   const auto payload = encode(*codec, x, *state);
   const uint64_t k = topk_k_of(fraction, x.size());
@@ -136,20 +140,132 @@ TEST(TopKSampled, AllSentAboveTheBracketTakesNoCandidate) {
 TEST(TopKSampled, SpecSelectsTheSelection) {
   EXPECT_EQ(make_codec("topk:fraction=0.01,selection=sampled")->describe(),
             "topk(fraction=0.01, error_feedback=on, selection=sampled)");
-  EXPECT_EQ(make_codec("topk:selection=radix")->describe(), "topk(fraction=0.01, error_feedback=on)");
+  EXPECT_EQ(make_codec("topk:selection=radix")->describe(), "topk(fraction=0.01, error_feedback=on, selection=radix)");
+  EXPECT_EQ(make_codec("topk:selection=auto")->describe(), "topk(fraction=0.01, error_feedback=on)");
+  EXPECT_EQ(make_codec("topk")->describe(), "topk(fraction=0.01, error_feedback=on)");
   try {
     make_codec("topk:selection=sort");
     FAIL() << "accepted selection=sort";
   } catch (const InvalidArgumentError& e) {
     EXPECT_NE(std::string(e.what()).find("selection"), std::string::npos) << e.what();
   }
-  // On the CPU the selection option changes nothing: the same payload.
-  auto x = random_gradient(10007, 2);
-  auto radix = make_codec("topk:fraction=0.01");
-  auto sampled = make_codec("topk:fraction=0.01,selection=sampled");
-  auto rs = radix->make_state(TensorSpec::flat(x.size()));
-  auto ss = sampled->make_state(TensorSpec::flat(x.size()));
-  for (int step = 0; step < 3; ++step) EXPECT_EQ(encode(*radix, x, *rs), encode(*sampled, x, *ss));
+}
+
+// ---- The CPU's selections (lib/compress/topk.cpp): radix, sampled (a smaller sample than the
+// GPU's, kTopKCpuSamples) and auto send the same bytes, what a full sort sends.
+
+// Sort by (|v| descending, index ascending), keep k, in index order.
+std::vector<uint32_t> sorted_indices(const std::vector<float>& x, uint64_t k) {
+  std::vector<uint32_t> order(x.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return math::magnitude_key(x[a]) > math::magnitude_key(x[b]);
+  });
+  order.resize(k);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+std::vector<uint32_t> payload_indices(const std::vector<uint8_t>& payload, uint64_t k) {
+  std::vector<uint32_t> idx(k);
+  std::memcpy(idx.data(), payload.data() + kPayloadHeaderBytes, 4 * k);
+  return idx;
+}
+
+constexpr const char* kSelections[] = {"radix", "sampled", "auto"};
+
+TEST(TopKCpuSelection, EveryWaySendsWhatAFullSortSends) {
+  for (size_t n : {(size_t(1) << 16) + 17, (size_t(1) << 20) + 3}) {
+    for (const SampledTestData& d : sampled_test_data(n)) {
+      for (double fraction : {0.001, 0.01, 0.1, 0.5}) {
+        const uint64_t k = topk_k_of(fraction, n);
+        const std::vector<uint32_t> expected = sorted_indices(d.x, k);
+        for (const char* selection : kSelections) {
+          SCOPED_TRACE(std::string(d.name) + " n " + std::to_string(n) + " fraction " + std::to_string(fraction) +
+                       " selection " + selection);
+          auto codec = make_codec("topk:error_feedback=off,fraction=" + std::to_string(fraction) +
+                                  ",selection=" + selection);
+          auto state = codec->make_state(TensorSpec::flat(n));
+          const auto payload = encode(*codec, d.x, *state);
+          ASSERT_EQ(payload_indices(payload, k), expected);
+          for (uint64_t j = 0; j < k; ++j) {
+            float value;
+            std::memcpy(&value, payload.data() + kPayloadHeaderBytes + 4 * k + 4 * j, 4);
+            ASSERT_EQ(bits(value), bits(d.x[expected[j]])) << j;
+          }
+          // Where its sample can see the data (not ties filling the bracket: a grid, or zeros as
+          // the threshold), the sampled selection holds on its first try. Fractions of 0.5 are
+          // not sampled at all: the bound would cut little.
+          const bool ties_at_threshold =
+              std::string(d.name) == "values on a grid of 1/256" || (std::string(d.name) == "95% zeros" && fraction > 0.04);
+          if (!ties_at_threshold && std::string(selection) != "radix")
+            EXPECT_EQ(state->stats().sampled_misses, 0u);
+          if (std::string(selection) == "radix") EXPECT_EQ(state->stats().sampled_misses, 0u);
+        }
+      }
+    }
+  }
+}
+
+// With error feedback, over steps, staged or not: the same payloads and residuals, bit for bit.
+TEST(TopKCpuSelection, ErrorFeedbackAndStagingGiveTheSameBitsEveryWay) {
+  const size_t n = 300007;
+  std::vector<std::unique_ptr<Codec>> codecs;
+  std::vector<std::unique_ptr<CodecState>> states;
+  for (const char* selection : kSelections) {
+    codecs.push_back(make_codec(std::string("topk:fraction=0.01,selection=") + selection));
+    states.push_back(codecs.back()->make_state(TensorSpec::flat(n)));
+  }
+  for (int step = 0; step < 5; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const auto x = random_gradient(n, 100 + step);
+    std::vector<std::vector<uint8_t>> payloads;
+    for (size_t c = 0; c < codecs.size(); ++c) {
+      if (step == 2) {  // a discarded attempt, then the kept one
+        states[c]->stage();
+        encode(*codecs[c], random_gradient(n, 999), *states[c]);
+        states[c]->discard_staged();
+      }
+      if (step >= 3) states[c]->stage();
+      payloads.push_back(encode(*codecs[c], x, *states[c]));
+      if (step >= 3) states[c]->commit_staged();
+    }
+    const std::vector<float> residual = states[0]->residual();
+    for (size_t c = 1; c < codecs.size(); ++c) {
+      SCOPED_TRACE(kSelections[c]);
+      ASSERT_EQ(payloads[c], payloads[0]);
+      const std::vector<float> r = states[c]->residual();
+      ASSERT_EQ(r.size(), n);
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(r[i]), bits(residual[i])) << i;
+      EXPECT_EQ(states[c]->stats().sampled_misses, 0u);
+    }
+  }
+}
+
+// Data the CPU's sample cannot see, and ties that overflow its candidates: the sampled selection
+// misses, says so in the stats, and the radix select sends the right elements anyway.
+TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
+  const size_t n = size_t(1) << 20;
+  const uint64_t k = topk_k_of(0.01, n);
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
+  std::vector<float> hidden = random_gradient(n, 21);
+  for (uint64_t s = 0; s < p.samples; ++s) hidden[math::topk_sample_index(s, n, p.samples)] = 0.0f;
+  std::vector<float> ties(n, 0.25f);  // every key the threshold: all n are candidates
+  for (size_t i = 0; i < n; i += 7) ties[i] = 0.5f;
+  for (const auto* x : {&hidden, &ties}) {
+    SCOPED_TRACE(x == &hidden ? "hidden" : "ties");
+    auto codec = make_codec("topk:fraction=0.01,selection=sampled");
+    auto state = codec->make_state(TensorSpec::flat(n));
+    const auto payload = encode(*codec, *x, *state);
+    EXPECT_EQ(state->stats().sampled_misses, 1u);
+    EXPECT_EQ(payload_indices(payload, k), sorted_indices(*x, k));
+    // The residual is v with what was sent cleared, as on a hit.
+    const std::vector<float> r = state->residual();
+    const auto sent = payload_indices(payload, k);
+    std::vector<float> expected = *x;
+    for (uint32_t i : sent) expected[i] = 0.0f;
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(r[i]), bits(expected[i])) << i;
+  }
 }
 
 }  // namespace
