@@ -105,10 +105,11 @@ uint64_t cpu_sampled_capacity(const kc::TopKSamplePlan& p, uint64_t n) {
   const double capacity = 3.0 * std::ceil(expected) + 8192.0;
   return capacity >= static_cast<double>(n) ? n : static_cast<uint64_t>(capacity);
 }
-// Sampling prunes only when lo cuts off most of the tensor.
+// Sampling prunes only when lo cuts off most of the tensor (and its candidates, 8 bytes each,
+// kept in the state's scratch, stay within a byte per element).
 bool cpu_sampling_worthwhile(uint64_t n, uint64_t k) {
   const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
-  return !p.lo_open && cpu_sampled_capacity(p, n) < n / 2;
+  return !p.lo_open && cpu_sampled_capacity(p, n) <= n / 8;
 }
 
 // Writes v over [0, n) when r is set, and appends to cand / cand_v the indices i with
@@ -147,11 +148,11 @@ size_t form_and_gather(const float* x, const float* r, float* out, size_t n, uin
   return c;
 }
 
-// v = x + r, fused with the histogram of the top digit (pass 1 of the radix select); returns the
-// bottom key of the top-digit bin that holds the k-th largest key, and how many keys are >= it.
+// v = x + r, fused with the histogram of the top digit (pass 1 of the radix select).
 MT_VECTOR_CLONES
-std::pair<uint32_t, uint64_t> form_and_bound(const CpuVectors& vec, size_t n, uint64_t k) {
+std::vector<uint64_t> form_and_histogram(const CpuVectors& vec, size_t n) {
   // Four interleaved histograms, because gradient magnitudes crowd into a few bins.
+  static_assert(kPasses[0].shift == 20 && kPasses[0].bits == 11);
   constexpr uint32_t kTop = 1u << 11;
   std::vector<uint64_t> h4(4 * kTop, 0);
   const float *x = vec.x, *r = vec.r;
@@ -172,28 +173,19 @@ std::pair<uint32_t, uint64_t> form_and_bound(const CpuVectors& vec, size_t n, ui
       for (size_t j = 0; j < 4; ++j) ++h4[j * kTop + (math::magnitude_key(x[i + j]) >> 20)];
     for (; i < n; ++i) ++h4[math::magnitude_key(x[i]) >> 20];
   }
-  static_assert(kPasses[0].shift == 20 && kPasses[0].bits == 11);
-  uint64_t at_or_above = 0;
-  for (uint32_t b = kTop; b-- > 0;) {
-    at_or_above += h4[b] + h4[kTop + b] + h4[2 * kTop + b] + h4[3 * kTop + b];
-    if (at_or_above >= k) return {b << 20, at_or_above};
-  }
-  return {0, at_or_above};  // not reached: the bins hold all n >= k keys
+  for (uint32_t b = 0; b < kTop; ++b) h4[b] += h4[kTop + b] + h4[2 * kTop + b] + h4[3 * kTop + b];
+  h4.resize(kTop);
+  return h4;
 }
 
-// What select_candidates and the selections below return when v is finite.
-constexpr size_t kFinite = SIZE_MAX;
-
-// The exact selection among the gathered candidates (every key >= lo, at least k of them, in
-// index order), written as k (index, value) pairs; what is sent is cleared in `clear` when set.
-// The candidates hold every NaN/Inf of v: their keys are the largest, and the largest key is
-// always a candidate. Returns kFinite, or the index of v's first NaN/Inf (nothing written).
-size_t select_candidates(float* clear, uint64_t k, const CpuTopKScratch& scratch, size_t count, uint8_t* idx,
-                         uint8_t* val) {
-  const uint32_t* cand = scratch.candidates.data();
-  const float* values = scratch.values.data();
-  if (const size_t bad = find_nonfinite(values, count); bad < count) return cand[bad];
+// The radix select over `count` values (v's candidates, or v itself; `top`, when given, is the
+// first pass's histogram of them), then the compaction in order: k (index, value) pairs, what is
+// sent cleared in `clear` when set. index_of(q) is value q's index in v.
+template <typename IndexOf>
+void select_among(const float* values, size_t count, IndexOf index_of, uint64_t k, const std::vector<uint64_t>* top,
+                  float* clear, uint8_t* idx, uint8_t* val) {
   const Threshold t = radix_select(k, [&](size_t pass, uint32_t prefix) {
+    if (pass == 0 && top != nullptr) return *top;
     const RadixPass rp = kPasses[pass];
     std::vector<uint64_t> h(size_t(1) << rp.bits, 0);
     const uint32_t above = rp.shift + rp.bits, mask = (1u << rp.bits) - 1;  // above <= 31
@@ -209,24 +201,57 @@ size_t select_candidates(float* clear, uint64_t k, const CpuTopKScratch& scratch
     const uint32_t key = math::magnitude_key(values[q]);
     if (key > t.key || (key == t.key && ties > 0)) {
       ties -= key == t.key;
-      store<uint32_t>(idx, j, cand[q]);
+      const uint32_t e = index_of(q);
+      store<uint32_t>(idx, j, e);
       store<float>(val, j, values[q]);
-      if (clear != nullptr) clear[cand[q]] = 0.0f;
+      if (clear != nullptr) clear[e] = 0.0f;
       ++j;
     }
   }
   if (j != k) throw InternalError(fmt::format("topk encode selected {} elements, expected {}", j, k));
+}
+
+// What the selections below return when v is finite.
+constexpr size_t kFinite = SIZE_MAX;
+
+// The exact selection among the gathered candidates (every key >= lo, at least k of them, in
+// index order). The candidates hold every NaN/Inf of v: their keys are the largest, and the
+// largest key is always a candidate. Returns kFinite, or the index of v's first NaN/Inf
+// (nothing written).
+size_t select_candidates(float* clear, uint64_t k, const CpuTopKScratch& scratch, size_t count, uint8_t* idx,
+                         uint8_t* val) {
+  const uint32_t* cand = scratch.candidates.data();
+  const float* values = scratch.values.data();
+  if (const size_t bad = find_nonfinite(values, count); bad < count) return cand[bad];
+  select_among(values, count, [cand](size_t q) { return cand[q]; }, k, nullptr, clear, idx, val);
   return kFinite;
 }
 
-// The radix way: exact lo from pass 1's histogram (which forms v), then gather and select.
-// Returns as select_candidates.
+// The radix way: pass 1's histogram (which forms v) gives lo exactly, the bottom of the bin that
+// holds the k-th key; then gather and select. Returns as select_candidates.
 size_t select_radix_cpu(const CpuVectors& vec, size_t n, uint64_t k, CpuTopKScratch& scratch, uint8_t* idx,
-                          uint8_t* val) {
-  const auto [lo, count] = form_and_bound(vec, n, k);
+                        uint8_t* val) {
+  const std::vector<uint64_t> top = form_and_histogram(vec, n);
+  uint64_t count = 0;
+  uint32_t bin = 0;
+  for (size_t b = top.size(); b-- > 0;) {
+    count += top[b];
+    if (count >= k) {
+      bin = static_cast<uint32_t>(b);
+      break;
+    }
+  }
+  const float* v = vec.v();
+  if (count > n / 4) {
+    // Ties or a flat distribution: the candidates would be most of v (and kept in the state's
+    // scratch). The last two passes and the compaction read v itself instead.
+    if (const size_t bad = find_nonfinite(v, n); bad < n) return bad;
+    select_among(v, n, [](size_t q) { return static_cast<uint32_t>(q); }, k, &top, vec.out, idx, val);
+    return kFinite;
+  }
   scratch.candidates.resize(count + kCpuChunk);
   scratch.values.resize(count + kCpuChunk);
-  const size_t gathered = form_and_gather(vec.v(), nullptr, nullptr, n, lo, scratch.candidates.data(),
+  const size_t gathered = form_and_gather(v, nullptr, nullptr, n, bin << kPasses[0].shift, scratch.candidates.data(),
                                           scratch.values.data(), count);
   if (gathered != count)
     throw InternalError(fmt::format("topk encode gathered {} candidates, its histogram counted {}", gathered, count));

@@ -194,8 +194,8 @@ TEST(TopKCpuSelection, EveryWaySendsWhatAFullSortSends) {
             ASSERT_EQ(bits(value), bits(d.x[expected[j]])) << j;
           }
           // Where its sample can see the data (not ties filling the bracket: a grid, or zeros as
-          // the threshold), the sampled selection holds on its first try. Fractions of 0.5 are
-          // not sampled at all: the bound would cut little.
+          // the threshold), the sampled selection holds on its first try. Fractions of 0.1 and
+          // more are not sampled at all: the bound would cut too little.
           const bool ties_at_threshold =
               std::string(d.name) == "values on a grid of 1/256" || (std::string(d.name) == "95% zeros" && fraction > 0.04);
           if (!ties_at_threshold && std::string(selection) != "radix")
@@ -250,10 +250,12 @@ TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
   const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
   std::vector<float> hidden = random_gradient(n, 21);
   for (uint64_t s = 0; s < p.samples; ++s) hidden[math::topk_sample_index(s, n, p.samples)] = 0.0f;
-  std::vector<float> ties(n, 0.25f);  // every key the threshold: all n are candidates
+  std::vector<float> ties(n, 0.25f);  // a seventh of the keys tie at the threshold
   for (size_t i = 0; i < n; i += 7) ties[i] = 0.5f;
-  for (const auto* x : {&hidden, &ties}) {
-    SCOPED_TRACE(x == &hidden ? "hidden" : "ties");
+  // All equal: the radix select's threshold bin is all of v, which it then reads in place.
+  std::vector<float> equal(n, 0.125f);
+  for (const auto* x : {&hidden, &ties, &equal}) {
+    SCOPED_TRACE(x == &hidden ? "hidden" : x == &ties ? "ties" : "equal");
     auto codec = make_codec("topk:fraction=0.01,selection=sampled");
     auto state = codec->make_state(TensorSpec::flat(n));
     const auto payload = encode(*codec, *x, *state);
@@ -265,6 +267,13 @@ TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
     std::vector<float> expected = *x;
     for (uint32_t i : sent) expected[i] = 0.0f;
     for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(r[i]), bits(expected[i])) << i;
+    // Now double-buffered: a NaN late in the gradient is found on this path too, state unchanged.
+    std::vector<float> bad = *x;
+    bad[n - 2] = std::nanf("");
+    std::vector<uint8_t> out(codec->encoded_bytes(state->spec()));
+    EXPECT_THROW(codec->encode(view(bad), *state, out), InvalidArgumentError);
+    const std::vector<float> after = state->residual();
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(after[i]), bits(r[i])) << i;
   }
 }
 
