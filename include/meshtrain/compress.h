@@ -207,13 +207,16 @@ struct TopKOptions {
   bool error_feedback = true;
   // How an encode finds the k largest magnitudes; the payload is the same every way (the CPU's
   // radix select is the one reference). Radix: three histogram passes over the tensor, then a
-  // compaction (on the CPU the last two passes and the compaction run on the elements of pass 1's
-  // threshold bin only; verified on an H100). Sampled: a sorted sample of the keys brackets the
-  // k-th largest, then two passes (one gathers the bracket, one writes; on the CPU one pass
-  // that also adds the residual), falling back to Radix when the bracket misses (data unlike its
-  // sample). Auto: Sampled for CPU tensors of 65,536 elements and more (measured 2x faster,
-  // docs/benchmarks.md), Radix for smaller ones and for CUDA tensors: the sampled kernels have
-  // not run on a GPU yet (docs/compression.md).
+  // compaction (on the CPU the last two passes and the compaction run only on the elements at
+  // or above the bottom of the first pass's threshold bin, unless those are more than a quarter
+  // of the tensor; verified on an H100). Sampled: a sample of the keys bounds the k-th largest,
+  // then two passes (GPU: one gathers the bracket, one writes; CPU: one pass that also adds the
+  // residual gathers what is above the bound), falling back to Radix when the bound misses (data
+  // unlike its sample; CodecStats::sampled_misses counts it). Where sampling cannot prune (on the
+  // CPU: below about 70,000 elements at 0.1% or 104,000 at 1%, or fractions above about 3.3%)
+  // Radix runs. Auto: Sampled for CPU tensors (2.3x faster at 1% of 64 MiB, docs/benchmarks.md),
+  // and after a miss Radix for that state's next 16 encodes; Radix for CUDA tensors, as the
+  // sampled kernels have not run on a GPU yet (docs/compression.md).
   enum class Selection { Auto, Radix, Sampled };
   Selection selection = Selection::Auto;
 };

@@ -170,8 +170,8 @@ void topk_compact(const float* d_v, float* d_clear, size_t n, uint32_t threshold
 // buffer in a bracket of one key (lo == hi: ties, such as a sparse gradient's zeros) make that
 // key the threshold: topk_compact sends k - above of its ties.
 inline constexpr uint64_t kTopKSamples = uint64_t(1) << 18;
-// The CPU's sampled selection (lib/compress/topk.cpp) sorts fewer: it pays for the sample's
-// order statistic and little per candidate.
+// The CPU's sampled selection (lib/compress/topk.cpp) draws fewer: it pays for the sample's
+// order statistic (nth_element) and little per candidate.
 inline constexpr uint64_t kTopKCpuSamples = uint64_t(1) << 15;
 inline constexpr double kTopKSampleSigmas = 8.0;
 inline constexpr uint64_t kTopKSampleSlack = 32;

@@ -10,7 +10,7 @@
 //
 // CPU: (below, "The CPU selection") one pass finds a lower bound of the k-th key, one gathers
 // the indices of the keys at or above it, and the radix select and compaction run on those
-// alone. The CUDA path (kernels/compress/topk.cu) histograms on the GPU in three passes and
+// alone (or, when they would be most of the tensor, on v in place). The CUDA path (kernels/compress/topk.cu) histograms on the GPU in three passes and
 // compacts with per-tile prefix sums; with selection=sampled it first tries
 // kernels/compress/api.h's topk_select_sampled (a sorted sample brackets T; same output), which
 // falls back to that when its bracket misses.
@@ -78,8 +78,9 @@ uint64_t topk_k(double fraction, size_t n) {
 // 1's scattered histogram increments. It misses when fewer than k keys are >= lo or more than
 // its capacity are (data unlike its sample); v is formed by then and the radix select runs on it.
 
-// Selection::Auto samples tensors from this size on (below it the sample is most of the work).
-constexpr size_t kCpuSampledMinCount = size_t(1) << 16;
+// After a miss, Selection::Auto takes the radix way for this many encodes of the state before
+// it samples again (data that misses tends to go on missing: a gradient mostly of zeros).
+constexpr uint32_t kCpuMissBackoff = 16;
 // The gathering pass forms v a chunk at a time, then scans the chunk while it is in L1.
 constexpr size_t kCpuChunk = 4096;
 
@@ -106,7 +107,8 @@ uint64_t cpu_sampled_capacity(const kc::TopKSamplePlan& p, uint64_t n) {
   return capacity >= static_cast<double>(n) ? n : static_cast<uint64_t>(capacity);
 }
 // Sampling prunes only when lo cuts off most of the tensor (and its candidates, 8 bytes each,
-// kept in the state's scratch, stay within a byte per element).
+// kept in the state's scratch, stay within a byte per element). With 2^15 samples that takes
+// about 70,000 elements at 0.1% and 104,000 at 1%, and a fraction below about 3.3%.
 bool cpu_sampling_worthwhile(uint64_t n, uint64_t k) {
   const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
   return !p.lo_open && cpu_sampled_capacity(p, n) <= n / 8;
@@ -215,9 +217,9 @@ void select_among(const float* values, size_t count, IndexOf index_of, uint64_t 
 constexpr size_t kFinite = SIZE_MAX;
 
 // The exact selection among the gathered candidates (every key >= lo, at least k of them, in
-// index order). The candidates hold every NaN/Inf of v: their keys are the largest, and the
-// largest key is always a candidate. Returns kFinite, or the index of v's first NaN/Inf
-// (nothing written).
+// index order). A NaN/Inf in v shows among them: the largest key is always a candidate, and
+// with any NaN/Inf it is one (Infs from an overflowing v + r all share that key, so all are
+// candidates). Returns kFinite, or the index of a NaN/Inf of v (nothing written).
 size_t select_candidates(float* clear, uint64_t k, const CpuTopKScratch& scratch, size_t count, uint8_t* idx,
                          uint8_t* val) {
   const uint32_t* cand = scratch.candidates.data();
@@ -289,6 +291,7 @@ class TopKState final : public ResidualState {
 
   // Scratch, kept across encodes (on CUDA, a cudaFree would synchronise the whole device).
   CpuTopKScratch cpu;
+  uint32_t skip_sampling = 0;   // CPU, Selection::Auto: encodes left before sampling again after a miss
   kc::DeviceBuffer d_out;       // CUDA: indices then values
   kc::DeviceBuffer d_work;      // CUDA: the kernels' workspace (kc::topk_workspace_bytes)
 };
@@ -374,11 +377,16 @@ class TopKCodec final : public ApplyingCodec {
     const float* r = s.residual_data();
     float* residual = double_buffered ? s.spare().data() : s.residual_data();
     const CpuVectors vec{x, r, residual};
-    const bool sampled = selection == TopKOptions::Selection::Sampled ||
-                         (selection == TopKOptions::Selection::Auto && n >= kCpuSampledMinCount);
+    const bool automatic = selection == TopKOptions::Selection::Auto;
+    bool sampled = selection == TopKOptions::Selection::Sampled;
+    if (automatic) {
+      sampled = s.skip_sampling == 0;
+      if (!sampled) --s.skip_sampling;
+    }
     CpuOutcome got;
     if (sampled && cpu_sampling_worthwhile(n, k)) {
       got.missed = !select_sampled_cpu(vec, n, k, s.cpu, idx, val, got.nonfinite);
+      if (got.missed && automatic) s.skip_sampling = kCpuMissBackoff;
       // The bracket missed: v is formed; the radix select reads it.
       if (got.missed) got.nonfinite = select_radix_cpu(CpuVectors{vec.v(), nullptr, residual}, n, k, s.cpu, idx, val);
     } else {

@@ -566,7 +566,8 @@ INSTANTIATE_TEST_SUITE_P(Codecs, Staged,
                          ::testing::Values("none", "fp16", "bf16", "int8",
                                            "int8:block_size=64,rounding=stochastic,seed=3", "int8:block_size=5000",
                                            "int8:block_size=1000,error_feedback=off", "topk:fraction=0.1",
-                                           "topk:fraction=0.01,selection=radix", "topk:fraction=0.001,error_feedback=off"),
+                                           "topk:fraction=0.01,selection=radix", "topk:fraction=0.003",
+                                           "topk:fraction=0.001,error_feedback=off"),
                          [](const auto& info) { return test_name(info.param); });
 
 TEST(PowerSgd, StatesDoNotStage) {

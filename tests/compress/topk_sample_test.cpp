@@ -175,7 +175,7 @@ std::vector<uint32_t> payload_indices(const std::vector<uint8_t>& payload, uint6
 constexpr const char* kSelections[] = {"radix", "sampled", "auto"};
 
 TEST(TopKCpuSelection, EveryWaySendsWhatAFullSortSends) {
-  for (size_t n : {(size_t(1) << 16) + 17, (size_t(1) << 20) + 3}) {
+  for (size_t n : {(size_t(1) << 17) + 17, (size_t(1) << 20) + 3}) {
     for (const SampledTestData& d : sampled_test_data(n)) {
       for (double fraction : {0.001, 0.01, 0.1, 0.5}) {
         const uint64_t k = topk_k_of(fraction, n);
@@ -254,8 +254,12 @@ TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
   for (size_t i = 0; i < n; i += 7) ties[i] = 0.5f;
   // All equal: the radix select's threshold bin is all of v, which it then reads in place.
   std::vector<float> equal(n, 0.125f);
-  for (const auto* x : {&hidden, &ties, &equal}) {
-    SCOPED_TRACE(x == &hidden ? "hidden" : x == &ties ? "ties" : "equal");
+  // Too few keys at or above the bound: 600 large values exactly where the sample looks, tiny
+  // ones elsewhere; the sample puts lo among the large ones.
+  std::vector<float> few = random_gradient(n, 22, 1e-6f);
+  for (uint64_t s = 0; s < 600; ++s) few[math::topk_sample_index(s, n, p.samples)] = 1.0f;
+  for (const auto* x : {&hidden, &ties, &equal, &few}) {
+    SCOPED_TRACE(x == &hidden ? "hidden" : x == &ties ? "ties" : x == &equal ? "equal" : "few");
     auto codec = make_codec("topk:fraction=0.01,selection=sampled");
     auto state = codec->make_state(TensorSpec::flat(n));
     const auto payload = encode(*codec, *x, *state);
@@ -274,6 +278,50 @@ TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
     EXPECT_THROW(codec->encode(view(bad), *state, out), InvalidArgumentError);
     const std::vector<float> after = state->residual();
     for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(after[i]), bits(r[i])) << i;
+  }
+}
+
+// selection=auto stops sampling a state that missed for its next 16 encodes, then tries again;
+// selection=sampled tries every time. The payloads are the radix select's throughout.
+TEST(TopKCpuSelection, AutoBacksOffAfterAMiss) {
+  const size_t n = size_t(1) << 20;
+  const uint64_t k = topk_k_of(0.01, n);
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
+  std::vector<float> hidden = random_gradient(n, 23);
+  for (uint64_t s = 0; s < p.samples; ++s) hidden[math::topk_sample_index(s, n, p.samples)] = 0.0f;
+  const std::vector<uint32_t> expected = sorted_indices(hidden, k);
+  auto automatic = make_codec("topk:fraction=0.01,error_feedback=off");
+  auto always = make_codec("topk:fraction=0.01,error_feedback=off,selection=sampled");
+  auto a = automatic->make_state(TensorSpec::flat(n));
+  auto s = always->make_state(TensorSpec::flat(n));
+  for (uint64_t step = 1; step <= 18; ++step) {
+    SCOPED_TRACE("encode " + std::to_string(step));
+    ASSERT_EQ(payload_indices(encode(*automatic, hidden, *a), k), expected);
+    ASSERT_EQ(payload_indices(encode(*always, hidden, *s), k), expected);
+    EXPECT_EQ(a->stats().sampled_misses, step < 18 ? 1u : 2u);  // encodes 2..17 took the radix way
+    EXPECT_EQ(s->stats().sampled_misses, step);
+  }
+}
+
+// The radix way on v in place (its threshold bin is more than a quarter of v), with error
+// feedback, in place (a first encode) and double-buffered (the next): the residual is v with
+// what was sent cleared.
+TEST(TopKCpuSelection, RadixInPlaceKeepsTheResidual) {
+  const size_t n = 4099;
+  const uint64_t k = topk_k_of(0.01, n);
+  std::vector<float> x(n, 0.25f);
+  for (size_t i = 0; i < n; i += 5) x[i] = 0.2578125f;  // same top-digit bin as 0.25
+  auto codec = make_codec("topk:fraction=0.01,selection=radix");
+  auto state = codec->make_state(TensorSpec::flat(n));
+  std::vector<float> v = x;  // the residual starts at 0
+  for (int step = 0; step < 3; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const auto sent = payload_indices(encode(*codec, x, *state), k);
+    ASSERT_EQ(sent, sorted_indices(v, k));
+    for (uint32_t i : sent) v[i] = 0.0f;
+    const std::vector<float> r = state->residual();
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(r[i]), bits(v[i])) << i;
+    for (size_t i = 0; i < n; ++i) v[i] += x[i];  // the next step's v
   }
 }
 
