@@ -106,6 +106,11 @@ struct CompressedState::Impl {
   bool member_staged = false;
   bool owner_staged = false;
   CompressedTraffic pending_traffic;
+  // Host memory of the operations, kept from one to the next (ReusedBytes): the member's
+  // payloads, the owners' payloads, the owner's sum, the exchange's received blocks.
+  std::vector<ReusedBytes> payload_space;
+  ReusedBytes owners_space, sum_space;
+  std::vector<ReusedBytes> received_space;
 
   void bind(const Codec& codec, const BufferView& buffer) {
     std::string config = codec.describe();
@@ -163,9 +168,11 @@ namespace {
 // Encodes chunk c of `chunks` of `source` with `state` into `out`, sized by encoded_bytes;
 // checks the exact size the frames are cut to.
 void encode_chunk(const Codec& codec, const BufferView& source, size_t chunks, size_t c, CodecState& state,
-                  std::vector<uint8_t>& out, compress::CudaStream stream) {
+                  std::span<uint8_t> out, compress::CudaStream stream) {
   const BufferView chunk = chunk_of(source, chunks, c);
-  out.resize(codec.encoded_bytes(chunk.count));
+  if (out.size() != codec.encoded_bytes(chunk.count))
+    throw InternalError(fmt::format("{}: a payload buffer of {} bytes for chunk {} of {} elements (encoded_bytes: {})",
+                                    codec.describe(), out.size(), c, chunk.count, codec.encoded_bytes(chunk.count)));
   size_t written = codec.encode(chunk, state, out, stream);
   if (written != out.size())
     throw InternalError(fmt::format("{} wrote {} bytes where encoded_bytes said {}; the compressed all-reduce needs "
@@ -266,8 +273,10 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       for (size_t c = 0; c < chunks; ++c) scratch.push_back(codec.make_state(chunk_spec(count, chunks, c, buffer)));
       states = &scratch;
     }
-    std::vector<std::vector<uint8_t>> payloads(chunks);
-    for (size_t c = 0; c < chunks; ++c) payloads[c].resize(codec.encoded_bytes(chunk_size(count, chunks, c)));
+    st.payload_space.resize(std::max(st.payload_space.size(), chunks));
+    std::vector<std::span<uint8_t>> payloads(chunks);
+    for (size_t c = 0; c < chunks; ++c)
+      payloads[c] = st.payload_space[c].take(codec.encoded_bytes(chunk_size(count, chunks, c)));
     auto encode_payload = [&](size_t c) {
       encode_chunk(codec, source, chunks, c, *(*states)[c], payloads[c], stream);
       if (st.options.payload_hook) st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
@@ -283,7 +292,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     traffic.sparse_all_gather = all_gather;
     if (all_gather) {
       const size_t block = payloads[0].size();
-      std::vector<uint8_t> everyone(n * block);
+      const std::span<uint8_t> everyone = st.owners_space.take(n * block);
       std::memcpy(everyone.data() + r * block, payloads[0].data(), block);
       run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
         ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
@@ -317,9 +326,10 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       size_t block = 0;
       for (size_t c = 0; c < n; ++c) block = std::max(block, sizes[c] = payloads[c].size());
       std::vector<std::span<const uint8_t>> blocks(payloads.begin(), payloads.end());
-      std::vector<uint8_t> owners(n * block, 0);  // payload of chunk c at c * block, padded
+      const std::span<uint8_t> owners = st.owners_space.take(n * block);  // chunk c's payload at c * block
       const size_t own = chunk_size(count, n, r);
-      std::vector<float> sum(own, 0.0f);
+      const std::span<float> sum = st.sum_space.take_floats(own);
+      std::fill(sum.begin(), sum.end(), 0.0f);
       BufferView sum_view{sum.data(), own, DType::Float32};
       // Rank order, whichever way the payloads came: the same sum on any rerun.
       auto accumulate = [&](size_t j, std::span<const uint8_t> payload) {
@@ -329,9 +339,11 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       auto reencode = [&] {
         if (divisor != 1.0f)
           for (float& x : sum) x /= divisor;
-        std::vector<uint8_t> reduced;
-        encode_chunk(codec, sum_view, 1, 0, **owner_state, reduced, stream);
-        std::memcpy(owners.data() + r * block, reduced.data(), reduced.size());
+        // Straight into this owner's block; the padding after it (the chunks' payloads differ by
+        // a few bytes at most) is sent too, so it is zeroed rather than left from earlier data.
+        encode_chunk(codec, sum_view, 1, 0, **owner_state, owners.subspan(r * block, sizes[r]), stream);
+        std::fill(owners.begin() + static_cast<std::ptrdiff_t>(r * block + sizes[r]),
+                  owners.begin() + static_cast<std::ptrdiff_t>((r + 1) * block), uint8_t{0});
       };
       auto decode_owner = [&](size_t c, std::span<const uint8_t> payload) {
         decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
@@ -346,12 +358,12 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       if (direct) {
         run_mesh_op("allreduce_compressed", [&](RingContext& ctx, const MeshLinks& links) {
           ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
-          exchange_to_owners(ctx, links, blocks, accumulate, encode_payload);
+          exchange_to_owners(ctx, links, blocks, accumulate, st.received_space, encode_payload);
           // The owners' payloads go straight to everyone too (the same (n-1) x block bytes as
           // the ring's all-gather), each decoded as it arrives.
           reencode();
           const std::vector<std::span<const uint8_t>> reduced(n, std::span<const uint8_t>(owners.data() + r * block, block));
-          exchange_to_owners(ctx, links, reduced, decode_owner, {}, ExchangePhase::AllGather);
+          exchange_to_owners(ctx, links, reduced, decode_owner, st.received_space, {}, ExchangePhase::AllGather);
         });
         for (size_t c = 0; c < n; ++c)
           if (c != r) traffic.sent_bytes += sizes[c];

@@ -64,7 +64,7 @@ class FirstFailure {
 
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        const std::function<void(size_t rank)>& produce, ExchangePhase phase) {
+                        std::vector<ReusedBytes>& received, const std::function<void(size_t rank)>& produce, ExchangePhase phase) {
   const uint32_t tag_base = phase == ExchangePhase::AllGather ? kAllGatherTag : kExchangeTag;
   const char* hook_phase = phase == ExchangePhase::AllGather ? "all_gather" : "reduce_scatter";
   const size_t n = ctx.quorum.members.size();
@@ -83,7 +83,8 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
   auto pieces_of = [&](size_t bytes) { return (bytes + piece_bytes - 1) / piece_bytes; };
 
   FirstFailure failure(ctx.cancel);
-  std::vector<std::vector<uint8_t>> gathered(n);
+  received.resize(n);
+  std::vector<std::span<const uint8_t>> gathered(n);
   std::vector<char> arrived(n, 0);
   std::vector<char> ready(n, produce ? 0 : 1);  // blocks[c] holds its bytes
   // Every thread's waits end by ctx.deadline (or the peer timeout, or the cancel), so this
@@ -121,13 +122,14 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
       threads.emplace_back(guarded([&, c] {
         RingContext from_c = ctx;  // receive_piece's checks, on the channel from rank c
         from_c.from_prev = links.recv[c];
-        std::vector<uint8_t> block(mine), buf;
+        const std::span<uint8_t> block = received[c].take(mine);
+        std::vector<uint8_t> buf;
         for (size_t j = 0; j < pieces_of(mine); ++j) {
           const size_t size = std::min(piece_bytes, mine - j * piece_bytes);
           receive_piece(from_c, tag_base | static_cast<uint32_t>(j), size, buf, block.data() + j * piece_bytes);
         }
         std::lock_guard lock(failure.mutex);
-        gathered[c] = std::move(block);
+        gathered[c] = block;
         arrived[c] = 1;
         failure.cv.notify_all();
       }));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -12,6 +13,29 @@
 #include "collective/ring.h"
 
 namespace meshtrain::collective {
+
+// Host bytes reused across operations: grown, never shrunk, never zeroed. A 64 MiB compressed
+// all-reduce would otherwise allocate, zero and page-fault around 100 MiB per operation (18% of
+// its time on loopback, docs/benchmarks.md).
+class ReusedBytes {
+ public:
+  // `bytes` bytes (new ones uninitialised; the old contents when it did not grow).
+  std::span<uint8_t> take(size_t bytes) {
+    if (bytes > capacity_) {
+      data_ = std::make_unique_for_overwrite<uint8_t[]>(bytes);
+      capacity_ = bytes;
+    }
+    return {data_.get(), bytes};
+  }
+  // The same, as floats (operator new's alignment serves them).
+  std::span<float> take_floats(size_t count) {
+    return {reinterpret_cast<float*>(take(count * sizeof(float)).data()), count};
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> data_;
+  size_t capacity_ = 0;
+};
 
 // This member's channels to every other member of the quorum, by rank: send[c] carries frames
 // to rank c, recv[c] from rank c (both null at c == own rank). A BulkStream carries both
@@ -40,10 +64,11 @@ struct MeshLinks {
 // This member sends sum over c != rank of blocks[c].size() bytes: (n-1)/n of its payload.
 // The second use (phase AllGather: every blocks[c] is the owner's reduced chunk, taken from
 // every owner as it arrives) has its own frame tags and fault hook phase "all_gather".
+// Block j is received into received[j] (resized to n; kept by the caller across operations).
 enum class ExchangePhase { ToOwners, AllGather };
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        const std::function<void(size_t rank)>& produce = {},
+                        std::vector<ReusedBytes>& received, const std::function<void(size_t rank)>& produce = {},
                         ExchangePhase phase = ExchangePhase::ToOwners);
 
 // One channel to open: connect to `member` (connect = true) or accept its connection, into

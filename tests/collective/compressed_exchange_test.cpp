@@ -104,9 +104,11 @@ TEST(DirectExchange, EveryOwnerTakesEveryBlockInRankOrderAndStaleFramesAreDroppe
       RingContext ctx{mesh.quorum, static_cast<uint32_t>(i), 1, nullptr, nullptr, Deadline::after(10s),
                       cancels[i].get(), 4096, mesh.no_hook};
       std::vector<std::pair<size_t, std::vector<uint8_t>>> taken;
-      exchange_to_owners(ctx, mesh.links(i), blocks, [&](size_t j, std::span<const uint8_t> b) {
-        taken.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end()));
-      });
+      std::vector<ReusedBytes> received;
+      exchange_to_owners(
+          ctx, mesh.links(i), blocks,
+          [&](size_t j, std::span<const uint8_t> b) { taken.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end())); },
+          received);
       return taken;
     }));
   for (size_t i = 0; i < 4; ++i) {
@@ -142,9 +144,11 @@ TEST(DirectExchange, ProducedBlocksAreSentAsTheyAreFilledThenAllGathered) {
       std::vector<std::span<const uint8_t>> blocks(mine.begin(), mine.end());
       RingContext ctx{mesh.quorum, static_cast<uint32_t>(i), 1, nullptr, nullptr, Deadline::after(10s),
                       cancels[i].get(), 4096, mesh.no_hook};
+      std::vector<ReusedBytes> received;  // both uses receive into the same memory
       exchange_to_owners(
           ctx, mesh.links(i), blocks,
           [&](size_t j, std::span<const uint8_t> b) { seen.taken.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end())); },
+          received,
           [&](size_t c) {
             seen.produced.push_back(c);
             const std::vector<uint8_t> b = block_of(i, c, block_bytes);
@@ -156,7 +160,7 @@ TEST(DirectExchange, ProducedBlocksAreSentAsTheyAreFilledThenAllGathered) {
           [&](size_t j, std::span<const uint8_t> b) {
             seen.gathered.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end()));
           },
-          {}, ExchangePhase::AllGather);
+          received, {}, ExchangePhase::AllGather);
       return seen;
     }));
   for (size_t i = 0; i < 4; ++i) {
@@ -185,7 +189,8 @@ TEST(DirectExchange, FrameOfAnotherOperationIsRefusedNamingItsSender) {
   std::vector<std::vector<uint8_t>> mine = {block_of(0, 0, 4), block_of(0, 1, 4)};
   std::vector<std::span<const uint8_t>> blocks(mine.begin(), mine.end());
   try {
-    exchange_to_owners(ctx, mesh.links(0), blocks, [](size_t, std::span<const uint8_t>) {});
+    std::vector<ReusedBytes> received;
+    exchange_to_owners(ctx, mesh.links(0), blocks, [](size_t, std::span<const uint8_t>) {}, received);
     ADD_FAILURE() << "a frame of another operation was taken";
   } catch (const ProtocolError& e) {
     EXPECT_NE(std::string(e.what()).find(mesh.ids[1].public_key().fingerprint()), std::string::npos) << e.what();
