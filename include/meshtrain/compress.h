@@ -168,7 +168,8 @@ class Codec {
   // memory, at least encoded_bytes(state.spec()) bytes) and updates the state's residual. The
   // payload is a deterministic function of (codec configuration, grad, state): the same inputs
   // give the same bytes on every host, and the CUDA path gives the CPU path's bytes. Returns
-  // the bytes written.
+  // the bytes written, every one of them set by the encode (reserved and padding bytes too: the
+  // compressed all-reduce reuses its payload buffers without clearing them).
   // Throws InvalidArgumentError (wrong dtype, count, device, state of another codec, `out` too
   // small, a non-finite element).
   virtual size_t encode(BufferView grad, CodecState& state, std::span<uint8_t> out,

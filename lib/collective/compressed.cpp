@@ -107,10 +107,21 @@ struct CompressedState::Impl {
   bool owner_staged = false;
   CompressedTraffic pending_traffic;
   // Host memory of the operations, kept from one to the next (ReusedBytes): the member's
-  // payloads, the owners' payloads, the owner's sum, the exchange's received blocks.
+  // payloads, the owners' payloads, the owner's sum, the exchange's received blocks. Released
+  // when the layout changes (quorum size, or top-k's path), so that what stays allocated is
+  // the current layout's, not the largest one seen.
   std::vector<ReusedBytes> payload_space;
   ReusedBytes owners_space, sum_space;
   std::vector<ReusedBytes> received_space;
+  std::pair<size_t, bool> space_layout{0, false};  // (quorum size, top-k all-gather)
+  void fit_space(size_t members, bool all_gather) {
+    if (space_layout == std::pair{members, all_gather}) return;
+    payload_space.clear();
+    owners_space = ReusedBytes{};
+    sum_space = ReusedBytes{};
+    received_space.clear();
+    space_layout = {members, all_gather};
+  }
 
   void bind(const Codec& codec, const BufferView& buffer) {
     std::string config = codec.describe();
@@ -273,7 +284,8 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       for (size_t c = 0; c < chunks; ++c) scratch.push_back(codec.make_state(chunk_spec(count, chunks, c, buffer)));
       states = &scratch;
     }
-    st.payload_space.resize(std::max(st.payload_space.size(), chunks));
+    st.fit_space(n, all_gather);
+    st.payload_space.resize(chunks);
     std::vector<std::span<uint8_t>> payloads(chunks);
     for (size_t c = 0; c < chunks; ++c)
       payloads[c] = st.payload_space[c].take(codec.encoded_bytes(chunk_size(count, chunks, c)));
@@ -326,7 +338,9 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       size_t block = 0;
       for (size_t c = 0; c < n; ++c) block = std::max(block, sizes[c] = payloads[c].size());
       std::vector<std::span<const uint8_t>> blocks(payloads.begin(), payloads.end());
-      const std::span<uint8_t> owners = st.owners_space.take(n * block);  // chunk c's payload at c * block
+      // Chunk c's payload at c * block; the direct exchange keeps only this owner's block.
+      const std::span<uint8_t> owners = st.owners_space.take(direct ? block : n * block);
+      const size_t own_at = direct ? 0 : r * block;
       const size_t own = chunk_size(count, n, r);
       const std::span<float> sum = st.sum_space.take_floats(own);
       std::fill(sum.begin(), sum.end(), 0.0f);
@@ -341,9 +355,9 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
           for (float& x : sum) x /= divisor;
         // Straight into this owner's block; the padding after it (the chunks' payloads differ by
         // a few bytes at most) is sent too, so it is zeroed rather than left from earlier data.
-        encode_chunk(codec, sum_view, 1, 0, **owner_state, owners.subspan(r * block, sizes[r]), stream);
-        std::fill(owners.begin() + static_cast<std::ptrdiff_t>(r * block + sizes[r]),
-                  owners.begin() + static_cast<std::ptrdiff_t>((r + 1) * block), uint8_t{0});
+        encode_chunk(codec, sum_view, 1, 0, **owner_state, owners.subspan(own_at, sizes[r]), stream);
+        std::fill(owners.begin() + static_cast<std::ptrdiff_t>(own_at + sizes[r]),
+                  owners.begin() + static_cast<std::ptrdiff_t>(own_at + block), uint8_t{0});
       };
       auto decode_owner = [&](size_t c, std::span<const uint8_t> payload) {
         decode_from(q.members[c], fmt::format("reduced {} chunk {}", codec.name(), c), [&] {
@@ -362,7 +376,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
           // The owners' payloads go straight to everyone too (the same (n-1) x block bytes as
           // the ring's all-gather), each decoded as it arrives.
           reencode();
-          const std::vector<std::span<const uint8_t>> reduced(n, std::span<const uint8_t>(owners.data() + r * block, block));
+          const std::vector<std::span<const uint8_t>> reduced(n, std::span<const uint8_t>(owners.data() + own_at, block));
           exchange_to_owners(ctx, links, reduced, decode_owner, st.received_space, {}, ExchangePhase::AllGather);
         });
         for (size_t c = 0; c < n; ++c)

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 #include <optional>
 #include <span>
 #include <string>
@@ -15,13 +16,23 @@
 namespace meshtrain::collective {
 
 // Host bytes reused across operations: grown, never shrunk, never zeroed. A 64 MiB compressed
-// all-reduce would otherwise allocate, zero and page-fault around 100 MiB per operation (18% of
-// its time on loopback, docs/benchmarks.md).
+// all-reduce with `none` allocated, zeroed and page-faulted about 250 MiB per operation before
+// (22–26% of its time on loopback, docs/benchmarks.md).
 class ReusedBytes {
  public:
+  ReusedBytes() = default;
+  ReusedBytes(ReusedBytes&& other) noexcept
+      : data_(std::move(other.data_)), capacity_(std::exchange(other.capacity_, 0)) {}
+  ReusedBytes& operator=(ReusedBytes&& other) noexcept {
+    data_ = std::move(other.data_);
+    capacity_ = std::exchange(other.capacity_, 0);
+    return *this;
+  }
   // `bytes` bytes (new ones uninitialised; the old contents when it did not grow).
   std::span<uint8_t> take(size_t bytes) {
     if (bytes > capacity_) {
+      data_.reset();  // not old and new at once
+      capacity_ = 0;
       data_ = std::make_unique_for_overwrite<uint8_t[]>(bytes);
       capacity_ = bytes;
     }
