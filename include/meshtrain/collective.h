@@ -208,7 +208,9 @@ class Communicator {
 
   // The step loop: gets a quorum for `step`, averages `gradients` over the contributors; on
   // PeerLost reports the failure, gets a new quorum for the same step and redoes the reduction
-  // from the gradients as they were on entry. Gives up after max_attempts (rethrows).
+  // from the gradients as they were on entry. Gives up after max_attempts (rethrows). The copy
+  // of the entry gradients (host memory, or the buffer's device) is kept by the Communicator
+  // from one step to the next: memory the size of the largest buffer stepped.
   StepResult reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts = 5);
 
   // The compressed all-reduce of an fp32 buffer with `codec` (none, fp16, bf16, int8,
@@ -245,8 +247,9 @@ class Communicator {
   void run_ring_op(std::string_view what, const std::function<void(RingContext&)>& body);
   // The same with channels to every member (the direct exchange's mesh) set up too.
   void run_mesh_op(std::string_view what, const std::function<void(RingContext&, const MeshLinks&)>& body);
-  // The step loop shared by both reduce_step overloads.
-  StepResult run_step(uint64_t step, StepAttempt& attempt, uint32_t max_attempts);
+  // The step loop shared by both reduce_step overloads: `gradients` is copied aside first and
+  // put back after every failed attempt.
+  StepResult run_step(uint64_t step, BufferView gradients, StepAttempt& attempt, uint32_t max_attempts);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -222,6 +222,7 @@ struct ControlLink {
 struct Communicator::Impl {
   const crypto::Identity& self;
   CommunicatorOptions options;
+  device::SnapshotSpace step_inputs;  // run_step's copy of the gradients, kept between steps
   std::unique_ptr<net::BulkListener> listener;
   std::unique_ptr<ControlLink> link;
   std::optional<coord::Quorum> current;
@@ -560,16 +561,20 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, uint32
   struct PlainAttempt final : StepAttempt {
     Communicator& comm;
     BufferView gradients;
-    device::Snapshot original;  // run_step rolls back after every failed attempt, before the next
-    PlainAttempt(Communicator& c, BufferView g) : comm(c), gradients(g), original(g, c.options().cuda_stream) {}
+    PlainAttempt(Communicator& c, BufferView g) : comm(c), gradients(g) {}
     void run() override { comm.allreduce(gradients, ReduceOp::Avg); }
-    void rollback() override { original.restore(); }
   } attempt(*this, gradients);
-  return run_step(step, attempt, max_attempts);
+  return run_step(step, gradients, attempt, max_attempts);
 }
 
-StepResult Communicator::run_step(uint64_t step, StepAttempt& attempt, uint32_t max_attempts) {
+StepResult Communicator::run_step(uint64_t step, BufferView gradients, StepAttempt& attempt, uint32_t max_attempts) {
   auto& s = *impl_;
+  // Rolled back to after every failed attempt, before the next.
+  const device::Snapshot original(gradients, s.options.cuda_stream, s.step_inputs);
+  auto roll_back = [&] {
+    attempt.rollback();
+    original.restore();
+  };
   struct Checking {
     bool& flag;
     explicit Checking(bool& f) : flag(f) { flag = true; }
@@ -609,10 +614,10 @@ StepResult Communicator::run_step(uint64_t step, StepAttempt& attempt, uint32_t 
       return result;
     } catch (const PeerLostError& e) {
       log::warn("collective", "step {} attempt {}: {}", step, number, e.what());
-      attempt.rollback();
+      roll_back();
       if (number >= max_attempts) throw;
     } catch (...) {
-      attempt.rollback();
+      roll_back();
       throw;
     }
   }

@@ -484,17 +484,13 @@ StepResult Communicator::reduce_step(uint64_t step, BufferView gradients, const 
     BufferView gradients;
     const compress::Codec& codec;
     CompressedState& state;
-    device::Snapshot original;  // run_step rolls back after every failed attempt, before the next
     CompressedAttempt(Communicator& c, BufferView g, const compress::Codec& k, CompressedState& s)
-        : comm(c), gradients(g), codec(k), state(s), original(g, c.options().cuda_stream) {}
+        : comm(c), gradients(g), codec(k), state(s) {}
     void run() override { comm.compressed_attempt(gradients, codec, state, ReduceOp::Avg); }
-    void rollback() override {
-      state.impl_->discard();
-      original.restore();
-    }
+    void rollback() override { state.impl_->discard(); }
     void commit() override { state.impl_->commit(); }
   } attempt(*this, gradients, codec, state);
-  return run_step(step, attempt, max_attempts);
+  return run_step(step, gradients, attempt, max_attempts);
 }
 
 }  // namespace meshtrain::collective

@@ -68,23 +68,28 @@ void scale(const BufferView& buffer, float factor, CudaStream stream) {
   });
 }
 
-Snapshot::Snapshot(const BufferView& buffer, CudaStream stream) : buffer_(buffer), stream_(stream) {
+Snapshot::Snapshot(const BufferView& buffer, CudaStream stream, SnapshotSpace& space)
+    : buffer_(buffer), stream_(stream) {
   if (!on_cuda(buffer)) {
-    host_.resize(buffer.bytes());
-    copy_to_host(buffer, host_.data(), stream);
+    copy_ = space.host.take(buffer.bytes()).data();
+    copy_to_host(buffer, copy_, stream);
     return;
   }
-  device_ = cuda_call("allocating a device buffer",
-                      [&] { return kc::DeviceBuffer(buffer.bytes(), buffer.device_index); });
-  copy(device_.data(), buffer.data, buffer.bytes(), buffer, stream, "copying a step's gradients aside on the device");
+  if (space.device.bytes() < buffer.bytes() || space.device.device() != buffer.device_index) {
+    space.device = {};  // not old and new at once
+    space.device = cuda_call("allocating a device buffer",
+                             [&] { return kc::DeviceBuffer(buffer.bytes(), buffer.device_index); });
+  }
+  copy_ = space.device.data();
+  copy(copy_, buffer.data, buffer.bytes(), buffer, stream, "copying a step's gradients aside on the device");
 }
 
 void Snapshot::restore() const {
   if (!on_cuda(buffer_)) {
-    copy_from_host(host_.data(), buffer_, stream_);
+    copy_from_host(copy_, buffer_, stream_);
     return;
   }
-  copy(buffer_.data, device_.data(), buffer_.bytes(), buffer_, stream_, "restoring a step's gradients on the device");
+  copy(buffer_.data, copy_, buffer_.bytes(), buffer_, stream_, "restoring a step's gradients on the device");
 }
 
 Floats::Floats(size_t count, const BufferView& like) : view_{nullptr, count, DType::Float32, like.device, like.device_index} {

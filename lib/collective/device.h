@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "collective/reused_bytes.h"
 #include "kernels/compress/api.h"
 #include "meshtrain/compress.h"
 #include "meshtrain/core.h"
@@ -31,18 +32,25 @@ size_t find_nonfinite(const BufferView& buffer, CudaStream stream);
 // buffer[i] *= factor (fp32, rounded as the CPU rounds); blocks.
 void scale(const BufferView& buffer, float factor, CudaStream stream);
 
+// Where Snapshots keep their copies, from one step to the next: host memory, and a device
+// buffer (allocated once: a cudaMalloc/cudaFree per step would synchronise the whole device).
+struct SnapshotSpace {
+  ReusedBytes host;
+  cuda::compress::DeviceBuffer device;
+};
+
 // A copy of a buffer's bytes on the buffer's own device (host memory for a CPU buffer), which
 // restore() puts back: reduce_step's inputs for a retry, without a round trip through the host.
+// The copy lives in `space`, which must outlive the snapshot and serve no other meanwhile.
 class Snapshot {
  public:
-  Snapshot(const BufferView& buffer, CudaStream stream);
+  Snapshot(const BufferView& buffer, CudaStream stream, SnapshotSpace& space);
   void restore() const;
 
  private:
   BufferView buffer_;
   CudaStream stream_;
-  std::vector<uint8_t> host_;
-  cuda::compress::DeviceBuffer device_;
+  void* copy_ = nullptr;
 };
 
 // `count` fp32 values on `like`'s device: zeros, or a copy of host values.

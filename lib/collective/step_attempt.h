@@ -7,7 +7,7 @@ namespace meshtrain::collective {
 struct StepAttempt {
   virtual ~StepAttempt() = default;
   virtual void run() = 0;       // the reduction, against the current quorum
-  virtual void rollback() = 0;  // the attempt failed or was aborted: back to the step's inputs
+  virtual void rollback() {}    // the attempt failed or was aborted (run_step restores the gradients)
   virtual void commit() {}      // the coordinator committed the attempt
 };
 
