@@ -209,8 +209,11 @@ class Communicator {
   // The step loop: gets a quorum for `step`, averages `gradients` over the contributors; on
   // PeerLost reports the failure, gets a new quorum for the same step and redoes the reduction
   // from the gradients as they were on entry. Gives up after max_attempts (rethrows). The copy
-  // of the entry gradients (host memory, or the buffer's device) is kept by the Communicator
-  // from one step to the next: memory the size of the largest buffer stepped.
+  // of the entry gradients is kept by the Communicator from one step to the next: host memory
+  // for CPU buffers and/or, for CUDA buffers, device memory the size of the largest buffer
+  // stepped (outside torch's caching allocator). Its copies run on options.cuda_stream, and no
+  // longer wait for the whole device after the first step: gradients written on another stream
+  // must be ready (synchronised) before the call, as for every operation here.
   StepResult reduce_step(uint64_t step, BufferView gradients, uint32_t max_attempts = 5);
 
   // The compressed all-reduce of an fp32 buffer with `codec` (none, fp16, bf16, int8,
