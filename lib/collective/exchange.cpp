@@ -64,7 +64,8 @@ class FirstFailure {
 
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        std::vector<ReusedBytes>& received, const std::function<void(size_t rank)>& produce, ExchangePhase phase) {
+                        std::vector<ReusedBytes>& received, const std::function<void(size_t rank)>& produce,
+                        ExchangePhase phase) {
   const uint32_t tag_base = phase == ExchangePhase::AllGather ? kAllGatherTag : kExchangeTag;
   const char* hook_phase = phase == ExchangePhase::AllGather ? "all_gather" : "reduce_scatter";
   const size_t n = ctx.quorum.members.size();

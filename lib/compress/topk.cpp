@@ -10,10 +10,11 @@
 //
 // CPU: (below, "The CPU selection") one pass finds a lower bound of the k-th key, one gathers
 // the indices of the keys at or above it, and the radix select and compaction run on those
-// alone (or, when they would be most of the tensor, on v in place). The CUDA path (kernels/compress/topk.cu) histograms on the GPU in three passes and
-// compacts with per-tile prefix sums; with selection=sampled it first tries
-// kernels/compress/api.h's topk_select_sampled (a sorted sample brackets T; same output), which
-// falls back to that when its bracket misses.
+// alone (or, when they would be most of the tensor, on v in place). The CUDA path
+// (kernels/compress/topk.cu) histograms on the GPU in three passes and compacts with per-tile
+// prefix sums; with selection=sampled it first tries kernels/compress/api.h's
+// topk_select_sampled (a sorted sample brackets T; same output), which falls back to that when
+// its bracket misses.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -38,24 +39,33 @@ constexpr std::array<RadixPass, 3> kPasses = {{{20, 11}, {9, 11}, {0, 9}}};
 static_assert(std::all_of(kPasses.begin(), kPasses.end(),
                           [](RadixPass p) { return p.bits <= kc::kTopKMaxHistogramBits; }));
 
+// The bin of histogram h that holds the k-th largest key (k >= 1, at most h's total), and how
+// many keys the bins above it hold.
+struct KthBin {
+  uint32_t digit = 0;
+  uint64_t above = 0;
+};
+KthBin kth_bin(const std::vector<uint64_t>& h, uint64_t k) {
+  KthBin bin;
+  for (size_t b = h.size(); b-- > 0;) {
+    if (bin.above + h[b] >= k) {
+      bin.digit = static_cast<uint32_t>(b);
+      break;
+    }
+    bin.above += h[b];
+  }
+  return bin;
+}
+
 // hist(pass, prefix) -> counts of the 2^bits digit values among the keys whose bits above
 // shift + bits equal prefix. k >= 1 and k <= the number of keys.
 template <typename Hist>
 Threshold radix_select(uint64_t k, Hist&& hist) {
   uint32_t prefix = 0;
   for (size_t p = 0; p < kPasses.size(); ++p) {
-    const std::vector<uint64_t> h = hist(p, prefix);
-    uint64_t above = 0;
-    uint32_t digit = 0;
-    for (size_t b = h.size(); b-- > 0;) {
-      if (above + h[b] >= k) {
-        digit = static_cast<uint32_t>(b);
-        break;
-      }
-      above += h[b];
-    }
-    k -= above;
-    prefix = (prefix << kPasses[p].bits) | digit;
+    const KthBin bin = kth_bin(hist(p, prefix), k);
+    k -= bin.above;
+    prefix = (prefix << kPasses[p].bits) | bin.digit;
   }
   return Threshold{prefix, k};
 }
@@ -234,15 +244,8 @@ size_t select_candidates(float* clear, uint64_t k, const CpuTopKScratch& scratch
 size_t select_radix_cpu(const CpuVectors& vec, size_t n, uint64_t k, CpuTopKScratch& scratch, uint8_t* idx,
                         uint8_t* val) {
   const std::vector<uint64_t> top = form_and_histogram(vec, n);
-  uint64_t count = 0;
-  uint32_t bin = 0;
-  for (size_t b = top.size(); b-- > 0;) {
-    count += top[b];
-    if (count >= k) {
-      bin = static_cast<uint32_t>(b);
-      break;
-    }
-  }
+  const KthBin bin = kth_bin(top, k);
+  const uint64_t count = bin.above + top[bin.digit];  // the keys >= lo
   const float* v = vec.v();
   if (count > n / 4) {
     // Ties or a flat distribution: the candidates would be most of v (and kept in the state's
@@ -253,8 +256,8 @@ size_t select_radix_cpu(const CpuVectors& vec, size_t n, uint64_t k, CpuTopKScra
   }
   scratch.candidates.resize(count + kCpuChunk);
   scratch.values.resize(count + kCpuChunk);
-  const size_t gathered = form_and_gather(v, nullptr, nullptr, n, bin << kPasses[0].shift, scratch.candidates.data(),
-                                          scratch.values.data(), count);
+  const size_t gathered = form_and_gather(v, nullptr, nullptr, n, bin.digit << kPasses[0].shift,
+                                          scratch.candidates.data(), scratch.values.data(), count);
   if (gathered != count)
     throw InternalError(fmt::format("topk encode gathered {} candidates, its histogram counted {}", gathered, count));
   return select_candidates(vec.out, k, scratch, count, idx, val);
@@ -367,7 +370,7 @@ class TopKCodec final : public ApplyingCodec {
  private:
   struct CpuOutcome {
     bool missed = false;        // the sampled selection missed, and the radix select ran after it
-    size_t nonfinite = kFinite;  // else the index of v's first NaN/Inf
+    size_t nonfinite = kFinite;  // or the index of a NaN/Inf of v (select_candidates)
   };
   static CpuOutcome encode_cpu(const float* x, size_t n, TopKState& s, uint64_t k,
                                TopKOptions::Selection selection, bool double_buffered, uint8_t* idx, uint8_t* val) {

@@ -174,6 +174,15 @@ std::vector<uint32_t> payload_indices(const std::vector<uint8_t>& payload, uint6
 
 constexpr const char* kSelections[] = {"radix", "sampled", "auto"};
 
+// A gradient with zeros exactly where the CPU's sample of n elements at this k looks: its
+// bound is 0, every key is at or above it, and the sampled selection misses.
+std::vector<float> hidden_from_the_cpu_sample(size_t n, uint64_t k, uint64_t seed) {
+  const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
+  std::vector<float> x = random_gradient(n, seed);
+  for (uint64_t s = 0; s < p.samples; ++s) x[math::topk_sample_index(s, n, p.samples)] = 0.0f;
+  return x;
+}
+
 TEST(TopKCpuSelection, EveryWaySendsWhatAFullSortSends) {
   for (size_t n : {(size_t(1) << 17) + 17, (size_t(1) << 20) + 3}) {
     for (const SampledTestData& d : sampled_test_data(n)) {
@@ -248,8 +257,7 @@ TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
   const size_t n = size_t(1) << 20;
   const uint64_t k = topk_k_of(0.01, n);
   const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
-  std::vector<float> hidden = random_gradient(n, 21);
-  for (uint64_t s = 0; s < p.samples; ++s) hidden[math::topk_sample_index(s, n, p.samples)] = 0.0f;
+  std::vector<float> hidden = hidden_from_the_cpu_sample(n, k, 21);
   std::vector<float> ties(n, 0.25f);  // a seventh of the keys tie at the threshold
   for (size_t i = 0; i < n; i += 7) ties[i] = 0.5f;
   // All equal: the radix select's threshold bin is all of v, which it then reads in place.
@@ -286,9 +294,7 @@ TEST(TopKCpuSelection, AMissFallsBackToTheRadixSelect) {
 TEST(TopKCpuSelection, AutoBacksOffAfterAMiss) {
   const size_t n = size_t(1) << 20;
   const uint64_t k = topk_k_of(0.01, n);
-  const kc::TopKSamplePlan p = kc::topk_sample_plan(n, k, kc::kTopKCpuSamples);
-  std::vector<float> hidden = random_gradient(n, 23);
-  for (uint64_t s = 0; s < p.samples; ++s) hidden[math::topk_sample_index(s, n, p.samples)] = 0.0f;
+  const std::vector<float> hidden = hidden_from_the_cpu_sample(n, k, 23);
   const std::vector<uint32_t> expected = sorted_indices(hidden, k);
   auto automatic = make_codec("topk:fraction=0.01,error_feedback=off");
   auto always = make_codec("topk:fraction=0.01,error_feedback=off,selection=sampled");
