@@ -188,12 +188,19 @@ for peers in $allreduce_peers; do
     --peers $peers --size 64MiB --repeats 5 --baseline gloo --python "$(command -v python3)"
 done
 # The compressed all-reduce with the gradients on the GPU (the codecs' kernels encode and
-# decode; 4 workers share the one device) against the same command with CPU buffers.
-[ $quick = 1 ] && compressed_codecs="" || compressed_codecs="int8 fp16"
+# decode; 4 workers share the one device) against the same command with CPU buffers, and the
+# host copies in pageable instead of pinned memory (--pageable-staging; the plain all-reduce
+# of CUDA buffers too, which stages the whole buffer through the host).
+[ $quick = 1 ] && compressed_codecs="" || compressed_codecs="plain int8 fp16"
 for codec in $compressed_codecs; do
-  for device in cuda cpu; do
-    stage "compressed_${codec}_${device}" 60 "$out/build.log" "$cuda_build/benchmarks/allreduce/meshtrain-bench" allreduce \
-      --peers 4 --size 64MiB --repeats 5 --codec $codec --device $device
+  for device in cuda cuda-pageable cpu; do
+    flags="--device ${device%-pageable}"
+    [ "$device" = cuda-pageable ] && flags="$flags --pageable-staging"
+    [ "$codec" = plain ] || flags="$flags --codec $codec"
+    name="compressed_${codec}_${device}"
+    [ "$codec" = plain ] && name="plain_${device}"
+    stage "$name" 60 "$out/build.log" "$cuda_build/benchmarks/allreduce/meshtrain-bench" allreduce \
+      --peers 4 --size 64MiB --repeats 5 $flags
   done
 done
 

@@ -4,7 +4,7 @@
 //       [--chunk-bytes B] [--plain|--encrypted] [--baseline gloo]
 //       [--wan hosts=K,rate=200mbit,delay=50ms] [--fault kill-during=reduce_scatter|all_gather]
 //       [--reduce-step] [--codec SPEC [--sparse-gather auto|owner|allgather] [--shape RxC]
-//        [--exchange direct|ring]] [--device cpu|cuda]
+//        [--exchange direct|ring]] [--device cpu|cuda [--pageable-staging]]
 //
 // Measures Communicator::allreduce (fp32, Sum) between N real processes on this machine, as
 // nccl-tests report it: per iteration the slowest member's time, the median over repeats,
@@ -72,6 +72,9 @@ options:
                             of this host for every worker; filled and checked on the host,
                             copied outside the timed region. With --codec the codecs' kernels
                             encode and decode there; plain all-reduces stage through the host
+  --pageable-staging        with --device cuda: host copies in pageable memory instead of pinned
+                            (CommunicatorOptions::pinned_staging = false), the baseline for the
+                            pinned staging's gain
   --heartbeat-timeout-ms MS the coordinator's (default 2000 with --fault, else 5000)
   --timeout-s T             give up on a job after T seconds (default 600)
   --python PATH             interpreter for the baseline (default /usr/bin/python3)

@@ -215,6 +215,7 @@ JobResult run_job(const AllreduceOptions& o, const Machine& m, const NetnsHosts*
       argv.insert(argv.end(), {"--codec", *o.codec, "--sparse-gather", o.sparse_gather, "--exchange", o.exchange});
     if (o.shape) argv.insert(argv.end(), {"--shape", *o.shape});
     if (o.device != "cpu") argv.insert(argv.end(), {"--device", o.device});
+    if (o.pageable_staging) argv.push_back("--pageable-staging");
     if (o.fault) {
       for (std::string s : {std::string("--fault-phase"), o.fault->phase, std::string("--fault-iteration"),
                             std::to_string(o.fault_iteration()), std::string("--fault-ring-step"),
@@ -533,6 +534,7 @@ int run_allreduce(const AllreduceOptions& o) {
       }
       j.add("codec", o.codec ? compress::make_codec(*o.codec)->describe() : std::string("plain"));
       j.add("device", o.device);
+      if (o.device == "cuda") j.add("host_staging", o.pageable_staging ? "pageable" : "pinned");
       if (o.codec) j.add("exchange", o.exchange);
       if (o.codec && compress::make_codec(*o.codec)->id() == compress::CodecId::TopK)
         j.add("sparse_gather", o.sparse_gather).add("sparse_all_gather", sparse_all_gather);

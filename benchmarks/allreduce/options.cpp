@@ -128,7 +128,8 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
   static const std::initializer_list<tools::Flags::Spec> kFlags = {
       {"--peers"}, {"--size"}, {"--bytes"}, {"--repeats"}, {"--warmup"}, {"--streams"}, {"--chunk-bytes"},
       {"--plain", false}, {"--encrypted", false}, {"--baseline"}, {"--wan"}, {"--fault"}, {"--reduce-step", false},
-      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--exchange"}, {"--device"}, {"--timeout-s"},
+      {"--codec"}, {"--shape"}, {"--sparse-gather"}, {"--exchange"}, {"--device"}, {"--pageable-staging", false},
+      {"--timeout-s"},
       {"--heartbeat-timeout-ms"},
       {"--python"}, {"--gloo-script"}, {"--netns-script"}, {"--verbose", false}};
   std::vector<std::string> storage = args;
@@ -198,6 +199,9 @@ AllreduceOptions parse_allreduce_args(const std::vector<std::string>& args) {
     o.device = *v;
     if (o.device != "cpu" && o.device != "cuda") throw UsageError(fmt::format("--device: '{}' (cpu, cuda)", o.device));
   }
+  o.pageable_staging = f.has("--pageable-staging");
+  if (o.pageable_staging && o.device != "cuda")
+    throw UsageError("--pageable-staging only matters with --device cuda (host copies of CUDA buffers)");
   if (f.has("--timeout-s")) o.timeout_s = static_cast<int>(integer("--timeout-s", 1, 24 * 3600));
   if (f.has("--heartbeat-timeout-ms"))
     o.heartbeat_timeout_ms = static_cast<int>(integer("--heartbeat-timeout-ms", 100, 600000));

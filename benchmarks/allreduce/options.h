@@ -53,6 +53,7 @@ struct AllreduceOptions {
   std::string exchange = "direct";      // --exchange: how encoded chunks reach their owners (direct, ring)
   std::optional<std::string> shape;     // --shape ROWSxCOLS: PowerSGD's matrix view of the buffer
   std::string device = "cpu";           // --device cuda: each worker's buffer is on CUDA device 0
+  bool pageable_staging = false;        // --pageable-staging: host copies of CUDA buffers not pinned
   int timeout_s = 600;                  // each job (coordinator + workers), and the baseline
   std::optional<int> heartbeat_timeout_ms;  // coordinator's; default 2000 with --fault, else 5000
   std::string python = "/usr/bin/python3";

@@ -7,7 +7,7 @@
 //                  --security plain|encrypted --host ADDR [--relay-delay-us D]
 //                  [--op-timeout-ms MS] [--reduce-step] [--fault-phase P --fault-iteration K
 //                  --fault-ring-step S --death-file FILE] [--codec SPEC --sparse-gather MODE
-//                  [--shape ROWSxCOLS] [--exchange direct|ring]] [--device cuda]
+//                  [--shape ROWSxCOLS] [--exchange direct|ring]] [--device cuda [--pageable-staging]]
 //   Without --reduce-step and --fault-phase: next_quorum(1) once, then W + R iterations of
 //     barrier; fill(index + 1); barrier; t0; allreduce(Sum); t1; check
 //   where the barrier is an all-reduce of 16 floats per member (it completes on a member only
@@ -19,7 +19,8 @@
 //   CLOCK_MONOTONIC nanoseconds to FILE and raises SIGKILL at ring step S of phase P of
 //   iteration K.
 //   With --device cuda the buffer is on CUDA device 0: filled on the host and copied there before
-//   t0, copied back after t1 for the check.
+//   t0, copied back after t1 for the check; --pageable-staging: CommunicatorOptions::pinned_staging
+//   = false.
 //   With --codec: allreduce_compressed / reduce_step with that codec instead (and "wire_sent_bytes",
 //   "wire_received_bytes": the payload bytes of the last iteration, "sparse_all_gather"). A top-k
 //   codec gets gradient-like data instead of index + 1 (the compress benchmark's: normal, 1%
@@ -184,6 +185,7 @@ int run_worker_subcommand(const std::vector<std::string>& args) {
   o.chunk_bytes = std::stoull(need(a, "--chunk-bytes"));
   const std::string security = need(a, "--security");
   o.bulk.security = security == "plain" ? net::BulkSecurity::Plain : net::BulkSecurity::Encrypted;
+  o.pinned_staging = a.count("--pageable-staging") == 0;
   if (a.count("--op-timeout-ms")) o.op_timeout = std::chrono::milliseconds(std::stol(a.at("--op-timeout-ms")));
   const std::string host = need(a, "--host");
   o.bind_host = host;

@@ -16,6 +16,8 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <span>
 #include <string>
 #include <thread>
 
@@ -298,29 +300,38 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
       std::fflush(stdout);
     });
   }
-  // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation).
+  // Whole codec calls (kernels + the payload's copy to or from host memory + synchronisation),
+  // with the payload in pageable memory (ops encode, decode, decode_accumulate) and in pinned
+  // memory (the same ops + "_pinned"), as the compressed all-reduce keeps it for CUDA buffers.
   for (const auto& c : cases) guarded(c.spec, "setup", device, [&] {
     auto codec = make_codec(c.spec);
     TensorSpec spec = spec_for(c.spec, count);
     spec.device = DeviceKind::Cuda;
     auto state = codec->make_state(spec);
-    std::vector<uint8_t> payload(codec->encoded_bytes(spec));
-    prefault(payload);
+    const size_t payload_bytes = codec->encoded_bytes(spec);
+    std::vector<uint8_t> pageable(payload_bytes);
+    prefault(pageable);
+    std::unique_ptr<uint8_t, void (*)(uint8_t*)> pinned(static_cast<uint8_t*>(kc::allocate_pinned(payload_bytes)),
+                                                        [](uint8_t* p) { kc::free_pinned(p); });
     BufferView g{x.data(), count, DType::Float32, DeviceKind::Cuda, 0};
     BufferView out{o.data(), count, DType::Float32, DeviceKind::Cuda, 0};
-    codec->encode(g, *state, payload, CudaStream{s});
-    for (const char* op : kOps) guarded(c.spec, op, device, [&] {
-      std::vector<double> times, copies;
-      for (int r = 0; r < repeats; ++r) {
-        copies.push_back(d2d());
-        times.push_back(seconds([&] {
-          if (op == kOps[0]) codec->encode(g, *state, payload, CudaStream{s});
-          else if (op == kOps[1]) codec->decode(payload, out, CudaStream{s});
-          else codec->decode_accumulate(payload, out, CudaStream{s});
-        }));
-      }
-      print_record(c.spec, op, bytes, payload.size(), median(times), median(copies), device, repeats);
-    });
+    for (const bool pin : {false, true}) {
+      const std::span<uint8_t> payload = pin ? std::span<uint8_t>(pinned.get(), payload_bytes) : std::span(pageable);
+      codec->encode(g, *state, payload, CudaStream{s});
+      for (const char* op : kOps) guarded(c.spec, op, device, [&] {
+        std::vector<double> times, copies;
+        for (int r = 0; r < repeats; ++r) {
+          copies.push_back(d2d());
+          times.push_back(seconds([&] {
+            if (op == kOps[0]) codec->encode(g, *state, payload, CudaStream{s});
+            else if (op == kOps[1]) codec->decode(payload, out, CudaStream{s});
+            else codec->decode_accumulate(payload, out, CudaStream{s});
+          }));
+        }
+        print_record(c.spec, pin ? std::string(op) + "_pinned" : op, bytes, payload_bytes, median(times),
+                     median(copies), device, repeats);
+      });
+    }
   });
   kc::stream_destroy(s, 0);
 }

@@ -3,7 +3,8 @@
 
 Usage: gpu_summary.py BENCH.jsonl TORCH_TOPK.jsonl
   BENCH.jsonl       meshtrain-bench-compress --device cuda records (kernels alone: op *_kernel,
-                    and whole codec calls: encode / decode / decode_accumulate)
+                    and whole codec calls: encode / decode / decode_accumulate, the same
+                    with "_pinned": the payload in pinned host memory)
   TORCH_TOPK.jsonl  benchmarks/compress/torch_topk.py records
 
 Targets: fp16/bf16/int8 encode and decode kernels at least 0.80 of a device-to-device copy of
@@ -61,6 +62,17 @@ def main(argv):
                 target = f"error feedback: {r['ratio_vs_memcpy'] / (8 / 13):.2f} of its 8/13 ceiling"
             print(f"{r['codec']:36} {r['op']:26} {r['median_ms']:8.3f} {r['GBps']:8.1f} "
                   f"{r['memcpy_GBps']:8.1f} {r['ratio_vs_memcpy']:6.2f}  {target}")
+    # Whole codec calls with the payload in pinned host memory (as the compressed all-reduce
+    # keeps it for CUDA buffers) against pageable memory, same run.
+    whole = {(r["codec"], r["op"]): r for r in cuda}
+    pairs = [(codec, op) for (codec, op) in whole if op in ("encode", "decode", "decode_accumulate")
+             and (codec, op + "_pinned") in whole]
+    if pairs:
+        print("payload in pinned vs pageable host memory (whole codec calls):")
+        for codec, op in pairs:
+            pageable, pinned = whole[(codec, op)], whole[(codec, op + "_pinned")]
+            print(f"  {codec:36} {op:18} pageable {pageable['median_ms']:8.3f} ms  pinned "
+                  f"{pinned['median_ms']:8.3f} ms  {pageable['median_ms'] / pinned['median_ms']:5.2f}x")
     ours = {r["codec"]: r for r in cuda if r["op"] == "encode" and r["codec"].startswith("topk")}
     theirs = {r["op"]: r for r in torch_records if r.get("codec") == "torch.topk"}
     selection = ours.get("topk:fraction=0.01,error_feedback=off")

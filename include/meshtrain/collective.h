@@ -70,6 +70,12 @@ struct CommunicatorOptions {
   // collective orders itself after the work already enqueued there and has written its result
   // when it returns. From torch: torch_glue::current_cuda_stream(device) (meshtrain/torch.h).
   compress::CudaStream cuda_stream;
+  // Host copies of CUDA buffers (the plain collectives' staging, the compressed all-reduce's
+  // payloads) in page-locked memory, kept from one operation to the next: the copies to and
+  // from the device run by DMA at the link's speed. That memory is held as long as the
+  // Communicator (or the CompressedState) and cannot be paged out; false: pageable memory.
+  // Where the host refuses to lock it, pageable memory serves, with a warning.
+  bool pinned_staging = true;
   // Test hook: called at each ring step ("reduce_scatter" or "all_gather", index); may kill the
   // process to inject a fault at a precise point.
   std::function<void(std::string_view phase, size_t ring_step)> fault_hook;
@@ -195,7 +201,8 @@ class Communicator {
   void set_state_digest(uint64_t step, const crypto::Digest& digest);
 
   // Collectives against the current quorum. fp32, fp16 and bf16 buffers, in CPU memory or on
-  // a CUDA device (staged through host memory: one copy each way, on options.cuda_stream);
+  // a CUDA device (staged through host memory, pinned unless options.pinned_staging is off and
+  // kept between operations: one copy each way, on options.cuda_stream);
   // reduction in fp32. Avg divides by the number of contributing members; a non-contributing
   // member (joiner) adds zeros. Throw PeerLostError naming the lost peers, TimeoutError after
   // op_timeout.

@@ -80,6 +80,13 @@ class StreamBuffer {
   void* stream_ = nullptr;
 };
 
+// Page-locked ("pinned") host memory, usable with every device (cudaHostAllocPortable): copies
+// between it and a device run by DMA at the link's speed, and without the driver staging them
+// through its own bounce buffer as it does for pageable memory. Costly to allocate (the pages
+// are locked one by one): for buffers kept across operations. Throws CudaFailure.
+void* allocate_pinned(size_t bytes);
+void free_pinned(void* p) noexcept;
+
 // A new non-blocking stream on `device` (for tests and benchmarks), and its destruction.
 void* stream_create(int device);
 void stream_destroy(void* stream, int device) noexcept;

@@ -72,6 +72,18 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   return *this;
 }
 
+void* allocate_pinned(size_t bytes) {
+  void* p = nullptr;
+  int device = 0;
+  (void)cudaGetDevice(&device);
+  check(cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocPortable), "cudaHostAlloc", device);
+  return p;
+}
+
+void free_pinned(void* p) noexcept {
+  if (p != nullptr) (void)cudaFreeHost(p);
+}
+
 void* stream_create(int device) {
   DeviceGuard guard(device);
   cudaStream_t s = nullptr;

@@ -223,6 +223,13 @@ struct Communicator::Impl {
   const crypto::Identity& self;
   CommunicatorOptions options;
   device::SnapshotSpace step_inputs;  // run_step's copy of the gradients, kept between steps
+  // Kept between operations too: a CUDA buffer's host copy (pinned) for the plain collectives,
+  // and an fp16/bf16 buffer widened to fp32 for the ring's reduction.
+  ReusedBytes staging;
+  ReusedBytes widened;
+  HostMemory staging_memory(const BufferView& buffer) const {
+    return device::host_memory_for(buffer, options.pinned_staging);
+  }
   std::unique_ptr<net::BulkListener> listener;
   std::unique_ptr<ControlLink> link;
   std::optional<coord::Quorum> current;
@@ -457,11 +464,11 @@ void Communicator::allreduce(BufferView device_buffer, ReduceOp op) {
   device::require_supported("allreduce", device_buffer);
   auto& s = *impl_;
   const coord::Quorum& q = s.quorum_or_throw();
-  device::HostView host(device_buffer, s.options.cuda_stream);
+  device::HostView host(device_buffer, s.options.cuda_stream, s.staging, s.staging_memory(device_buffer));
   const BufferView& buffer = host.view();
   const bool contributes = q.member(id()).contributes;
   const size_t contributors = q.contributors();
-  std::vector<float> work;
+  const bool widen = buffer.dtype == DType::Float16 || buffer.dtype == DType::BFloat16;
   float* data = nullptr;
   switch (buffer.dtype) {
     case DType::Float32:
@@ -469,11 +476,10 @@ void Communicator::allreduce(BufferView device_buffer, ReduceOp op) {
       break;
     case DType::Float16:
     case DType::BFloat16: {
-      work.resize(buffer.count);
+      data = s.widened.take_floats(buffer.count).data();
       auto* h = static_cast<const uint16_t*>(buffer.data);
       for (size_t i = 0; i < buffer.count; ++i)
-        work[i] = buffer.dtype == DType::Float16 ? half_to_float(h[i]) : bf16_to_float(h[i]);
-      data = work.data();
+        data[i] = buffer.dtype == DType::Float16 ? half_to_float(h[i]) : bf16_to_float(h[i]);
       break;
     }
     default:
@@ -492,10 +498,10 @@ void Communicator::allreduce(BufferView device_buffer, ReduceOp op) {
   s.run_op("allreduce", [&](RingContext& ctx) {
     ring_allreduce(ctx, data, buffer.count, divisor);
   });
-  if (!work.empty()) {
+  if (widen) {
     auto* h = static_cast<uint16_t*>(buffer.data);
     for (size_t i = 0; i < buffer.count; ++i)
-      h[i] = buffer.dtype == DType::Float16 ? float_to_half(work[i]) : float_to_bf16(work[i]);
+      h[i] = buffer.dtype == DType::Float16 ? float_to_half(data[i]) : float_to_bf16(data[i]);
   }
   host.write_back();
 }
@@ -508,7 +514,7 @@ void Communicator::broadcast(BufferView buffer, uint32_t root_rank) {
     throw InvalidArgumentError(fmt::format("broadcast: root rank {} but the quorum has {} members", root_rank,
                                            q.members.size()));
   const bool root = s.my_rank == root_rank;
-  device::HostView host(buffer, s.options.cuda_stream, /*load=*/root);
+  device::HostView host(buffer, s.options.cuda_stream, s.staging, s.staging_memory(buffer), /*load=*/root);
   s.run_op("broadcast", [&](RingContext& ctx) {
     ring_broadcast(ctx, static_cast<uint8_t*>(host.view().data), buffer.bytes(), root_rank);
   });
@@ -523,7 +529,7 @@ void Communicator::allgather(BufferView in, BufferView out) {
   if (in.dtype != out.dtype || out.count != in.count * n)
     throw InvalidArgumentError(fmt::format("allgather: out must hold {} x {} {} elements, has {} {}", n, in.count,
                                            dtype_name(in.dtype), out.count, dtype_name(out.dtype)));
-  device::HostView host(out, s.options.cuda_stream, /*load=*/false);
+  device::HostView host(out, s.options.cuda_stream, s.staging, s.staging_memory(out), /*load=*/false);
   auto* dst = static_cast<uint8_t*>(host.view().data);
   device::copy_to_host(in, dst + s.my_rank * in.bytes(), s.options.cuda_stream);
   s.run_op("allgather", [&](RingContext& ctx) { ring_allgather_blocks(ctx, dst, in.bytes()); });
@@ -540,8 +546,11 @@ void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
     throw InvalidArgumentError(fmt::format("reduce_scatter: float32 buffers with in = {} x out ({} elements); got in "
                                            "{} {}, out {} {}", n, out.count, in.count, dtype_name(in.dtype), out.count,
                                            dtype_name(out.dtype)));
-  std::vector<float> work(in.count, 0.0f);
-  if (q.member(id()).contributes) device::copy_to_host(in, work.data(), s.options.cuda_stream);
+  const std::span<float> work = s.staging.take_floats(in.count, s.staging_memory(in.device == DeviceKind::Cuda ? in : out));
+  if (q.member(id()).contributes)
+    device::copy_to_host(in, work.data(), s.options.cuda_stream);
+  else
+    std::fill(work.begin(), work.end(), 0.0f);
   float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(q.contributors(), 1)) : 1.0f;
   s.run_op("reduce_scatter", [&](RingContext& ctx) { ring_reduce_scatter_blocks(ctx, work.data(), out.count, divisor); });
   device::copy_from_host(work.data() + s.my_rank * out.count, out, s.options.cuda_stream);

@@ -107,29 +107,33 @@ struct CompressedState::Impl {
   bool owner_staged = false;
   CompressedTraffic pending_traffic;
   // Host memory of the operations, kept from one to the next (ReusedBytes): the member's
-  // payloads, the owners' payloads, the owner's sum, the exchange's received blocks. Released
+  // payloads, the owners' payloads, the fp32 sum on the host (the owner's chunk; the whole
+  // buffer where a CUDA buffer is summed on the host), the exchange's received blocks. Released
   // when the layout changes (quorum size, or top-k's path), so that what stays allocated is
-  // the current layout's, not the largest one seen.
+  // the current layout's, not the largest one seen. For a CUDA buffer, what is copied to or
+  // from the device is pinned (`memory`).
   std::vector<ReusedBytes> payload_space;
   ReusedBytes owners_space, sum_space;
-  std::vector<ReusedBytes> received_space;
+  ReceiveSpace received_space;
+  HostMemory memory = HostMemory::Pageable;
   std::pair<size_t, bool> space_layout{0, false};  // (quorum size, top-k all-gather)
   void fit_space(size_t members, bool all_gather) {
     if (space_layout == std::pair{members, all_gather}) return;
     payload_space.clear();
     owners_space = ReusedBytes{};
     sum_space = ReusedBytes{};
-    received_space.clear();
+    received_space = ReceiveSpace{{}, memory};
     space_layout = {members, all_gather};
   }
 
-  void bind(const Codec& codec, const BufferView& buffer) {
+  void bind(const Codec& codec, const BufferView& buffer, bool pin) {
     std::string config = codec.describe();
     std::string where = device_name(buffer);
     if (codec_config.empty()) {
       codec_config = config;
       count = buffer.count;
       device = where;
+      memory = received_space.memory = device::host_memory_for(buffer, pin);
     } else if (codec_config != config || count != buffer.count || device != where) {
       throw InvalidArgumentError(fmt::format("CompressedState is bound to {} over {} elements on {}; used with {} over "
                                              "{} on {}",
@@ -221,7 +225,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
   const compress::CudaStream stream = options().cuda_stream;
   CompressedState::Impl& st = *state.impl_;
   st.discard();
-  st.bind(codec, buffer);
+  st.bind(codec, buffer, options().pinned_staging);
   const coord::Quorum& q = quorum();
   const size_t n = q.members.size();
   const uint32_t r = rank();
@@ -288,7 +292,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     st.payload_space.resize(chunks);
     std::vector<std::span<uint8_t>> payloads(chunks);
     for (size_t c = 0; c < chunks; ++c)
-      payloads[c] = st.payload_space[c].take(codec.encoded_bytes(chunk_size(count, chunks, c)));
+      payloads[c] = st.payload_space[c].take(codec.encoded_bytes(chunk_size(count, chunks, c)), st.memory);
     auto encode_payload = [&](size_t c) {
       encode_chunk(codec, source, chunks, c, *(*states)[c], payloads[c], stream);
       if (st.options.payload_hook) st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
@@ -304,13 +308,13 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     traffic.sparse_all_gather = all_gather;
     if (all_gather) {
       const size_t block = payloads[0].size();
-      const std::span<uint8_t> everyone = st.owners_space.take(n * block);
+      const std::span<uint8_t> everyone = st.owners_space.take(n * block);  // decoded on the host
       std::memcpy(everyone.data() + r * block, payloads[0].data(), block);
       run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
         ctx.reject_non_finite = false;  // payload bytes, not floats: the decoders check them
         ring_allgather_blocks(ctx, everyone.data(), block);
         // Summed on the host (sparse payloads: cheap), then copied to a CUDA buffer.
-        device::HostView host(buffer, stream, /*load=*/false);
+        device::HostView host(buffer, stream, st.sum_space, st.memory, /*load=*/false);
         float* sum = static_cast<float*>(host.view().data);
         std::fill(sum, sum + count, 0.0f);
         for (size_t j = 0; j < n; ++j)
@@ -339,7 +343,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       for (size_t c = 0; c < n; ++c) block = std::max(block, sizes[c] = payloads[c].size());
       std::vector<std::span<const uint8_t>> blocks(payloads.begin(), payloads.end());
       // Chunk c's payload at c * block; the direct exchange keeps only this owner's block.
-      const std::span<uint8_t> owners = st.owners_space.take(direct ? block : n * block);
+      const std::span<uint8_t> owners = st.owners_space.take(direct ? block : n * block, st.memory);
       const size_t own_at = direct ? 0 : r * block;
       const size_t own = chunk_size(count, n, r);
       const std::span<float> sum = st.sum_space.take_floats(own);
@@ -437,7 +441,7 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
     CompressedTraffic traffic;
     traffic.gradient_bytes = count * sizeof(float);
     if (shape.rank == 0) {  // sent uncompressed: a plain all-reduce (over host memory)
-      device::HostView host(buffer, stream, contributes);
+      device::HostView host(buffer, stream, st.sum_space, st.memory, contributes);
       float* data = static_cast<float*>(host.view().data);
       if (!contributes) std::fill(data, data + count, 0.0f);
       run_ring_op("allreduce_compressed", [&](RingContext& ctx) { ring_allreduce(ctx, data, count, divisor); });

@@ -109,18 +109,17 @@ Floats::Floats(std::span<const float> values, const BufferView& like, CudaStream
 
 BufferView Floats::view() const { return view_; }
 
-HostView::HostView(const BufferView& buffer, CudaStream stream, bool load)
+HostView::HostView(const BufferView& buffer, CudaStream stream, ReusedBytes& staging, HostMemory memory, bool load)
     : buffer_(buffer), host_(buffer), stream_(stream) {
   if (!on_cuda(buffer)) return;
-  bytes_.resize(buffer.bytes());
-  host_.data = bytes_.data();
+  host_.data = staging.take(buffer.bytes(), memory).data();
   host_.device = DeviceKind::Cpu;
   host_.device_index = 0;
-  if (load) copy_to_host(buffer, bytes_.data(), stream);
+  if (load) copy_to_host(buffer, host_.data, stream);
 }
 
 void HostView::write_back() {
-  if (on_cuda(buffer_)) copy_from_host(bytes_.data(), buffer_, stream_);
+  if (on_cuda(buffer_)) copy_from_host(host_.data, buffer_, stream_);
 }
 
 }  // namespace meshtrain::collective::device

@@ -66,11 +66,18 @@ class Floats {
   cuda::compress::DeviceBuffer device_;
 };
 
-// A buffer's bytes in host memory: the buffer itself on the CPU, else a host copy (loaded
-// when `load`) that write_back() copies to the device.
+// Pinned (when `pin`: CommunicatorOptions::pinned_staging) for the host side of a CUDA
+// buffer's copies, pageable otherwise.
+inline HostMemory host_memory_for(const BufferView& buffer, bool pin) {
+  return pin && buffer.device == DeviceKind::Cuda ? HostMemory::Pinned : HostMemory::Pageable;
+}
+
+// A buffer's bytes in host memory: the buffer itself on the CPU, else a host copy in `staging`
+// (of `memory`; loaded when `load`) that write_back() copies to the device. `staging` must
+// outlive the view and serve no other meanwhile.
 class HostView {
  public:
-  HostView(const BufferView& buffer, CudaStream stream, bool load = true);
+  HostView(const BufferView& buffer, CudaStream stream, ReusedBytes& staging, HostMemory memory, bool load = true);
   const BufferView& view() const { return host_; }
   void write_back();
 
@@ -78,7 +85,6 @@ class HostView {
   BufferView buffer_;
   BufferView host_;
   CudaStream stream_;
-  std::vector<uint8_t> bytes_;
 };
 
 }  // namespace meshtrain::collective::device

@@ -64,7 +64,7 @@ class FirstFailure {
 
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        std::vector<ReusedBytes>& received, const std::function<void(size_t rank)>& produce,
+                        ReceiveSpace& received, const std::function<void(size_t rank)>& produce,
                         ExchangePhase phase) {
   const uint32_t tag_base = phase == ExchangePhase::AllGather ? kAllGatherTag : kExchangeTag;
   const char* hook_phase = phase == ExchangePhase::AllGather ? "all_gather" : "reduce_scatter";
@@ -84,7 +84,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
   auto pieces_of = [&](size_t bytes) { return (bytes + piece_bytes - 1) / piece_bytes; };
 
   FirstFailure failure(ctx.cancel);
-  received.resize(n);
+  received.blocks.resize(n);
   std::vector<std::span<const uint8_t>> gathered(n);
   std::vector<char> arrived(n, 0);
   std::vector<char> ready(n, produce ? 0 : 1);  // blocks[c] holds its bytes
@@ -123,7 +123,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
       threads.emplace_back(guarded([&, c] {
         RingContext from_c = ctx;  // receive_piece's checks, on the channel from rank c
         from_c.from_prev = links.recv[c];
-        const std::span<uint8_t> block = received[c].take(mine);
+        const std::span<uint8_t> block = received.blocks[c].take(mine, received.memory);
         std::vector<uint8_t> buf;
         for (size_t j = 0; j < pieces_of(mine); ++j) {
           const size_t size = std::min(piece_bytes, mine - j * piece_bytes);

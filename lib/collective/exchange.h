@@ -41,11 +41,15 @@ struct MeshLinks {
 // This member sends sum over c != rank of blocks[c].size() bytes: (n-1)/n of its payload.
 // The second use (phase AllGather: every blocks[c] is the owner's reduced chunk, taken from
 // every owner as it arrives) has its own frame tags and fault hook phase "all_gather".
-// Block j is received into received[j] (resized to n; kept by the caller across operations).
+// Block j is received into received.blocks[j] (resized to n), of received.memory.
 enum class ExchangePhase { ToOwners, AllGather };
+struct ReceiveSpace {  // kept by the caller across operations
+  std::vector<ReusedBytes> blocks;
+  HostMemory memory = HostMemory::Pageable;  // pinned where blocks are decoded onto a GPU
+};
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,
-                        std::vector<ReusedBytes>& received, const std::function<void(size_t rank)>& produce = {},
+                        ReceiveSpace& received, const std::function<void(size_t rank)>& produce = {},
                         ExchangePhase phase = ExchangePhase::ToOwners);
 
 // One channel to open: connect to `member` (connect = true) or accept its connection, into

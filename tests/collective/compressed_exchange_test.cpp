@@ -104,7 +104,7 @@ TEST(DirectExchange, EveryOwnerTakesEveryBlockInRankOrderAndStaleFramesAreDroppe
       RingContext ctx{mesh.quorum, static_cast<uint32_t>(i), 1, nullptr, nullptr, Deadline::after(10s),
                       cancels[i].get(), 4096, mesh.no_hook};
       std::vector<std::pair<size_t, std::vector<uint8_t>>> taken;
-      std::vector<ReusedBytes> received;
+      ReceiveSpace received;
       exchange_to_owners(
           ctx, mesh.links(i), blocks,
           [&](size_t j, std::span<const uint8_t> b) { taken.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end())); },
@@ -144,7 +144,7 @@ TEST(DirectExchange, ProducedBlocksAreSentAsTheyAreFilledThenAllGathered) {
       std::vector<std::span<const uint8_t>> blocks(mine.begin(), mine.end());
       RingContext ctx{mesh.quorum, static_cast<uint32_t>(i), 1, nullptr, nullptr, Deadline::after(10s),
                       cancels[i].get(), 4096, mesh.no_hook};
-      std::vector<ReusedBytes> received;  // both uses receive into the same memory
+      ReceiveSpace received;  // both uses receive into the same memory
       exchange_to_owners(
           ctx, mesh.links(i), blocks,
           [&](size_t j, std::span<const uint8_t> b) { seen.taken.emplace_back(j, std::vector<uint8_t>(b.begin(), b.end())); },
@@ -189,7 +189,7 @@ TEST(DirectExchange, FrameOfAnotherOperationIsRefusedNamingItsSender) {
   std::vector<std::vector<uint8_t>> mine = {block_of(0, 0, 4), block_of(0, 1, 4)};
   std::vector<std::span<const uint8_t>> blocks(mine.begin(), mine.end());
   try {
-    std::vector<ReusedBytes> received;
+    ReceiveSpace received;
     exchange_to_owners(ctx, mesh.links(0), blocks, [](size_t, std::span<const uint8_t>) {}, received);
     ADD_FAILURE() << "a frame of another operation was taken";
   } catch (const ProtocolError& e) {

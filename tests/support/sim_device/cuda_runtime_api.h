@@ -114,6 +114,18 @@ inline cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+// Pinned host memory is host memory here. MESHTRAIN_SIM_REFUSE_PINNED=1 makes cudaHostAlloc
+// fail, as it does where the locked-memory limit is low, for the tests of that path.
+#define cudaHostAllocPortable 0x01u
+inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+  const char* refuse = std::getenv("MESHTRAIN_SIM_REFUSE_PINNED");
+  if (refuse != nullptr && refuse[0] == '1') return meshtrain::sim_device::fail(cudaErrorMemoryAllocation);
+  return meshtrain::sim_device::allocate(p, bytes);
+}
+inline cudaError_t cudaFreeHost(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   std::memset(p, value, bytes);
   return cudaSuccess;
