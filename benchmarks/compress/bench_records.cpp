@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
@@ -311,8 +312,9 @@ void run_cuda(size_t bytes, int repeats, const std::vector<CodecCase>& cases) {
     const size_t payload_bytes = codec->encoded_bytes(spec);
     std::vector<uint8_t> pageable(payload_bytes);
     prefault(pageable);
-    std::unique_ptr<uint8_t, void (*)(uint8_t*)> pinned(static_cast<uint8_t*>(kc::allocate_pinned(payload_bytes)),
+    std::unique_ptr<uint8_t, void (*)(uint8_t*)> pinned(static_cast<uint8_t*>(kc::allocate_pinned(payload_bytes, 0)),
                                                         [](uint8_t* p) { kc::free_pinned(p); });
+    if (!pinned) throw std::runtime_error("cudaHostAlloc refused " + std::to_string(payload_bytes) + " bytes");
     BufferView g{x.data(), count, DType::Float32, DeviceKind::Cuda, 0};
     BufferView out{o.data(), count, DType::Float32, DeviceKind::Cuda, 0};
     for (const bool pin : {false, true}) {

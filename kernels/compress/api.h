@@ -83,8 +83,10 @@ class StreamBuffer {
 // Page-locked ("pinned") host memory, usable with every device (cudaHostAllocPortable): copies
 // between it and a device run by DMA at the link's speed, and without the driver staging them
 // through its own bounce buffer as it does for pageable memory. Costly to allocate (the pages
-// are locked one by one): for buffers kept across operations. Throws CudaFailure.
-void* allocate_pinned(size_t bytes);
+// are locked one by one): for buffers kept across operations. Allocated in `device`'s context
+// (no other device's context is made). nullptr when the host refuses for want of memory it can
+// lock (cudaErrorMemoryAllocation); any other failure throws CudaFailure.
+void* allocate_pinned(size_t bytes, int device);
 void free_pinned(void* p) noexcept;
 
 // A new non-blocking stream on `device` (for tests and benchmarks), and its destruction.

@@ -72,16 +72,20 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   return *this;
 }
 
-void* allocate_pinned(size_t bytes) {
+void* allocate_pinned(size_t bytes, int device) {
+  DeviceGuard guard(device);
   void* p = nullptr;
-  int device = 0;
-  (void)cudaGetDevice(&device);
-  check(cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocPortable), "cudaHostAlloc", device);
+  const cudaError_t err = cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocPortable);
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();  // not sticky: later calls start clean
+    return nullptr;
+  }
+  check(err, "cudaHostAlloc", device);
   return p;
 }
 
 void free_pinned(void* p) noexcept {
-  if (p != nullptr) (void)cudaFreeHost(p);
+  if (p != nullptr && cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();
 }
 
 void* stream_create(int device) {

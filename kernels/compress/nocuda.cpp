@@ -36,7 +36,7 @@ StreamBuffer::StreamBuffer(StreamBuffer&& other) noexcept
   other.data_ = nullptr;
 }
 
-void* allocate_pinned(size_t) { unavailable("allocate_pinned"); }
+void* allocate_pinned(size_t, int) { unavailable("allocate_pinned"); }
 void free_pinned(void*) noexcept {}
 void* stream_create(int) { unavailable("stream_create"); }
 void stream_destroy(void*, int) noexcept {}

@@ -341,16 +341,25 @@ struct Communicator::Impl {
     Deadline deadline = Deadline::after(options.op_timeout);
     CancelToken cancel;
     link->watch(q.quorum_id, &cancel);
+    // Whatever leaves this scope, the link must not keep a pointer to `cancel`.
+    struct Unwatch {
+      ControlLink& link;
+      ~Unwatch() { link.watch(0, nullptr); }
+    } unwatch{*link};
     uint64_t seq = ++op_seq;
     try {
       ensure_ring(deadline, &cancel, with_mesh);
       RingContext ctx{q, my_rank, seq, to_next ? &*to_next : nullptr, from_prev ? &*from_prev : nullptr,
                       deadline, &cancel, options.chunk_bytes, options.fault_hook, checking_gradients};
       body(ctx);
-      link->watch(0, nullptr);
     } catch (const Error& e) {
       link->watch(0, nullptr);
       fail(q, what, e);
+    } catch (const std::exception& e) {
+      // std::bad_alloc, a thread that could not start, ...: this member's own failure. The
+      // others are told (fail), and the caller gets the exception as it was.
+      link->watch(0, nullptr);
+      fail(q, what, InternalError(fmt::format("{}", e.what())));
     }
   }
 
@@ -546,7 +555,8 @@ void Communicator::reduce_scatter(BufferView in, BufferView out, ReduceOp op) {
     throw InvalidArgumentError(fmt::format("reduce_scatter: float32 buffers with in = {} x out ({} elements); got in "
                                            "{} {}, out {} {}", n, out.count, in.count, dtype_name(in.dtype), out.count,
                                            dtype_name(out.dtype)));
-  const std::span<float> work = s.staging.take_floats(in.count, s.staging_memory(in.device == DeviceKind::Cuda ? in : out));
+  const BufferView& device_side = in.device == DeviceKind::Cuda ? in : out;
+  const std::span<float> work = s.staging.take_floats(in.count, s.staging_memory(device_side), device_side.device_index);
   if (q.member(id()).contributes)
     device::copy_to_host(in, work.data(), s.options.cuda_stream);
   else

@@ -116,13 +116,14 @@ struct CompressedState::Impl {
   ReusedBytes owners_space, sum_space;
   ReceiveSpace received_space;
   HostMemory memory = HostMemory::Pageable;
+  int device_index = 0;  // the bound buffer's CUDA device
   std::pair<size_t, bool> space_layout{0, false};  // (quorum size, top-k all-gather)
   void fit_space(size_t members, bool all_gather) {
     if (space_layout == std::pair{members, all_gather}) return;
     payload_space.clear();
     owners_space = ReusedBytes{};
     sum_space = ReusedBytes{};
-    received_space = ReceiveSpace{{}, memory};
+    received_space = ReceiveSpace{{}, memory, device_index};
     space_layout = {members, all_gather};
   }
 
@@ -134,6 +135,7 @@ struct CompressedState::Impl {
       count = buffer.count;
       device = where;
       memory = received_space.memory = device::host_memory_for(buffer, pin);
+      device_index = received_space.device = buffer.device_index;
     } else if (codec_config != config || count != buffer.count || device != where) {
       throw InvalidArgumentError(fmt::format("CompressedState is bound to {} over {} elements on {}; used with {} over "
                                              "{} on {}",
@@ -292,7 +294,8 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
     st.payload_space.resize(chunks);
     std::vector<std::span<uint8_t>> payloads(chunks);
     for (size_t c = 0; c < chunks; ++c)
-      payloads[c] = st.payload_space[c].take(codec.encoded_bytes(chunk_size(count, chunks, c)), st.memory);
+      payloads[c] =
+          st.payload_space[c].take(codec.encoded_bytes(chunk_size(count, chunks, c)), st.memory, st.device_index);
     auto encode_payload = [&](size_t c) {
       encode_chunk(codec, source, chunks, c, *(*states)[c], payloads[c], stream);
       if (st.options.payload_hook) st.options.payload_hook(all_gather ? r : static_cast<uint32_t>(c), payloads[c]);
@@ -343,7 +346,7 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
       for (size_t c = 0; c < n; ++c) block = std::max(block, sizes[c] = payloads[c].size());
       std::vector<std::span<const uint8_t>> blocks(payloads.begin(), payloads.end());
       // Chunk c's payload at c * block; the direct exchange keeps only this owner's block.
-      const std::span<uint8_t> owners = st.owners_space.take(direct ? block : n * block, st.memory);
+      const std::span<uint8_t> owners = st.owners_space.take(direct ? block : n * block, st.memory, st.device_index);
       const size_t own_at = direct ? 0 : r * block;
       const size_t own = chunk_size(count, n, r);
       const std::span<float> sum = st.sum_space.take_floats(own);

@@ -112,7 +112,7 @@ BufferView Floats::view() const { return view_; }
 HostView::HostView(const BufferView& buffer, CudaStream stream, ReusedBytes& staging, HostMemory memory, bool load)
     : buffer_(buffer), host_(buffer), stream_(stream) {
   if (!on_cuda(buffer)) return;
-  host_.data = staging.take(buffer.bytes(), memory).data();
+  host_.data = staging.take(buffer.bytes(), memory, buffer.device_index).data();
   host_.device = DeviceKind::Cpu;
   host_.device_index = 0;
   if (load) copy_to_host(buffer, host_.data, stream);

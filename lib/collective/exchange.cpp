@@ -123,7 +123,7 @@ void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vec
       threads.emplace_back(guarded([&, c] {
         RingContext from_c = ctx;  // receive_piece's checks, on the channel from rank c
         from_c.from_prev = links.recv[c];
-        const std::span<uint8_t> block = received.blocks[c].take(mine, received.memory);
+        const std::span<uint8_t> block = received.blocks[c].take(mine, received.memory, received.device);
         std::vector<uint8_t> buf;
         for (size_t j = 0; j < pieces_of(mine); ++j) {
           const size_t size = std::min(piece_bytes, mine - j * piece_bytes);

@@ -46,6 +46,7 @@ enum class ExchangePhase { ToOwners, AllGather };
 struct ReceiveSpace {  // kept by the caller across operations
   std::vector<ReusedBytes> blocks;
   HostMemory memory = HostMemory::Pageable;  // pinned where blocks are decoded onto a GPU
+  int device = 0;                            // that GPU
 };
 void exchange_to_owners(RingContext& ctx, const MeshLinks& links, const std::vector<std::span<const uint8_t>>& blocks,
                         const std::function<void(size_t rank, std::span<const uint8_t> block)>& take,

@@ -26,9 +26,10 @@ struct HostBytesFree {
 // zeroed vector.
 //
 // Pinned memory is allocated once and kept: locking pages costs far more than the copies it
-// speeds up. Where the allocation is refused (the host short of memory it can lock, say), the
-// bytes are pageable instead, with one warning per process, and later takes of no more
-// bytes do not ask again.
+// speeds up (and freeing it synchronises the device), so it grows by at least half each time,
+// and it also serves takes of pageable memory. Where the host refuses to lock memory, the bytes
+// are pageable instead, with one warning per process, and later takes of no more bytes do not
+// ask again.
 class ReusedBytes {
  public:
   ReusedBytes() = default;
@@ -36,12 +37,13 @@ class ReusedBytes {
   ReusedBytes& operator=(ReusedBytes&& other) noexcept;
   ~ReusedBytes() = default;
 
-  // `bytes` bytes of `memory` (new ones uninitialised; the old contents when it did not grow
-  // and the kind stayed). Throws std::bad_alloc when even pageable memory is refused.
-  std::span<uint8_t> take(size_t bytes, HostMemory memory = HostMemory::Pageable);
+  // `bytes` bytes of `memory` (pinned: in CUDA device `device`'s context); new ones
+  // uninitialised, the old contents when nothing was allocated. Throws std::bad_alloc when
+  // even pageable memory is refused, InternalError on a CUDA error other than a refusal.
+  std::span<uint8_t> take(size_t bytes, HostMemory memory = HostMemory::Pageable, int device = 0);
   // The same, as floats (both allocators' alignment serves them).
-  std::span<float> take_floats(size_t count, HostMemory memory = HostMemory::Pageable) {
-    return {reinterpret_cast<float*>(take(count * sizeof(float), memory).data()), count};
+  std::span<float> take_floats(size_t count, HostMemory memory = HostMemory::Pageable, int device = 0) {
+    return {reinterpret_cast<float*>(take(count * sizeof(float), memory, device).data()), count};
   }
   // What the held bytes are (Pageable also after a refused pinned allocation).
   HostMemory memory() const { return held_; }

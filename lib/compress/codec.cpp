@@ -402,6 +402,9 @@ kc::StreamBuffer upload(std::span<const uint8_t> bytes, int device, CudaStream s
   return cuda_call("copying a payload to the device", [&] {
     kc::StreamBuffer b(bytes.size(), device, stream.handle);
     kc::copy_async(b.data(), bytes.data(), bytes.size(), device, stream.handle);
+    // Read by the time this returns, as a copy from pageable memory is: the bytes may be pinned
+    // memory the caller reuses, also when the decode after this fails before synchronising.
+    kc::synchronize(device, stream.handle);
     return b;
   });
 }

@@ -243,8 +243,9 @@ TEST(CudaCollectives, EveryOperationOnCudaBuffersTwiceOverKeptStaging) {
   }
 }
 
-// Pinned host memory is kept and reused like pageable memory; a change of kind reallocates.
-TEST(CudaReusedBytes, PinnedBytesAreKeptAndAChangeOfKindReallocates) {
+// Pinned host memory is kept and reused, also for takes of pageable memory, and grows by at
+// least half; pageable memory asked to be pinned is reallocated.
+TEST(CudaReusedBytes, PinnedBytesAreKeptServePageableTakesAndGrowByHalf) {
   SKIP_WITHOUT_GPU();
   using collective::HostMemory;
   collective::ReusedBytes bytes;
@@ -254,16 +255,24 @@ TEST(CudaReusedBytes, PinnedBytesAreKeptAndAChangeOfKindReallocates) {
   // A device round trip through it.
   cuda::compress::DeviceBuffer device(1000, 0);
   cuda::compress::copy_async(device.data(), first.data(), 1000, 0, nullptr);
+  cuda::compress::synchronize(0, nullptr);
   auto again = bytes.take(600, HostMemory::Pinned);
   EXPECT_EQ(again.data(), first.data());
   std::fill(again.begin(), again.end(), uint8_t{0});
   cuda::compress::copy_async(again.data(), device.data(), 600, 0, nullptr);
   cuda::compress::synchronize(0, nullptr);
   for (size_t i = 0; i < again.size(); ++i) ASSERT_EQ(again[i], static_cast<uint8_t>(i * 7)) << i;
-  bytes.take(600, HostMemory::Pageable);
-  EXPECT_EQ(bytes.memory(), HostMemory::Pageable);
-  bytes.take(2000, HostMemory::Pinned);
+  EXPECT_EQ(bytes.take(900, HostMemory::Pageable).data(), first.data());
   EXPECT_EQ(bytes.memory(), HostMemory::Pinned);
+  auto grown = bytes.take(1001, HostMemory::Pageable);  // grows, pinned still, to 1500
+  EXPECT_EQ(bytes.memory(), HostMemory::Pinned);
+  EXPECT_EQ(bytes.take(1500, HostMemory::Pinned).data(), grown.data());
+
+  collective::ReusedBytes pageable;
+  pageable.take(1000, HostMemory::Pageable);
+  EXPECT_EQ(pageable.memory(), HostMemory::Pageable);
+  pageable.take(10, HostMemory::Pinned);
+  EXPECT_EQ(pageable.memory(), HostMemory::Pinned);
 }
 
 // Where pinned memory is refused, the bytes are pageable, and takes of no more bytes do not ask
@@ -280,6 +289,7 @@ TEST(CudaReusedBytes, RefusedPinnedMemoryIsPageableAndNotAskedForAgain) {
     EXPECT_EQ(bytes.memory(), HostMemory::Pageable);
   }
   EXPECT_EQ(bytes.take(800, HostMemory::Pinned).data(), refused.data());
+  EXPECT_EQ(bytes.take(1000, HostMemory::Pageable).data(), refused.data());
   EXPECT_EQ(bytes.memory(), HostMemory::Pageable);
   bytes.take(1001, HostMemory::Pinned);  // more: asked again, and granted
   EXPECT_EQ(bytes.memory(), HostMemory::Pinned);
