@@ -283,6 +283,38 @@ TEST(Collectives, CompressedSumOfRankOneGradients) {
   }
 }
 
+// A member's own failure that is not a meshtrain::Error (here a std::runtime_error from a
+// payload hook; in life std::bad_alloc, a thread that could not start): it reaches that
+// member's caller as it was, the others are told at once (their PeerLostError carries its
+// reason instead of waiting out op_timeout), and every Communicator works on at the next step.
+TEST(Collectives, AMembersOwnStdExceptionReachesItsCallerAndTheOthersAreTold) {
+  InProcessJob job(3);
+  const size_t count = 3000;
+  auto codec = compress::make_codec("fp16");
+  std::vector<CompressedState> states(job.size());
+  states[0] = CompressedState(CompressedOptions{.payload_hook = [](uint32_t, std::span<uint8_t>) {
+    throw std::runtime_error("the payload hook gave up");
+  }});
+  std::vector<std::vector<float>> data(job.size());
+  for (int i = 0; i < job.size(); ++i) data[i] = test_support::gradient(60 + i, 1, count);
+  job.each(70, [&](int i) {
+    const BufferView view{data[i].data(), count, DType::Float32};
+    if (i == 0) {
+      EXPECT_THROW(job.comm(i).allreduce_compressed(view, *codec, states[i], ReduceOp::Avg), std::runtime_error);
+      return;
+    }
+    try {
+      job.comm(i).allreduce_compressed(view, *codec, states[i], ReduceOp::Avg);
+      ADD_FAILURE() << "member " << i << " finished an operation member 0 failed";
+    } catch (const PeerLostError& e) {
+      EXPECT_NE(std::string(e.what()).find("the payload hook gave up"), std::string::npos) << e.what();
+    }
+  });
+  for (int i = 0; i < job.size(); ++i) data[i] = test_support::gradient(80 + i, 2, count);
+  job.each(71, [&](int i) { job.comm(i).allreduce(BufferView{data[i].data(), count, DType::Float32}, ReduceOp::Sum); });
+  for (int i = 1; i < job.size(); ++i) EXPECT_EQ(data[i], data[0]) << "member " << i;
+}
+
 // PowerSGD with a member that is a joiner at step 2 (it adds zeros): it must take that step's Q
 // as its warm start, so that at step 3 both members project onto the same Q. The results of
 // all three steps equal the algorithm recomputed here from compress.h's powersgd_* calls (two
