@@ -261,6 +261,12 @@ void powersgd_finish(CodecState& state, std::span<const float> p, std::span<cons
 // the step's q as its next warm start, as powersgd_finish does for the contributors, and keeps
 // its residual and counters. Its next contribution then uses the same Q as everyone else's.
 void powersgd_adopt_q(CodecState& state, std::span<const float> q);
+// Makes `into` what from.clone() would be (residual, Q, counters), in into's own memory: no
+// allocation, and into's scratch (a CUDA state's device factors) is kept. For the all-reduce's
+// copy per attempt, into a state an earlier step replaced. Both must be PowerSGD states of the
+// same tensor spec, rank, seed and error feedback (else InvalidArgumentError). Blocks on a
+// device copy (on `stream`).
+void powersgd_copy_state(const CodecState& from, CodecState& into, CudaStream stream = {});
 
 // ---- payloads
 // The header every payload starts with, as read by inspect_payload. 32 bytes, little-endian.

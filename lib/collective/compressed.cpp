@@ -117,6 +117,15 @@ struct CompressedState::Impl {
   ReceiveSpace received_space;
   HostMemory memory = HostMemory::Pageable;
   int device_index = 0;  // the bound buffer's CUDA device
+  // PowerSGD does not stage: an attempt works on a copy of the member's state. The state the
+  // last commit replaced (or a discarded attempt's copy) is kept to copy into next time
+  // (powersgd_copy_state): no allocation per step, and, for a CUDA state, no cudaFree (which
+  // synchronises the whole device) at commit.
+  std::unique_ptr<CodecState> powersgd_spare;
+  void keep_powersgd_spare(MemberSide& side) {
+    if (side.states.size() == 1 && side.states[0] && side.states[0]->codec() == compress::CodecId::PowerSgd)
+      powersgd_spare = std::move(side.states[0]);
+  }
   std::pair<size_t, bool> space_layout{0, false};  // (quorum size, top-k all-gather)
   void fit_space(size_t members, bool all_gather) {
     if (space_layout == std::pair{members, all_gather}) return;
@@ -147,7 +156,10 @@ struct CompressedState::Impl {
       for (auto& s : member.states) s->commit_staged();
     if (owner_staged) owner.state->commit_staged();
     member_staged = owner_staged = false;
-    if (pending_member) member = std::move(*pending_member);
+    if (pending_member) {
+      keep_powersgd_spare(member);
+      member = std::move(*pending_member);
+    }
     if (pending_owner) owner = std::move(*pending_owner);
     traffic = pending_traffic;
     discard();
@@ -157,6 +169,7 @@ struct CompressedState::Impl {
       for (auto& s : member.states) s->discard_staged();
     if (owner_staged) owner.state->discard_staged();
     member_staged = owner_staged = false;
+    if (pending_member) keep_powersgd_spare(*pending_member);
     pending_member.reset();
     pending_owner.reset();
   }
@@ -178,6 +191,7 @@ void CompressedState::reset() {
   impl_->member = MemberSide{};
   impl_->owner = OwnerSide{};
   impl_->discard();
+  impl_->powersgd_spare.reset();
 }
 
 namespace {
@@ -435,7 +449,13 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
   try {
     // A joiner adds zeros through a scratch state; its own keeps its residual and takes the
     // step's q as its next warm start (powersgd_adopt_q), like the contributors' states.
-    auto own_state = [&] { return st.member.states.empty() ? codec.make_state(spec) : st.member.states[0]->clone(); };
+    auto own_state = [&]() -> std::unique_ptr<compress::CodecState> {
+      if (st.member.states.empty()) return codec.make_state(spec);
+      if (!st.powersgd_spare) return st.member.states[0]->clone();
+      std::unique_ptr<compress::CodecState> copy = std::move(st.powersgd_spare);
+      compress::powersgd_copy_state(*st.member.states[0], *copy, stream);
+      return copy;
+    };
     MemberSide m;
     m.chunks = 1;
     m.states.push_back(contributes ? own_state() : codec.make_state(spec));

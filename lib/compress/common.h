@@ -141,7 +141,6 @@ class Residual {
   // Exchanges the host buffer with `other` (same size), in O(1): a double-buffered encode
   // writes the next residual into `other` and swaps it in once nothing can fail any more.
   void swap_host(std::vector<float>& other);
-  // Copies `other` (same size and device) into this residual's memory.
   // Copies `other` (same size and device) into this residual's memory; a device copy runs on
   // `stream` (the encode's, so that it does not wait for the legacy stream's work).
   void assign(const Residual& other, CudaStream stream = {});

@@ -52,6 +52,18 @@ class PowerSgdState final : public StateBase {
       : StateBase(other), shape_(other.shape_), seed_(other.seed_), has_residual_(other.has_residual_),
         residual_(other.residual_), q_(other.q_) {}
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<PowerSgdState>(*this); }
+  // What clone() copies, into this state's memory (powersgd_copy_state).
+  void copy_from(const PowerSgdState& other, CudaStream stream) {
+    if (this == &other) return;
+    if (other.spec().shape != spec().shape || other.spec().device != spec().device ||
+        other.spec().device_index != spec().device_index || other.shape_.rank != shape_.rank ||
+        other.seed_ != seed_ || other.has_residual_ != has_residual_)
+      throw InvalidArgumentError("powersgd_copy_state: states of different tensors or PowerSGD settings");
+    if (has_residual_) residual_.assign(other.residual_, stream);
+    std::copy(other.q_.begin(), other.q_.end(), q_.begin());
+    mutable_stats() = other.stats();
+    device_m = nullptr;
+  }
   // Q and the residual change in place through three calls (compress.h): no staging.
   void stage() override { CodecState::stage(); }
   std::vector<float> residual() const override { return has_residual_ ? residual_.to_host() : std::vector<float>{}; }
@@ -415,6 +427,15 @@ void powersgd_adopt_q(CodecState& state, std::span<const float> q) {
   PowerSgdState& s = low_rank_state(state, what);
   check_span(what, "q", q.size(), s.shape().cols * s.shape().rank);
   std::copy(q.begin(), q.end(), s.q().begin());
+}
+
+void powersgd_copy_state(const CodecState& from, CodecState& into, CudaStream stream) {
+  const auto* source = dynamic_cast<const PowerSgdState*>(&from);
+  auto* target = dynamic_cast<PowerSgdState*>(&into);
+  if (source == nullptr || target == nullptr)
+    throw InvalidArgumentError(fmt::format("powersgd_copy_state: given states made by the {} and {} codecs",
+                                           codec_name(from.codec()), codec_name(into.codec())));
+  target->copy_from(*source, stream);
 }
 
 std::unique_ptr<Codec> make_powersgd_codec(const PowerSgdOptions& options) {

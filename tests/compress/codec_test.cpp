@@ -570,6 +570,34 @@ INSTANTIATE_TEST_SUITE_P(Codecs, Staged,
                                            "topk:fraction=0.001,error_feedback=off"),
                          [](const auto& info) { return test_name(info.param); });
 
+// powersgd_copy_state makes a used state into what clone() would give, in its own memory:
+// later encodes from the copy and from a clone give the same bytes, residual and counters;
+// states of other settings are refused.
+TEST(PowerSgd, CopyStateIntoAUsedStateEqualsAClone) {
+  auto codec = make_codec("powersgd:rank=3,seed=4");
+  const TensorSpec spec{{60, 45}};
+  const size_t n = 60 * 45;
+  auto from = codec->make_state(spec);
+  auto into = codec->make_state(spec);
+  for (uint64_t step = 0; step < 3; ++step) encode(*codec, random_gradient(n, 30 + step), *from);
+  encode(*codec, random_gradient(n, 50), *into);  // something else in its memory
+  powersgd_copy_state(*from, *into);
+  auto clone = from->clone();
+  EXPECT_EQ(into->residual(), clone->residual());
+  EXPECT_EQ(into->stats().encodes, clone->stats().encodes);
+  for (uint64_t step = 0; step < 2; ++step) {
+    const auto grad = random_gradient(n, 60 + step);
+    ASSERT_EQ(encode(*codec, grad, *into), encode(*codec, grad, *clone)) << "step " << step;
+    EXPECT_EQ(into->residual(), clone->residual()) << "step " << step;
+  }
+  auto other_seed = make_codec("powersgd:rank=3,seed=5")->make_state(spec);
+  EXPECT_THROW(powersgd_copy_state(*from, *other_seed), InvalidArgumentError);
+  auto other_shape = codec->make_state(TensorSpec{{45, 60}});
+  EXPECT_THROW(powersgd_copy_state(*from, *other_shape), InvalidArgumentError);
+  auto int8 = make_codec("int8")->make_state(spec);
+  EXPECT_THROW(powersgd_copy_state(*from, *int8), InvalidArgumentError);
+}
+
 TEST(PowerSgd, StatesDoNotStage) {
   auto codec = make_codec("powersgd:rank=2");
   auto state = codec->make_state(TensorSpec{{64, 48}});

@@ -442,10 +442,10 @@ TEST(CudaStaging, FailedAttemptThenRetryEqualsOneCpuEncode) {
   }
 }
 
-// A CUDA PowerSGD state keeps its residual on the device: clone() copies it there, reset()
-// zeroes it and restarts Q, and both continue like CPU states that did the same; the
-// all-reduce's by-linearity steps on it give the CPU's p, q, output and residual, and refuse a
-// gradient in host memory.
+// A CUDA PowerSGD state keeps its residual on the device: clone() and powersgd_copy_state copy
+// it there, reset() zeroes it and restarts Q, and both continue like CPU states that did the
+// same; the all-reduce's by-linearity steps on it give the CPU's p, q, output and residual,
+// and refuse a gradient in host memory.
 TEST(CudaPowerSgd, CloneAndResetOfADeviceStateContinueLikeTheCpu) {
   SKIP_WITHOUT_GPU();
   Stream stream;
@@ -470,6 +470,12 @@ TEST(CudaPowerSgd, CloneAndResetOfADeviceStateContinueLikeTheCpu) {
   ASSERT_EQ(gpu_encode(*gpu_clone, grad), encode(*codec, grad, *cpu_clone));
   expect_same_bits(gpu_clone->residual(), cpu_clone->residual(), "clone's residual");
   expect_same_bits(gpu->residual(), cpu->residual(), "the original's residual after its clone encoded");
+  // A copy into a used device state (the all-reduce's per-attempt copy) continues like the clone.
+  powersgd_copy_state(*gpu, *gpu_clone, stream.get());
+  auto cpu_again = cpu->clone();
+  const auto next = random_gradient(n, 85);
+  ASSERT_EQ(gpu_encode(*gpu_clone, next), encode(*codec, next, *cpu_again)) << "after powersgd_copy_state";
+  expect_same_bits(gpu_clone->residual(), cpu_again->residual(), "copied state's residual");
   gpu->reset();
   cpu->reset();
   EXPECT_EQ(gpu->residual(), std::vector<float>(n, 0.0f));
