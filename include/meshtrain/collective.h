@@ -142,7 +142,9 @@ struct CompressedTraffic {
 //   when the member's rank or the quorum size changes (that residual is dropped).
 // An operation works on copies; they replace the kept states only when the operation (or,
 // in reduce_step, the coordinator's Commit) succeeds, so a failed or retried attempt never
-// feeds a residual twice.
+// feeds a residual twice. Memory for those copies is kept between operations (a second
+// residual for int8, top-k and PowerSGD; the payloads' host buffers: docs/compression.md,
+// "The compressed all-reduce", 11) until the state is destroyed (reset() drops the residuals).
 class CompressedState {
  public:
   explicit CompressedState(CompressedOptions options = {});

@@ -456,7 +456,8 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       compress::powersgd_copy_state(*st.member.states[0], *copy, stream);
       return copy;
     };
-    MemberSide m;
+    // Pending from the start, so that a failed attempt's copy becomes the spare (discard()).
+    MemberSide& m = st.pending_member.emplace();
     m.chunks = 1;
     m.states.push_back(contributes ? own_state() : codec.make_state(spec));
     compress::CodecState& s = *m.states[0];
@@ -495,7 +496,7 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
         st.pending_member = std::move(kept);
       }
     }
-    if (contributes) st.pending_member = std::move(m);
+    if (!contributes && shape.rank == 0) st.pending_member.reset();  // its own state did not take part
     st.pending_traffic = traffic;
   } catch (...) {
     st.discard();

@@ -317,7 +317,7 @@ void Residual::assign(const Residual& other, CudaStream stream) {
     host_ = other.host_;
     return;
   }
-  cuda_call("restoring an error-feedback residual", [&] {
+  cuda_call("copying into an error-feedback residual", [&] {
     kc::copy_async(buffer_.data(), other.buffer_.data(), count_ * sizeof(float), buffer_.device(), stream.handle);
     kc::synchronize(buffer_.device(), stream.handle);
   });

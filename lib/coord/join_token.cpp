@@ -20,6 +20,10 @@ constexpr std::string_view kSigningContext = "meshtrain join token\n";
 using Seconds = std::chrono::seconds;
 using SysClock = std::chrono::system_clock;
 
+// Far beyond any real date (the year 2242), and what keeps the seconds from overflowing the
+// clock's signed 64-bit nanoseconds (past 2^63 ns: the year 2262). 2^34 did not.
+constexpr int64_t kMaxUnixSeconds = int64_t{1} << 33;
+
 int64_t unix_seconds(JoinToken::TimePoint t) { return std::chrono::duration_cast<Seconds>(t.time_since_epoch()).count(); }
 JoinToken::TimePoint from_unix_seconds(int64_t s) { return JoinToken::TimePoint(Seconds(s)); }
 
@@ -78,6 +82,9 @@ JoinToken JoinToken::issue(const crypto::Identity& owner, const PeerId& job, con
   if (t.expires <= t.issued)
     throw InvalidArgumentError(fmt::format("join token expiry {} is not after its issue time {}", utc_text(t.expires),
                                            utc_text(t.issued)));
+  if (unix_seconds(t.issued) < 0 || unix_seconds(t.expires) > kMaxUnixSeconds)
+    throw InvalidArgumentError(fmt::format("join token times {} to {}: outside 1970 to {}", utc_text(t.issued),
+                                           utc_text(t.expires), utc_text(from_unix_seconds(kMaxUnixSeconds))));
   t.label = std::move(label);
   t.signature = owner.sign(t.signed_bytes());
   return t;
@@ -122,8 +129,6 @@ JoinToken JoinToken::decode(crypto::ByteSpan bytes, std::string_view source) {
   int64_t issued = static_cast<int64_t>(get_u64(p));
   int64_t expires = static_cast<int64_t>(get_u64(p + 8));
   p += 16;
-  // Far beyond any real date, and what keeps the seconds from overflowing the clock's nanoseconds.
-  constexpr int64_t kMaxUnixSeconds = int64_t{1} << 34;
   if (issued < 0 || issued > kMaxUnixSeconds || expires < 0 || expires > kMaxUnixSeconds)
     malformed(source, fmt::format("issue time {} or expiry {} is out of range", issued, expires));
   t.issued = from_unix_seconds(issued);

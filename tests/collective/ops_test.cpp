@@ -315,10 +315,12 @@ TEST(Collectives, AMembersOwnStdExceptionReachesItsCallerAndTheOthersAreTold) {
   for (int i = 1; i < job.size(); ++i) EXPECT_EQ(data[i], data[0]) << "member " << i;
 }
 
-// PowerSGD with a member that is a joiner at step 2 (it adds zeros): it must take that step's Q
-// as its warm start, so that at step 3 both members project onto the same Q. The results of
-// all three steps equal the algorithm recomputed here from compress.h's powersgd_* calls (two
-// members: each all-reduced sum has two terms, so its order does not matter).
+// PowerSGD with a member that is a joiner at step 3 (it adds zeros): it must take that step's Q
+// as its warm start, so that at step 4 both members project onto the same Q. The results of
+// all four steps equal the algorithm recomputed here from compress.h's powersgd_* calls (two
+// members: each all-reduced sum has two terms, so its order does not matter). From step 2 on
+// each step's copy of a member's state goes into the one the step before replaced (the
+// joiner's kept state at step 3 too).
 TEST(Collectives, PowerSgdJoinerTakesTheStepsWarmStart) {
   InProcessJob job(2, /*min_peers=*/1);
   const size_t rows = 30, cols = 20, count = rows * cols;
@@ -366,9 +368,9 @@ TEST(Collectives, PowerSgdJoinerTakesTheStepsWarmStart) {
     return out;
   };
 
-  for (uint64_t step = 1; step <= 3; ++step) {
+  for (uint64_t step = 1; step <= 4; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
-    const bool second_joins = step == 2;
+    const bool second_joins = step == 3;
     std::vector<std::vector<float>> data = {test_support::gradient(0, step, count),
                                             test_support::gradient(1, step, count)};
     std::vector<std::future<void>> done;

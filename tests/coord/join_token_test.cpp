@@ -108,6 +108,9 @@ TEST_F(JoinTokenTest, IssueRefusesBadLabelsAndExpiries) {
   EXPECT_THROW(issue(std::string(kMaxJoinTokenLabelBytes + 1, 'x')), InvalidArgumentError);
   EXPECT_THROW(issue("tab\there"), InvalidArgumentError);
   EXPECT_THROW(JoinToken::issue(owner_, job_.public_key(), peer_.public_key(), now_, "", now_), InvalidArgumentError);
+  // The year ~2250: past what decode accepts (2^33 s, 2242).
+  const auto too_late = now_ + std::chrono::hours(24 * 365 * 225);
+  EXPECT_THROW(JoinToken::issue(owner_, job_.public_key(), peer_.public_key(), too_late, "", now_), InvalidArgumentError);
 }
 
 TEST_F(JoinTokenTest, FieldChecksOnDecode) {
@@ -124,6 +127,11 @@ TEST_F(JoinTokenTest, FieldChecksOnDecode) {
   crypto::Bytes far_future = bytes;
   far_future[1 + 96 + 8] = 0x7f;  // expiry's top byte
   expect_refused([&] { JoinToken::decode(far_future, "peer p"); }, JoinTokenProblem::Malformed, "out of range");
+  // 10^10 s (the year 2286): below 2^34, but its nanoseconds overflow the clock's 64 bits.
+  crypto::Bytes past_the_clock = bytes;
+  const uint64_t expiry = 10'000'000'000;
+  for (int i = 0; i < 8; ++i) past_the_clock[1 + 96 + 8 + i] = static_cast<uint8_t>(expiry >> (56 - 8 * i));
+  expect_refused([&] { JoinToken::decode(past_the_clock, "peer p"); }, JoinTokenProblem::Malformed, "out of range");
 }
 
 // Every prefix of the binary and text forms, and every single-bit flip of the binary form, is
