@@ -2,6 +2,7 @@
 // its own identity, sockets and ZeroMQ context), whose operations run on a thread per member.
 #pragma once
 
+#include <functional>
 #include <future>
 #include <memory>
 #include <thread>
@@ -15,8 +16,10 @@ using namespace std::chrono_literals;
 
 class InProcessJob {
  public:
-  // min_peers: contributors a quorum needs (default: all of them).
-  explicit InProcessJob(int peers, int min_peers = 0) {
+  // min_peers: contributors a quorum needs (default: all of them). `customize` may change each
+  // member's options (a fault hook, say) before its Communicator is made.
+  explicit InProcessJob(int peers, int min_peers = 0,
+                        const std::function<void(int member, collective::CommunicatorOptions&)>& customize = {}) {
     for (int i = 0; i < peers; ++i) ids_.push_back(crypto::Identity::generate());
     net::AllowList members;
     for (auto& id : ids_) members.add(id.public_key());
@@ -35,6 +38,7 @@ class InProcessJob {
       o.coordinator = coordinator_id_.public_key();
       o.members = members;
       o.chunk_bytes = 8192;
+      if (customize) customize(static_cast<int>(comms_.size()), o);
       comms_.push_back(std::make_unique<collective::Communicator>(id, o));
     }
   }
