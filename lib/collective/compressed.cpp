@@ -196,6 +196,13 @@ void CompressedState::reset() {
 
 namespace {
 
+// A contributor's gradient with a NaN or Inf is refused before anything is sent.
+void refuse_non_finite(const BufferView& buffer, compress::CudaStream stream) {
+  if (size_t i = device::find_nonfinite(buffer, stream); i != buffer.count)
+    throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, buffer.count,
+                                           device::element(buffer, i, stream)));
+}
+
 // Encodes chunk c of `chunks` of `source` with `state` into `out`, sized by encoded_bytes;
 // checks the exact size the frames are cut to.
 void encode_chunk(const Codec& codec, const BufferView& source, size_t chunks, size_t c, CodecState& state,
@@ -248,14 +255,11 @@ void Communicator::compressed_attempt(BufferView buffer, const compress::Codec& 
   const size_t count = buffer.count;
   const bool contributes = q.member(id()).contributes;
   const float divisor = op == ReduceOp::Avg ? static_cast<float>(std::max<size_t>(q.contributors(), 1)) : 1.0f;
-  if (contributes)
-    if (size_t i = device::find_nonfinite(buffer, stream); i != count)
-      throw InvalidArgumentError(fmt::format("gradient element {} of {} is {}; nothing was sent", i, count,
-                                             device::element(buffer, i, stream)));
-  if (codec.id() == compress::CodecId::PowerSgd) {
+  if (codec.id() == compress::CodecId::PowerSgd) {  // checks the gradient itself
     powersgd_attempt(buffer, codec, state, op);
     return;
   }
+  if (contributes) refuse_non_finite(buffer, stream);
 
   // Top-k: all-gather the whole-tensor payloads where that moves no more bytes than the owner
   // path (n-1 chunk payloads sent directly, or about n(n-1)/2 relayed, plus the owners'
@@ -465,6 +469,8 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
     CompressedTraffic traffic;
     traffic.gradient_bytes = count * sizeof(float);
     if (shape.rank == 0) {  // sent uncompressed: a plain all-reduce (over host memory)
+      // (The compressed way, powersgd_project refuses NaN/Inf before anything is sent.)
+      if (contributes) refuse_non_finite(buffer, stream);
       device::HostView host(buffer, stream, st.sum_space, st.memory, contributes);
       float* data = static_cast<float*>(host.view().data);
       if (!contributes) std::fill(data, data + count, 0.0f);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <limits>
 #include <thread>
 
 #include "collective/gradient.h"
@@ -207,6 +208,37 @@ TEST(Collectives, NonFiniteGradientIsRefusedBeforeSending) {
   }
   EXPECT_TRUE(std::isnan(grads[417]));  // left as it was
   EXPECT_EQ(grads[0], 1.0f);
+}
+
+// The compressed all-reduce refuses a NaN/Inf gradient before anything is sent, with every
+// codec (PowerSGD through its project step), naming the element, and leaves the gradient and
+// the CompressedState as they were: the next, clean step gives a fresh state's bytes.
+TEST(Collectives, CompressedNonFiniteGradientIsRefusedAndChangesNothing) {
+  InProcessJob job(1);
+  const size_t count = 1000;
+  uint64_t step = 1;
+  for (const char* spec : {"none", "fp16", "int8", "topk:fraction=0.1", "powersgd:rank=2", "powersgd:rank=20"}) {
+    SCOPED_TRACE(spec);
+    auto codec = compress::make_codec(spec);
+    CompressedOptions options;
+    options.shape = {40, 25};  // PowerSGD: rank 20 does not compress 40 x 25 (sent as it is)
+    CompressedState used(options), fresh(options);
+    std::vector<float> bad = test_support::gradient(1, 1, count);
+    bad[417] = -std::numeric_limits<float>::infinity();
+    const std::vector<float> before = bad;
+    try {
+      job.comm(0).reduce_step(step++, BufferView{bad.data(), count, DType::Float32}, *codec, used);
+      ADD_FAILURE() << "an Inf gradient was accepted";
+    } catch (const InvalidArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("element 417"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(std::memcmp(bad.data(), before.data(), count * sizeof(float)), 0) << "the gradient changed";
+    std::vector<float> a = test_support::gradient(2, 1, count), b = a;
+    job.comm(0).reduce_step(step++, BufferView{a.data(), count, DType::Float32}, *codec, used);
+    job.comm(0).reduce_step(step++, BufferView{b.data(), count, DType::Float32}, *codec, fresh);
+    EXPECT_EQ(a, b) << "the refused step changed the state";
+    EXPECT_EQ(used.member_residual(), fresh.member_residual());
+  }
 }
 
 // Element 700 travels in the reduce-scatter (chunk 1 is reduced at rank 1), element 3 in the
