@@ -355,12 +355,18 @@ namespace {
 // compared with these exactly.
 class TwoMemberPowerSgd {
  public:
-  TwoMemberPowerSgd(const compress::Codec& codec, size_t rows, size_t cols)
-      : codec_(codec), rows_(rows), cols_(cols) {
-    for (int i = 0; i < 2; ++i) states_.push_back(codec.make_state(compress::TensorSpec{{rows, cols}}));
+  TwoMemberPowerSgd(const std::string& spec, size_t rows, size_t cols)
+      : codec_(compress::make_codec(spec)), rows_(rows), cols_(cols) {
+    for (int i = 0; i < 2; ++i) states_.push_back(codec_->make_state(compress::TensorSpec{{rows, cols}}));
     shape_ = compress::powersgd_shape(*states_[0]);
+    CompressedOptions options;
+    options.shape = {rows, cols};
+    for (int i = 0; i < 2; ++i) members.emplace_back(options);
   }
+  const compress::Codec& codec() const { return *codec_; }
   const compress::LowRankShape& shape() const { return shape_; }
+  size_t count() const { return rows_ * cols_; }
+  std::vector<CompressedState> members;  // the all-reduce's states of the two members
 
   // One step: members in `contributing` add their gradients, the others zeros. The output.
   std::vector<float> step(uint64_t step, const std::vector<bool>& contributing) {
@@ -370,7 +376,7 @@ class TwoMemberPowerSgd {
     std::vector<std::unique_ptr<compress::CodecState>> scratch(2);
     auto state_of = [&](int i) -> compress::CodecState& {
       if (contributing[i]) return *states_[i];
-      if (!scratch[i]) scratch[i] = codec_.make_state(compress::TensorSpec{{rows_, cols_}});
+      if (!scratch[i]) scratch[i] = codec_->make_state(compress::TensorSpec{{rows_, cols_}});
       return *scratch[i];
     };
     for (int i = 0; i < 2; ++i) {
@@ -399,7 +405,7 @@ class TwoMemberPowerSgd {
   static BufferView view(std::vector<float>& v) { return BufferView{v.data(), v.size(), DType::Float32}; }
 
  private:
-  const compress::Codec& codec_;
+  std::unique_ptr<compress::Codec> codec_;
   size_t rows_, cols_;
   std::vector<std::unique_ptr<compress::CodecState>> states_;
   compress::LowRankShape shape_;
@@ -414,14 +420,9 @@ class TwoMemberPowerSgd {
 // 3 too).
 TEST(Collectives, PowerSgdJoinerTakesTheStepsWarmStart) {
   InProcessJob job(2, /*min_peers=*/1);
-  const size_t rows = 30, cols = 20, count = rows * cols;
-  auto codec = compress::make_codec("powersgd:rank=3,seed=5");
-  CompressedOptions options;
-  options.shape = {rows, cols};
-  std::vector<CompressedState> states;
-  for (int i = 0; i < 2; ++i) states.emplace_back(options);
-  TwoMemberPowerSgd reference(*codec, rows, cols);
+  TwoMemberPowerSgd reference("powersgd:rank=3,seed=5", 30, 20);
   ASSERT_EQ(reference.shape().rank, 3u);
+  const size_t count = reference.count();
 
   for (uint64_t step = 1; step <= 4; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
@@ -432,7 +433,8 @@ TEST(Collectives, PowerSgdJoinerTakesTheStepsWarmStart) {
     for (int i = 0; i < 2; ++i)
       done.push_back(std::async(std::launch::async, [&, i] {
         job.comm(i).next_quorum(100 + step, /*has_state=*/!(i == 1 && second_joins));
-        job.comm(i).allreduce_compressed(TwoMemberPowerSgd::view(data[i]), *codec, states[i], ReduceOp::Avg);
+        job.comm(i).allreduce_compressed(TwoMemberPowerSgd::view(data[i]), reference.codec(), reference.members[i],
+                                         ReduceOp::Avg);
       }));
     for (auto& f : done) f.get();
     ASSERT_EQ(job.comm(0).quorum().contributors(), second_joins ? 1u : 2u);
@@ -454,13 +456,8 @@ TEST(Collectives, PowerSgdStepRetriedAfterAFailedAttemptEqualsTheUnfailedAlgorit
         if (phase == "all_gather" && armed.exchange(false)) throw PeerLostError("", "injected: the attempt fails");
       };
   });
-  const size_t rows = 30, cols = 20, count = rows * cols;
-  auto codec = compress::make_codec("powersgd:rank=3,seed=7");
-  CompressedOptions options;
-  options.shape = {rows, cols};
-  std::vector<CompressedState> states;
-  for (int i = 0; i < 2; ++i) states.emplace_back(options);
-  TwoMemberPowerSgd reference(*codec, rows, cols);
+  TwoMemberPowerSgd reference("powersgd:rank=3,seed=7", 30, 20);
+  const size_t count = reference.count();
   for (uint64_t step = 1; step <= 4; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
     armed = step == 2 || step == 3;
@@ -470,7 +467,8 @@ TEST(Collectives, PowerSgdStepRetriedAfterAFailedAttemptEqualsTheUnfailedAlgorit
     std::vector<std::future<void>> done;
     for (int i = 0; i < 2; ++i)
       done.push_back(std::async(std::launch::async, [&, i] {
-        results[i] = job.comm(i).reduce_step(step, TwoMemberPowerSgd::view(data[i]), *codec, states[i]);
+        results[i] = job.comm(i).reduce_step(step, TwoMemberPowerSgd::view(data[i]), reference.codec(),
+                                             reference.members[i]);
       }));
     for (auto& f : done) f.get();
     EXPECT_FALSE(armed) << "the fault was not injected";
