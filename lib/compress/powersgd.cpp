@@ -10,14 +10,15 @@
 // Tensors with fewer than two dimensions, and matrices where r (rows + cols) >= rows * cols,
 // are sent uncompressed (fp32, flag 1 in the header) and leave no residual.
 //
-// The products are written out here (no BLAS dependency): loops in row-major order with
-// double accumulators, a fixed summation order, so the payload is deterministic. A CUDA
-// tensor's products run on its device (kernels/compress/powersgd_kernels.cuh) in the same
+// The products are written out (no BLAS dependency) with double accumulators and a fixed
+// summation order per element, so the payload is deterministic: on the CPU in lowrank.cpp, for a
+// CUDA tensor on its device (kernels/compress/powersgd_kernels.cuh), the same sums in the same
 // order, so they give the same bits; its residual lives there too. Only P (rows x r) crosses
 // to the host in the middle of an encode, to be orthonormalised, and Q for the payload.
 #include <cmath>
 
 #include "compress/common.h"
+#include "compress/lowrank.h"
 
 namespace meshtrain::compress {
 namespace {
@@ -145,20 +146,9 @@ void project(const float* x, PowerSgdState& s, float* p, bool keep_matrix, CudaS
     });
     return;
   }
-  float* m = s.residual_data();
-  if (m != nullptr) {
-    for (size_t i = 0; i < n; ++i) m[i] = x[i] + m[i];
-  } else {
-    s.scratch.assign(x, x + n);
-    m = s.scratch.data();
-  }
-  const float* q_prev = s.q().data();
-  std::vector<double> acc(r);
-  for (size_t i = 0; i < rows; ++i) {
-    std::fill(acc.begin(), acc.end(), 0.0);
-    math::lowrank_project_row(m + i * cols, q_prev, cols, r, acc.data());
-    for (size_t l = 0; l < r; ++l) p[i * r + l] = static_cast<float>(acc[l]);
-  }
+  float* residual = s.residual_data();
+  if (residual == nullptr) s.scratch.assign(x, x + n);
+  lowrank::project(x, residual, s.q().data(), rows, cols, r, p);
 }
 
 // q = M^T p (cols x r), M as project left it. On a device, P and Q stay there for write().
@@ -179,17 +169,7 @@ void back_project(PowerSgdState& s, const float* p, float* q, CudaStream stream)
     return;
   }
   const float* m = s.has_residual() ? s.residual_data() : s.scratch.data();
-  std::vector<double> qd(cols * r, 0.0);
-  for (size_t i = 0; i < rows; ++i) {
-    const float* mi = m + i * cols;
-    const float* pi = p + i * r;
-    for (size_t j = 0; j < cols; ++j) {
-      const double v = mi[j];
-      double* qj = qd.data() + j * r;
-      for (size_t l = 0; l < r; ++l) qj[l] = math::dadd_rn(qj[l], math::dmul_rn(v, pi[l]));
-    }
-  }
-  for (size_t i = 0; i < qd.size(); ++i) q[i] = static_cast<float>(qd[i]);
+  lowrank::back_project(m, p, rows, cols, r, q);
 }
 
 // out = p q^T (when out is not null) and residual = M - p q^T (in place; nothing to keep without
@@ -220,13 +200,7 @@ void write(PowerSgdState& s, const float* p, const float* q, float* out, bool up
     });
     return;
   }
-  for (size_t i = 0; i < rows; ++i) {
-    for (size_t j = 0; j < cols; ++j) {
-      const float v = math::lowrank_element(p + i * r, q + j * r, r);
-      if (out != nullptr) out[i * cols + j] = v;
-      if (residual != nullptr) residual[i * cols + j] -= v;
-    }
-  }
+  lowrank::reconstruct(p, q, rows, cols, r, out, lowrank::Write::Assign, residual);
 }
 
 // Modified Gram-Schmidt on the r columns of the row-major rows x r matrix, in double. A column
@@ -365,15 +339,8 @@ class PowerSgdCodec final : public ApplyingCodec {
       std::vector<float> p(rows * r), q(cols * r);
       std::memcpy(p.data(), body, p.size() * 4);
       std::memcpy(q.data(), body + p.size() * 4, q.size() * 4);
-      for (size_t i = 0; i < rows; ++i) {
-        float* oi = o + i * cols;
-        const float* pi = p.data() + i * r;
-        if (accumulate) {
-          for (size_t j = 0; j < cols; ++j) oi[j] += math::lowrank_element(pi, q.data() + j * r, r);
-        } else {
-          for (size_t j = 0; j < cols; ++j) oi[j] = math::lowrank_element(pi, q.data() + j * r, r);
-        }
-      }
+      lowrank::reconstruct(p.data(), q.data(), rows, cols, r, o,
+                           accumulate ? lowrank::Write::Add : lowrank::Write::Assign, nullptr);
     }
   }
 
