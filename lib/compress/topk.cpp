@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 
 #include "compress/common.h"
 
@@ -74,7 +75,11 @@ uint64_t topk_k(double fraction, size_t n) {
   if (n == 0) return 0;
   const double y = fraction * static_cast<double>(n);
   const double nearest = std::round(y);
-  double k = std::fabs(y - nearest) <= 1e-9 * std::max(1.0, y) ? nearest : std::ceil(y);
+  // fraction * n is off by a few ulps at most (0.07 * 100 = 7.000000000000001): such a product
+  // counts as the integer. An absolute floor for small y, relative (a few ulps) for large y; a
+  // tolerance proportional to y alone would reach 0.5 at y = 5e8 and turn ceil into round.
+  const double tolerance = std::max(1e-9, 8 * std::numeric_limits<double>::epsilon() * y);
+  double k = std::fabs(y - nearest) <= tolerance ? nearest : std::ceil(y);
   k = std::clamp(k, 1.0, static_cast<double>(n));
   return static_cast<uint64_t>(k);
 }
@@ -292,9 +297,24 @@ class TopKState final : public ResidualState {
   TopKState(const TopKState& other) : ResidualState(other) {}  // without the scratch buffers
   std::unique_ptr<CodecState> clone() const override { return std::make_unique<TopKState>(*this); }
 
+  // The miss back-off is part of what a discarded attempt or a refused gradient leaves as it was.
+  void stage() override {
+    ResidualState::stage();
+    skip_sampling_committed = skip_sampling;
+  }
+  void discard_staged() override {
+    ResidualState::discard_staged();
+    skip_sampling = skip_sampling_committed;
+  }
+  void reset() override {
+    ResidualState::reset();
+    skip_sampling = 0;
+  }
+
   // Scratch, kept across encodes (on CUDA, a cudaFree would synchronise the whole device).
   CpuTopKScratch cpu;
   uint32_t skip_sampling = 0;   // CPU, Selection::Auto: encodes left before sampling again after a miss
+  uint32_t skip_sampling_committed = 0;  // its value when the state staged
   kc::DeviceBuffer d_out;       // CUDA: indices then values
   kc::DeviceBuffer d_work;      // CUDA: the kernels' workspace (kc::topk_workspace_bytes)
 };
@@ -335,13 +355,14 @@ class TopKCodec final : public ApplyingCodec {
     const uint64_t k = topk_k(o_.fraction, n);
     check_capacity(id(), out, bytes);
     // A NaN/Inf gradient must leave the state as it was. On the CPU the selection sees every
-    // NaN/Inf of v among its candidates at no cost; the encodes that never write the committed
-    // residual (without error feedback; double-buffered, as int8's: a state encoded before, or
-    // staged) rely on that. The others (a state's first unstaged encode, CUDA) scan first.
+    // NaN/Inf of v among its candidates at no cost, and the CPU never writes the committed
+    // residual: with error feedback v goes into the spare (double-buffered always, unlike int8,
+    // because the selection may allocate after v is formed: a failed allocation must not leave
+    // a residual that already holds grad). CUDA scans first.
     const bool cpu = grad.device == DeviceKind::Cpu;
     const bool feedback = s.residual_data() != nullptr, staged = feedback && s.staging();
-    const bool double_buffered = cpu && feedback && (s.encoded_before() || staged);
-    if (!cpu || (feedback && !double_buffered)) reject_nonfinite(id(), grad, stream);
+    const bool double_buffered = cpu && feedback;
+    if (!cpu) reject_nonfinite(id(), grad, stream);
     uint8_t* idx = out.data() + kPayloadHeaderBytes;
     uint8_t* val = idx + 4 * k;
     bool sampled_miss = false;
@@ -350,16 +371,16 @@ class TopKCodec final : public ApplyingCodec {
       sampled_miss = encode_cuda(grad, s, k, sampled(), idx, stream);
     } else if (n > 0) {
       const float* x = static_cast<const float*>(grad.data);
+      const uint32_t skip_sampling = s.skip_sampling;
       const CpuOutcome got = encode_cpu(x, n, s, k, o_.selection, double_buffered, idx, val);
       if (got.nonfinite != kFinite) {
+        s.skip_sampling = skip_sampling;
         reject_nonfinite(id(), grad, stream);  // throws when the gradient itself has one
         throw InvalidArgumentError(fmt::format(
-            "topk encode: element {} of the gradient ({}) plus the residual overflows float{}", got.nonfinite,
-            x[got.nonfinite],
-            double_buffered ? "; the state is unchanged" : "; the residual was updated in place: reset() the state"));
+            "topk encode: element {} of the gradient ({}) plus the residual overflows float; the state is unchanged",
+            got.nonfinite, x[got.nonfinite]));
       }
       if (double_buffered && !staged) s.swap_residual();  // staged: the spare is the pending residual
-      if (feedback && !staged) s.mark_encoded();
       sampled_miss = got.missed;
     }
     write_header(out, Header{id(), 0, n, k, 0});

@@ -409,6 +409,9 @@ TEST(TopK, KIsTheCeilingOfFractionTimesCount) {
   EXPECT_EQ(topk_k_of(1.0, 5), 5u);
   EXPECT_EQ(topk_k_of(0.001, 1000001), 1001u);
   EXPECT_EQ(topk_k_of(0.01, 0), 0u);
+  // 3221225471.25: a ceiling, however large the product (a tolerance relative to it rounded).
+  EXPECT_EQ(topk_k_of(0.75, 4294967295), 3221225472u);
+  EXPECT_EQ(topk_k_of(0.5, 1000000001), 500000001u);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -648,7 +651,8 @@ TEST(DoubleBuffered, NonFiniteFoundLateLeavesTheStateUnchanged) {
 }
 
 // A finite gradient whose sum with the residual overflows float would send an Inf, which every
-// decoder rejects: top-k refuses it like a NaN gradient, and a double-buffered state is unchanged.
+// decoder rejects: top-k refuses it like a NaN gradient, and the state is unchanged, also on a
+// clone's first encode (the CPU always writes v into the spare, never the committed residual).
 TEST(TopK, GradientPlusResidualOverflowIsRejected) {
   auto codec = make_codec("topk:fraction=0.01");
   const size_t n = 1000;  // k = 10
@@ -658,15 +662,19 @@ TEST(TopK, GradientPlusResidualOverflowIsRejected) {
   encode(*codec, big, *state);
   const auto residual = state->residual();
   ASSERT_EQ(residual[70], 3e38f);
+  auto twin = state->clone();
   std::vector<uint8_t> out(codec->encoded_bytes(state->spec()));
-  try {
-    codec->encode(view(big), *state, out);
-    FAIL() << "an overflowing gradient + residual was encoded";
-  } catch (const InvalidArgumentError& e) {
-    EXPECT_NE(std::string(e.what()).find("element 70 of the gradient"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("overflows"), std::string::npos) << e.what();
+  for (CodecState* s : {twin.get(), state.get()}) {
+    try {
+      codec->encode(view(big), *s, out);
+      FAIL() << "an overflowing gradient + residual was encoded";
+    } catch (const InvalidArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("element 70 of the gradient"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("overflows float; the state is unchanged"), std::string::npos)
+          << e.what();
+    }
+    EXPECT_EQ(s->residual(), residual);
   }
-  EXPECT_EQ(state->residual(), residual);
   EXPECT_EQ(state->stats().encodes, 1u);
 }
 

@@ -309,9 +309,36 @@ TEST(TopKCpuSelection, AutoBacksOffAfterAMiss) {
   }
 }
 
-// The radix way on v in place (its threshold bin is more than a quarter of v), with error
-// feedback, in place (a first encode) and double-buffered (the next): the residual is v with
-// what was sent cleared.
+// The back-off is state like the residual: a discarded attempt, a refused gradient and reset()
+// leave or put it back, so the next encode samples (and misses) again, as a fresh state would.
+TEST(TopKCpuSelection, BackOffAfterADiscardedAttemptOrARefusedGradientIsUndone) {
+  const size_t n = size_t(1) << 20;
+  const uint64_t k = topk_k_of(0.01, n);
+  const std::vector<float> hidden = hidden_from_the_cpu_sample(n, k, 23);
+  auto codec = make_codec("topk:fraction=0.01");
+  auto state = codec->make_state(TensorSpec::flat(n));
+  state->stage();
+  (void)encode(*codec, hidden, *state);  // misses: would skip sampling for the next 16 encodes
+  state->discard_staged();
+  EXPECT_EQ(state->stats().sampled_misses, 0u);
+  (void)encode(*codec, hidden, *state);
+  EXPECT_EQ(state->stats().sampled_misses, 1u) << "the discarded attempt's back-off was kept";
+  state->reset();
+  (void)encode(*codec, hidden, *state);
+  EXPECT_EQ(state->stats().sampled_misses, 1u) << "reset() kept the back-off";
+  // A gradient refused for a NaN (after the selection missed and found it) leaves it too.
+  auto fresh = codec->make_state(TensorSpec::flat(n));
+  (void)encode(*codec, std::vector<float>(n, 0.0f), *fresh);  // the next encode is double-buffered
+  std::vector<float> bad = hidden;
+  bad[n / 2] = std::nanf("");
+  std::vector<uint8_t> out(codec->encoded_bytes(fresh->spec()));
+  EXPECT_THROW(codec->encode(view(bad), *fresh, out), InvalidArgumentError);
+  (void)encode(*codec, hidden, *fresh);
+  EXPECT_EQ(fresh->stats().sampled_misses, 1u) << "the refused encode's back-off was kept";
+}
+
+// The radix way on v itself (its threshold bin is more than a quarter of v), with error
+// feedback, over three encodes: the residual is v with what was sent cleared.
 TEST(TopKCpuSelection, RadixInPlaceKeepsTheResidual) {
   const size_t n = 4099;
   const uint64_t k = topk_k_of(0.01, n);
