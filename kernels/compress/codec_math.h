@@ -123,7 +123,14 @@ constexpr float kInt8Max = 127.0f;
 // residual that silenced the block for good (a block without gradient for ~14 steps of error
 // feedback decays that far). Such a block is sent as zeros and its residual keeps the values.
 constexpr float kInt8MinAbsmax = 0x1p-120f;  // 127 / 2^-120 < FLT_MAX
-MT_HD float int8_scale(float absmax) { return absmax >= kInt8MinAbsmax ? div_rn(absmax, kInt8Max) : 0.0f; }
+// The largest scale whose 127 quanta stay finite: FLT_MAX / 127 rounds up, and 127 times it is
+// Inf, so a block whose absmax is FLT_MAX takes this one (decoded 127 is 3.4028233e38, and the
+// residual keeps the difference). The decoders refuse larger scales.
+constexpr float kInt8MaxScale = 0x1.020406p+121f;  // 2.6793884e36
+MT_HD float int8_scale(float absmax) {
+  const float scale = absmax >= kInt8MinAbsmax ? div_rn(absmax, kInt8Max) : 0.0f;
+  return scale > kInt8MaxScale ? kInt8MaxScale : scale;
+}
 MT_HD float int8_inverse(float absmax) { return absmax >= kInt8MinAbsmax ? div_rn(kInt8Max, absmax) : 0.0f; }
 
 // Round to nearest even for |y| < 2^22: the addition of 1.5 * 2^23 drops the fraction bits.

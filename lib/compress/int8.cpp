@@ -22,7 +22,7 @@
 // (compress.h; the compressed all-reduce) always take the double-buffered loop and leave the
 // new residual in the second buffer until commit_staged() swaps it in. Both loops produce the
 // same bits.
-#include <limits>
+#include <cstring>
 
 #include "compress/common.h"
 
@@ -32,7 +32,6 @@ namespace {
 using namespace detail;
 
 constexpr size_t kChunk = 4096;
-constexpr float kMaxScale = std::numeric_limits<float>::max() / math::kInt8Max;
 
 class Int8State final : public ResidualState {
  public:
@@ -282,12 +281,16 @@ class Int8Codec final : public ApplyingCodec {
     const uint8_t* q = scales + 4 * blocks;
     for (size_t b = 0; b < blocks; ++b) {
       const float sc = load<float>(scales, b);
-      // An encoder's scale is absmax / 127 of finite values: anything else is corrupt (and a
-      // larger one would overflow to Inf when dequantised).
-      if (!(sc >= 0.0f && sc <= kMaxScale))
+      // An encoder's scale is absmax / 127 of finite values, at most kInt8MaxScale: anything
+      // else is corrupt (and a larger one would dequantise to Inf).
+      if (!(sc >= 0.0f && sc <= math::kInt8MaxScale))
         throw CorruptError(fmt::format(
-            "int8 payload: scale {} of {} is {} (must be in [0, FLT_MAX / 127])", b, blocks, sc));
+            "int8 payload: scale {} of {} is {} (must be in [0, {}])", b, blocks, sc, math::kInt8MaxScale));
     }
+    // Encoders write quanta in [-127, 127]; -128 times the largest scale would be -Inf.
+    if (const void* at = n > 0 ? std::memchr(q, 0x80, n) : nullptr)
+      throw CorruptError(fmt::format("int8 payload: value {} of {} is -128 (quanta are in [-127, 127])",
+                                     static_cast<const uint8_t*>(at) - q, n));
     if (out.device == DeviceKind::Cuda) {
       auto d = upload(payload.subspan(kPayloadHeaderBytes), out.device_index, stream);
       cuda_call("int8 decode", [&] {

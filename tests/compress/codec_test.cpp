@@ -450,6 +450,29 @@ TEST(Int8, StochasticRoundingIsSeededAndUnbiased) {
   EXPECT_GT(max_bias, 0.3 * quantum);
 }
 
+// A block whose absmax is FLT_MAX: its scale is the largest whose 127 quanta stay finite, so
+// the decoded values and the residual stay finite (FLT_MAX / 127 rounds up; 127 x it is Inf).
+TEST(Int8, LargestFiniteValuesDecodeFinite) {
+  const float max = std::numeric_limits<float>::max();
+  for (const char* spec : {"int8", "int8:rounding=stochastic", "int8:error_feedback=off"}) {
+    auto codec = make_codec(spec);
+    std::vector<float> x(300, 1.0f);
+    x[3] = max;
+    x[200] = -max;
+    x[299] = max;  // a block of its own (44 elements)
+    auto state = codec->make_state(TensorSpec::flat(x.size()));
+    std::vector<float> out = decode(*codec, encode(*codec, x, *state), x.size());
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_TRUE(std::isfinite(out[i])) << spec << " element " << i;
+    EXPECT_EQ(out[3], 3.4028233e38f) << spec;
+    EXPECT_EQ(out[200], -3.4028233e38f) << spec;
+    for (float r : state->residual()) ASSERT_TRUE(std::isfinite(r)) << spec;
+    // The next step sends what the residual kept (FLT_MAX - 3.4028233e38 = 2^104).
+    const std::vector<float> ones(x.size(), 1.0f);
+    out = decode(*codec, encode(*codec, ones, *state), x.size());
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_TRUE(std::isfinite(out[i])) << spec << " element " << i;
+  }
+}
+
 TEST(Int8, AllZeroBlockAndSingleElementBlocks) {
   auto codec = make_int8_codec({.block_size = 1});
   std::vector<float> x = {0.0f, 3.0f, -1e-30f, 5e20f};

@@ -171,6 +171,19 @@ TEST(PayloadBody, StructuralCorruptionIsACorruptError) {
   expect_corrupt(int8, [&](auto& p) { put<float>(p, h, -1.0f); }, "negative scale");
   expect_corrupt(int8, [&](auto& p) { put<float>(p, h, std::numeric_limits<float>::max()); },
                  "scale that overflows when dequantised");
+  // FLT_MAX / 127 rounds up: 127 quanta of it are Inf.
+  expect_corrupt(int8, [&](auto& p) { put<float>(p, h, std::numeric_limits<float>::max() / 127.0f); },
+                 "scale FLT_MAX / 127");
+  // Quanta are in [-127, 127]: -128 times the largest scale is -Inf (1000 elements: 4 scales).
+  expect_corrupt(int8, [&](auto& p) { put<uint8_t>(p, h + 16 + 999, 0x80); }, "quantum -128");
+  {
+    auto p = int8.payload;  // the largest scale and 127 everywhere: finite
+    for (size_t b = 0; b < 4; ++b) put<float>(p, h + 4 * b, 0x1.020406p+121f);
+    std::fill(p.begin() + static_cast<std::ptrdiff_t>(h + 16), p.end(), uint8_t{127});
+    std::vector<float> out(1000);
+    int8.codec->decode(p, view(out));
+    for (float v : out) ASSERT_EQ(v, 3.4028233e38f);
+  }
 
   Sample fp16 = make_sample("fp16", {300});
   expect_corrupt(fp16, [&](auto& p) { put<uint16_t>(p, h + 2 * 299, 0x7c00); }, "fp16 Inf");
