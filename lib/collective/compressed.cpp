@@ -474,7 +474,10 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       device::HostView host(buffer, stream, st.sum_space, st.memory, contributes);
       float* data = static_cast<float*>(host.view().data);
       if (!contributes) std::fill(data, data + count, 0.0f);
-      run_ring_op("allreduce_compressed", [&](RingContext& ctx) { ring_allreduce(ctx, data, count, divisor); });
+      run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
+        ctx.reject_non_finite = true;  // as the codecs' decoders: also outside reduce_step
+        ring_allreduce(ctx, data, count, divisor);
+      });
       host.write_back();
       traffic.sent_bytes = traffic.received_bytes = ring_bytes(count * sizeof(float));
     } else {
@@ -486,11 +489,17 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       }
       std::vector<float> p(shape.rows * shape.rank), q(shape.cols * shape.rank);
       compress::powersgd_project(grad, s, p, stream);
-      run_ring_op("allreduce_compressed (powersgd P)",
-                  [&](RingContext& ctx) { ring_allreduce(ctx, p.data(), p.size(), 1.0f); });
+      // A NaN/Inf in P or Q from a peer would reach every member's output, residual and warm
+      // start for good: refused naming the sender, also outside reduce_step.
+      run_ring_op("allreduce_compressed (powersgd P)", [&](RingContext& ctx) {
+        ctx.reject_non_finite = true;
+        ring_allreduce(ctx, p.data(), p.size(), 1.0f);
+      });
       compress::powersgd_back_project(s, p, q, stream);
-      run_ring_op("allreduce_compressed (powersgd Q)",
-                  [&](RingContext& ctx) { ring_allreduce(ctx, q.data(), q.size(), contributors); });
+      run_ring_op("allreduce_compressed (powersgd Q)", [&](RingContext& ctx) {
+        ctx.reject_non_finite = true;
+        ring_allreduce(ctx, q.data(), q.size(), contributors);
+      });
       compress::powersgd_finish(s, p, q, buffer, stream);
       if (op == ReduceOp::Sum) device::scale(buffer, contributors, stream);
       traffic.sent_bytes = traffic.received_bytes = ring_bytes((p.size() + q.size()) * sizeof(float));

@@ -315,6 +315,37 @@ TEST(Collectives, CompressedSumOfRankOneGradients) {
   }
 }
 
+// PowerSGD's P and Q are floats summed over the ring: a member whose P overflowed (a finite
+// gradient of 3e38s, so M Q exceeds float) or came corrupt must not reach anyone's output,
+// residual or warm start, also outside reduce_step: refused, naming the sender.
+TEST(Collectives, PowerSgdNonFiniteFactorFromAPeerIsRefusedNamingIt) {
+  InProcessJob job(2);
+  const size_t rows = 40, cols = 25, count = rows * cols;
+  auto codec = compress::make_codec("powersgd:rank=2");
+  CompressedOptions options;
+  options.shape = {rows, cols};
+  std::vector<CompressedState> states;
+  for (int i = 0; i < job.size(); ++i) states.emplace_back(options);
+  std::vector<std::vector<float>> data(job.size(), std::vector<float>(count, 1.0f));
+  std::fill(data[0].begin(), data[0].end(), 3e38f);
+  const std::string faulty = job.comm(0).id().fingerprint();
+  job.each(90, [&](int i) {
+    const BufferView view{data[i].data(), count, DType::Float32};
+    if (i == 0) {
+      EXPECT_THROW(job.comm(i).allreduce_compressed(view, *codec, states[i], ReduceOp::Avg), Error);
+      return;
+    }
+    try {
+      job.comm(i).allreduce_compressed(view, *codec, states[i], ReduceOp::Avg);
+      ADD_FAILURE() << "a non-finite P was summed";
+    } catch (const PeerLostError& e) {
+      EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(faulty), std::string::npos) << e.what();
+    }
+    for (float v : data[i]) ASSERT_EQ(v, 1.0f) << "the refused operation wrote the output";
+  });
+}
+
 // A member's own failure that is not a meshtrain::Error (here a std::runtime_error from a
 // payload hook; in life std::bad_alloc, a thread that could not start): it reaches that
 // member's caller as it was, the others are told at once (their PeerLostError carries its
