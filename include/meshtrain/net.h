@@ -296,10 +296,13 @@ class BulkChannel {
   // Receives one message, choosing where its payload goes once the header is in (and checked):
   // `place` returns a span of exactly header.payload_bytes to receive into, or nullopt to
   // receive into `fallback` (resized) instead. Lets a caller land expected data in place and
-  // still read (and then refuse or drop) anything else.
+  // still read (and then refuse or drop) anything else. A message for `fallback` larger than
+  // `max_fallback_bytes` is a ProtocolError before anything is allocated (the stream, now
+  // mid-message, is closed): a peer cannot make the receiver allocate up to Limits'
+  // max_bulk_payload_bytes for a frame it will refuse anyway.
   using PlaceFn = std::function<std::optional<crypto::MutableByteSpan>(const MessageHeader&)>;
   MessageHeader recv_placed(const PlaceFn& place, std::vector<uint8_t>& fallback, Deadline deadline,
-                            const CancelToken* cancel = nullptr);
+                            const CancelToken* cancel = nullptr, size_t max_fallback_bytes = SIZE_MAX);
 
  private:
   std::vector<BulkStream::Impl*> impls();

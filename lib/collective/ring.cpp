@@ -1,5 +1,6 @@
 #include "collective/ring.h"
 
+#include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -17,6 +18,9 @@ enum Phase : uint32_t { kReduceScatter = 0, kAllGather = 1, kBroadcast = 2, kGat
 constexpr size_t kMaxPieces = 1u << 16;
 constexpr size_t kMaxRingSteps = 1u << 14;
 constexpr int kMaxStaleFrames = 64;
+// The largest unexpected frame receive_piece reads (to drop it, if stale) rather than refuse
+// unread: far above any legitimate piece (a chunk, or 1/65536 of a block of up to 1 TiB).
+constexpr size_t kMaxUnexpectedFrameBytes = size_t{16} << 20;
 
 uint32_t make_tag(Phase phase, size_t step, size_t piece) {
   return static_cast<uint32_t>(phase) << 30 | static_cast<uint32_t>(step) << 16 | static_cast<uint32_t>(piece);
@@ -160,8 +164,11 @@ void receive_piece(RingContext& ctx, uint32_t tag, size_t bytes, std::vector<uin
     if (in_place == nullptr || !expected(h)) return std::nullopt;
     return crypto::MutableByteSpan(in_place, bytes);
   };
+  // Anything else is read into `buf` to be dropped (a stale frame: a piece of an earlier
+  // operation, at most a chunk or 1/65536 of a block) or refused: larger is refused unread.
+  const size_t acceptable = std::max({bytes, ctx.chunk_bytes, kMaxUnexpectedFrameBytes});
   for (int stale = 0;; ++stale) {
-    net::MessageHeader h = ctx.from_prev->recv_placed(place, buf, ctx.deadline, ctx.cancel);
+    net::MessageHeader h = ctx.from_prev->recv_placed(place, buf, ctx.deadline, ctx.cancel, acceptable);
     if (expected(h)) return;
     std::string who = ctx.from_prev->peer().fingerprint();
     if (h.quorum_id != ctx.quorum.quorum_id || h.step != ctx.quorum.step) {

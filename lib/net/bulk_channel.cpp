@@ -195,7 +195,7 @@ MessageHeader BulkChannel::recv(std::vector<uint8_t>& payload, Deadline deadline
 }
 
 MessageHeader BulkChannel::recv_placed(const PlaceFn& place, std::vector<uint8_t>& fallback, Deadline deadline,
-                                       const CancelToken* cancel) {
+                                       const CancelToken* cancel, size_t max_fallback_bytes) {
   BulkStream::Impl& first = *streams_[0].impl_;
   WireHeader w0 = first.recv_wire_header(deadline, cancel);
   std::optional<crypto::MutableByteSpan> dest = place(w0.header);
@@ -205,6 +205,13 @@ MessageHeader BulkChannel::recv_placed(const PlaceFn& place, std::vector<uint8_t
     first.recv_broken = true;
     throw InvalidArgumentError(fmt::format("recv_placed: a {}-byte destination for a {}-byte message from {}",
                                            dest->size(), w0.header.payload_bytes, first.peer_name));
+  }
+  if (!dest && w0.header.payload_bytes > max_fallback_bytes) {
+    first.fd.reset();
+    first.recv_broken = true;
+    throw ProtocolError(fmt::format("peer {} sent an unexpected {}-byte message (tag {:#x}); at most {} bytes were "
+                                    "acceptable here", first.peer_name, w0.header.payload_bytes, w0.header.tag,
+                                    max_fallback_bytes));
   }
   if (!dest) {
     fallback.resize(w0.header.payload_bytes);

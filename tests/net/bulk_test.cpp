@@ -198,6 +198,39 @@ TEST(Bulk, RecvPlacedLandsOnlyTheChosenMessagesInPlace) {
   sender.get();
 }
 
+// An unexpected message larger than the caller accepts is refused from its header: nothing is
+// allocated for it (a peer could otherwise make the receiver allocate up to 4 GiB per frame).
+TEST(Bulk, RecvPlacedRefusesAnOversizedUnexpectedMessageUnread) {
+  Pair p;
+  BulkListener listener(p.b, {p.a.public_key()}, "127.0.0.1", 0);
+  std::vector<uint8_t> small(100), large(3 << 20);
+  auto sender = std::async(std::launch::async, [&] {
+    auto channel = BulkChannel::connect(p.a, p.b.public_key(), "127.0.0.1", listener.port(), 1, {}, Deadline::after(5s));
+    MessageHeader h;
+    h.tag = 9;
+    channel.send(h, small, Deadline::after(20s));
+    try {
+      channel.send(h, large, Deadline::after(20s));
+    } catch (const Error&) {
+      // The receiver closed the stream rather than read it.
+    }
+  });
+  auto channel = BulkChannel::accept(listener, p.a.public_key(), 1, Deadline::after(5s));
+  const BulkChannel::PlaceFn nowhere = [](const MessageHeader&) { return std::nullopt; };
+  std::vector<uint8_t> fallback;
+  EXPECT_EQ(channel.recv_placed(nowhere, fallback, Deadline::after(20s), nullptr, 1 << 20).tag, 9u);
+  EXPECT_EQ(fallback.size(), 100u);  // within the limit: read
+  try {
+    channel.recv_placed(nowhere, fallback, Deadline::after(20s), nullptr, 1 << 20);
+    ADD_FAILURE() << "a 3 MiB message was read into the fallback";
+  } catch (const ProtocolError& e) {
+    EXPECT_NE(std::string(e.what()).find("unexpected 3145728-byte message"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("at most 1048576 bytes"), std::string::npos) << e.what();
+  }
+  EXPECT_LE(fallback.capacity(), 100u) << "the refused message was allocated for";
+  sender.get();
+}
+
 TEST(Bulk, WrongServerIdentityRefusedByBothSides) {
   Pair p;
   auto other = crypto::Identity::generate();
