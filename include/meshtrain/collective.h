@@ -107,7 +107,10 @@ enum class SparseGather : uint8_t {
 
 // How the encoded chunks reach their owners. With n members and P = one member's payload,
 // a member sends (n-1)/n P in this phase with Direct and (n-1)/2 P with Ring (1.5 P against
-// 0.75 P for 4 members). The result is bit-identical either way.
+// 0.75 P for 4 members). The result is bit-identical either way. A payload a decoder refuses
+// is blamed on its author; relayed bytes are not checked end to end, so with Ring (and with
+// SparseGather::AllGather among 3+ members) a malicious relayer could get its author blamed:
+// keep Direct with untrusted peers (docs/compression.md).
 enum class Exchange : uint8_t {
   Direct,  // to each owner over its own channel (a mesh, opened on first use per member set)
   Ring,    // relayed along the ring's channels, unchanged, hop by hop
