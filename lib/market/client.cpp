@@ -113,7 +113,16 @@ struct MarketClient::Impl {
     auto [id, v] = *b.unconfirmed;
     b.unconfirmed.reset();
     net::Message m = await_daemon(b, protocol::MessageType::VoucherAck, id, timeout);
-    protocol::VoucherAck ack = protocol::decode_voucher_ack(m.payload, provider_name(b));
+    protocol::VoucherAck ack;
+    try {
+      ack = protocol::decode_voucher_ack(m.payload, provider_name(b));
+    } catch (const ProtocolError& e) {
+      // The provider's fault, like silence: reported as its loss, so that a Fleet replaces it
+      // (a ProtocolError would fail the caller's step for every lease, step after step).
+      b.daemon.reset();
+      throw PeerLostError(b.lease.provider.fingerprint(),
+                          fmt::format("{} sent a malformed voucher acknowledgement: {}", provider_name(b), e.what()));
+    }
     // A resend the daemon already stored is as good as accepted.
     if (!ack.accepted && !(ack.latest_step == v.step && ack.latest_amount == v.cumulative_amount))
       throw MarketError(ack.reason.empty() ? "voucher_refused" : ack.reason,
@@ -276,7 +285,10 @@ void MarketClient::attach_job(Id lease_id, const std::string& coordinator_endpoi
 void MarketClient::forget(Id lease_id) {
   std::lock_guard lock(impl_->mutex);
   if (auto it = impl_->books.find(lease_id); it != impl_->books.end()) {
-    std::lock_guard in_flight(it->second.link_mutex);  // a payment still waiting for its ack ends first
+    // A payment still waiting for its ack ends first. The link lock is released before the
+    // book (and its mutex) is destroyed; nobody takes it again meanwhile, since every taker
+    // finds the book under `mutex`, held here throughout.
+    { std::lock_guard in_flight(it->second.link_mutex); }
     impl_->books.erase(it);
   }
 }

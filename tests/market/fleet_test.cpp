@@ -4,11 +4,13 @@
 // rents the third; at the end every amount reconciles exactly.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <fstream>
 #include <thread>
 
 #include "market/protocol.h"
 #include "meshtrain/market.h"
+#include "meshtrain/net.h"
 #include "market/market_world.h"
 
 using namespace meshtrain;
@@ -215,4 +217,70 @@ TEST(MarketFleet, AsyncPaymentChecksThePreviousAcknowledgementBeforeSigningAgain
   Lease closed = client.release(lease, CloseReason::ProviderFailed);
   EXPECT_EQ(closed.paid, 200u);  // what the renter signed, settled by its close
   EXPECT_EQ(backend->account(p.key).earned, 200u);
+}
+
+// A provider daemon that answers a voucher with bytes that do not decode (here a stand-in:
+// a ControlServer under the provider's key, which offers and bids through the real market):
+// that is the provider's loss, the PeerLostError a Fleet replaces a provider for, not a
+// ProtocolError that would fail the renter's step for every lease, step after step.
+TEST(MarketFleet, AMalformedVoucherAcknowledgementIsTheProvidersLoss) {
+  MarketWorld world;
+  auto fake = crypto::Identity::generate();
+  auto renter = crypto::Identity::generate();
+  net::ControlServer daemon(fake, net::AllowList{renter.public_key()}, "tcp://127.0.0.1:0");
+  auto provider_side = connect_devnet(fake, world.market().key, world.market().endpoint);
+  provider_side->heartbeat();
+  OfferSpec spec;
+  spec.gpu.model = "H100-80GB";
+  spec.gpu.vram_gib = 80;
+  spec.price_per_step = 100;
+  spec.endpoint = daemon.endpoint();
+  spec.hardware = HardwareReport::sign(fake, "{}");
+  const Id offer = provider_side->offer(spec);
+  std::atomic<bool> stop{false};
+  std::thread bidder([&] {  // bids on the renter's order while rent() collects bids
+    while (!stop) {
+      OrderQuery q;
+      q.matching_offer = offer;
+      for (const Order& o : provider_side->orders(q)) {
+        try {
+          provider_side->bid(o.id, offer, 100);
+          stop = true;
+        } catch (const MarketError&) {
+        }
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+  });
+  auto backend = connect_devnet(renter, world.market().key, world.market().endpoint);
+  backend->mint(renter.public_key(), 100'000);
+  Budget budget;
+  budget.spend_limit = 10'000;
+  budget.escrow_per_lease = 10'000;
+  MarketClient client(renter, *backend, budget);
+  auto leases = client.rent(1, {}, 5s);
+  stop = true;
+  bidder.join();
+  ASSERT_EQ(leases.size(), 1u) << world.logs();
+  std::thread answer([&] {
+    std::optional<net::Message> m = daemon.recv(Deadline::after(10s));
+    if (!m) return;
+    net::MessageHeader h = m->header;
+    h.type = static_cast<uint16_t>(protocol::MessageType::VoucherAck);
+    const std::vector<uint8_t> garbage(40, 0xab);
+    daemon.send(m->header.sender, h, garbage);
+  });
+  try {
+    client.pay_step(leases[0].id, 1, 5s);
+    ADD_FAILURE() << "a malformed acknowledgement was taken";
+  } catch (const PeerLostError& e) {
+    EXPECT_NE(std::string(e.what()).find(fake.public_key().fingerprint()), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("malformed voucher acknowledgement"), std::string::npos) << e.what();
+  } catch (const Error& e) {
+    ADD_FAILURE() << "not reported as the provider's loss: " << e.what();
+  }
+  answer.join();
+  EXPECT_EQ(client.spend().total, 100u);  // signed and sent: the provider may hold it
+  Lease closed = client.release(leases[0].id, CloseReason::ProviderFailed);
+  EXPECT_EQ(closed.paid, 100u);
 }
