@@ -157,7 +157,8 @@ void write_file_atomic(const fs::path& dir, std::string_view name, std::string_v
 }
 
 std::optional<std::string> read_small_file(const fs::path& path, size_t max_bytes, bool missing_ok) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO in a file's place must not block the open (the check below refuses it).
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT && missing_ok) return std::nullopt;
     throw_io_error(fmt::format("cannot open {}", path.string()), errno);

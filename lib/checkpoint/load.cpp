@@ -91,7 +91,8 @@ OpenShard open_shard(const fs::path& dir, const ShardInfo& s) {
   OpenShard o;
   o.info = &s;
   o.path = dir / s.file;
-  int fd = ::open(o.path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO in the shard's place must not block the open (refused below).
+  int fd = ::open(o.path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) throw CorruptError(fmt::format("{} is missing", where(dir, s)));
     throw_io_error(fmt::format("{}: cannot open", where(dir, s)), errno);
@@ -99,6 +100,7 @@ OpenShard open_shard(const fs::path& dir, const ShardInfo& s) {
   o.file = File(fd);
   struct stat st {};
   if (::fstat(fd, &st) != 0) throw_io_error(fmt::format("{}: stat", where(dir, s)), errno);
+  if (!S_ISREG(st.st_mode)) throw CorruptError(fmt::format("{} is not a regular file", where(dir, s)));
   uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size < s.range.size())
     throw CorruptError(fmt::format("{} is truncated: {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));

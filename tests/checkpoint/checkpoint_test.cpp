@@ -1,6 +1,7 @@
 // Sharded checkpoints in one process: layout and partition, save with several writers and
 // load with any number of readers, damage detection, latest/pruning, failures while saving.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <sys/resource.h>
 
@@ -295,6 +296,20 @@ TEST(Damage, MissingShardNamesTheShard) {
   auto checks = Checkpoint::open(d.dir.path()).verify();
   EXPECT_FALSE(checks[0].ok);
   EXPECT_TRUE(checks[1].ok && checks[2].ok && checks[3].ok);
+}
+
+// A FIFO where a shard or `latest` should be: refused (a shard) or ignored (`latest`, as any
+// unreadable one: the newest complete checkpoint loads) at once, not an open() that waits for a
+// writer forever.
+TEST(Damage, FifoInPlaceOfAFileIsRefusedWithoutBlocking) {
+  Damaged d;
+  fs::remove(d.shard(1));
+  ASSERT_EQ(::mkfifo(d.shard(1).c_str(), 0600), 0);
+  expect_error<CorruptError>([&] { load(d.dir.path()); }, {"shard-1-of-4.bin", "not a regular file"});
+  Damaged e;
+  fs::remove(e.dir / "latest");
+  ASSERT_EQ(::mkfifo((e.dir / "latest").c_str(), 0600), 0);
+  expect_equal(load(e.dir.path()), e.s);
 }
 
 TEST(Damage, EveryByteOfEveryShardIsCovered) {
