@@ -1,5 +1,6 @@
 // The global byte stream: tensor layout, balanced partition, segments over tensors and padding.
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <unordered_set>
 
@@ -105,6 +106,41 @@ void check_block_bytes(uint64_t block_bytes) {
   if (block_bytes < 4096 || block_bytes > (1ull << 30) || block_bytes % kAlignmentBytes != 0)
     throw InvalidArgumentError(
         fmt::format("block_bytes {} must be a multiple of 64 between 4 KiB and 1 GiB", block_bytes));
+}
+
+void check_manifest_fits(const Layout& layout, uint64_t block_bytes, uint32_t world_size,
+                         const ManifestLimits& limits) {
+  if (layout.tensors.size() > limits.max_tensors)
+    throw InvalidArgumentError(fmt::format("checkpoint save: {} tensors; readers accept at most {}",
+                                           layout.tensors.size(), limits.max_tensors));
+  if (layout.total_bytes > limits.max_total_bytes)
+    throw InvalidArgumentError(fmt::format("checkpoint save: {} bytes of tensors; readers accept at most {}",
+                                           layout.total_bytes, limits.max_total_bytes));
+  // The manifest lists every block's digest ("<64 hex digits>", one JSON value each; a shard
+  // adds at most one partial block) and every tensor: a lower bound of its size, so that a save
+  // readers would refuse fails now rather than after writing every shard.
+  const uint64_t blocks = layout.total_bytes / block_bytes + world_size;
+  uint64_t bytes = blocks * 67, values = blocks;
+  for (const TensorInfo& t : layout.tensors) {
+    bytes += t.name.size() + 64;
+    values += 6 + t.shape.size();
+  }
+  const json::ParseLimits parse;
+  if (bytes > limits.max_manifest_bytes || values > parse.max_values) {
+    const uint64_t fitting = std::max<uint64_t>(1, std::min<uint64_t>(limits.max_manifest_bytes / 67, parse.max_values) / 2);
+    throw InvalidArgumentError(fmt::format(
+        "checkpoint save: {} bytes in blocks of {} make a manifest of at least {} bytes and {} JSON values; readers "
+        "accept {} bytes and {} values: use larger blocks (block_bytes >= {})",
+        layout.total_bytes, block_bytes, bytes, values, limits.max_manifest_bytes, parse.max_values,
+        std::bit_ceil(std::max<uint64_t>(4096, layout.total_bytes / fitting))));
+  }
+}
+
+Layout layout_for_save(const State& state, const SaveOptions& o) {
+  Layout layout = make_layout(state);
+  check_metadata(state.metadata, state.blobs, ManifestLimits{});
+  check_manifest_fits(layout, o.block_bytes, o.world_size, ManifestLimits{});
+  return layout;
 }
 
 void check_metadata(const std::map<std::string, std::string>& metadata,

@@ -394,9 +394,18 @@ Manifest run_finalize(const fs::path& root, const SaveJob& job, const SaveOption
   for (uint32_t r = 0; r < world; ++r) m.shards.push_back(have[r]->shard);
   m.metadata = *job.metadata;
   m.blobs = *job.blobs;
+  // What readers will parse: a manifest they refuse would be a published checkpoint nobody can
+  // open (and `latest` and pruning would follow it), so it is refused here, before the commit.
+  const std::string json = manifest_to_json(m);
+  try {
+    (void)parse_manifest(json, name, ManifestLimits{});
+  } catch (const CorruptError& e) {
+    throw InvalidArgumentError(fmt::format("checkpoint {}: not committed, readers would refuse its manifest: {}", name,
+                                           e.what()));
+  }
   // The commit point: once manifest.json is in place (renamed, directory fsynced) the checkpoint
   // is complete.
-  write_file_atomic(dir, kManifestFile, manifest_to_json(m));
+  write_file_atomic(dir, kManifestFile, json);
   fsync_dir(root);  // the step directory's own entry
   log::info("checkpoint", "{}: complete ({} writer{}, {}) in {}", name, world, world == 1 ? "" : "s",
             format_bytes(m.total_bytes), dir.string());
@@ -449,8 +458,7 @@ using namespace detail;
 
 SaveResult save(const fs::path& root, const State& state, const SaveOptions& options) {
   std::string save_id = resolve_save_id(options, {});
-  Layout layout = make_layout(state);
-  check_metadata(state.metadata, state.blobs, ManifestLimits{});
+  Layout layout = layout_for_save(state, options);
   StateSource source(layout, state);
   SaveJob job{state.step, save_id, &layout, &state.metadata, &state.blobs, &source};
   return run_save(root, job, options);
@@ -461,8 +469,7 @@ Manifest finalize(const fs::path& root, const State& state, const SaveOptions& o
   SaveOptions o = options;
   if (o.save_id.empty() && !records.empty()) o.save_id = records.front().save_id;
   std::string save_id = resolve_save_id(o, {});
-  Layout layout = make_layout(state);
-  check_metadata(state.metadata, state.blobs, ManifestLimits{});
+  Layout layout = layout_for_save(state, o);
   SaveJob job{state.step, save_id, &layout, &state.metadata, &state.blobs, nullptr};
   return run_finalize(root, job, o, records);
 }

@@ -113,8 +113,7 @@ void CheckpointWriter::save_async(const State& state, std::string save_id) {
   }
   d.result.reset();
   // Validate before touching the staging buffer: a bad state leaves the writer as it was.
-  Layout layout = make_layout(state);
-  check_metadata(state.metadata, state.blobs, ManifestLimits{});
+  Layout layout = layout_for_save(state, d.options);
   ByteRange range = partition(layout.total_bytes, d.options.rank, d.options.world_size);
   if (d.staging.size() < range.size()) {
     d.staging = HostBuffer();  // free the old one first: never hold two

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 
 #include <cstring>
@@ -563,6 +564,28 @@ TEST(SaveFailure, BadOptionsAndMetadata) {
   v = s.view();
   v.blobs["huge"] = std::vector<uint8_t>(17u << 20);
   expect_error<InvalidArgumentError>([&] { save(dir.path(), v); }, {"blobs"});
+}
+
+// A state whose manifest readers would refuse (here 8 GiB in 4 KiB blocks: 2 Mi block digests,
+// a manifest of over 64 MiB) fails before anything is written, and says which block size fits;
+// it used to be saved, published as `latest`, and older checkpoints pruned, with no way to load
+// it. The tensor's memory is reserved but inaccessible: reading it would crash the test.
+TEST(SaveFailure, AManifestReadersWouldRefuseFailsBeforeAnythingIsWritten) {
+  TempDir dir;
+  const size_t count = size_t{1} << 31;
+  void* huge = ::mmap(nullptr, count * 4, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(huge, MAP_FAILED);
+  State v;
+  v.step = 3;
+  v.tensors.push_back(TensorView{"huge", {static_cast<int64_t>(count)}, BufferView{huge, count, DType::Float32}});
+  SaveOptions o;
+  o.block_bytes = 4096;
+  expect_error<InvalidArgumentError>([&] { save(dir.path(), v, o); },
+                                     {"8589934592 bytes in blocks of 4096", "use larger blocks", "block_bytes >= "});
+  CheckpointWriter writer(dir.path(), o);
+  expect_error<InvalidArgumentError>([&] { writer.save_async(v); }, {"use larger blocks"});
+  EXPECT_TRUE(fs::is_empty(dir.path())) << "something was written";
+  ::munmap(huge, count * 4);
 }
 
 // ---- rank 0 waiting for the others -----------------------------------------------------------
