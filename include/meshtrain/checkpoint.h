@@ -241,8 +241,13 @@ std::vector<CheckpointEntry> list_checkpoints(const std::filesystem::path& root)
 // names is never removed), incomplete directories of steps below the highest complete one, and
 // stray temporary files in root. A complete checkpoint is first made incomplete (its manifest
 // removed and the directory fsynced), so a crash mid-prune never leaves a half-deleted
-// checkpoint that looks complete. Returns the directories removed.
-std::vector<std::filesystem::path> prune(const std::filesystem::path& root, uint32_t keep_last);
+// checkpoint that looks complete. Returns the directories removed. `committed` (what a save
+// passes: the step it just committed) is never removed, and incomplete directories are removed
+// only below it too: saving a step lower than the newest complete one (a run resumed from an
+// older checkpoint) neither prunes what it just wrote nor the next steps other writers are
+// writing meanwhile.
+std::vector<std::filesystem::path> prune(const std::filesystem::path& root, uint32_t keep_last,
+                                         std::optional<uint64_t> committed = std::nullopt);
 
 // ---------------------------------------------------------------------------------------------
 // Asynchronous saving.

@@ -419,7 +419,7 @@ Manifest run_finalize(const fs::path& root, const SaveJob& job, const SaveOption
 
   // Pruning failures do not undo a complete save: they are logged, and the next prune retries.
   try {
-    prune(root, o.keep_last);
+    prune(root, o.keep_last, job.step);
   } catch (const Error& e) {
     log::warn("checkpoint", "pruning {} after {} failed: {}", root.string(), name, e.what());
   }
@@ -494,17 +494,20 @@ std::vector<CheckpointEntry> list_checkpoints(const fs::path& root) {
   return out;
 }
 
-std::vector<fs::path> prune(const fs::path& root, uint32_t keep_last) {
+std::vector<fs::path> prune(const fs::path& root, uint32_t keep_last, std::optional<uint64_t> committed) {
   std::vector<fs::path> removed;
   auto entries = list_checkpoints(root);
   std::optional<uint64_t> latest = read_latest(root);
-  std::optional<uint64_t> newest_complete;
+  // Incomplete directories below this step are leftovers of interrupted saves.
+  std::optional<uint64_t> incomplete_below;
   for (const auto& e : entries)
-    if (e.complete) newest_complete = e.step;
+    if (e.complete) incomplete_below = e.step;
+  if (committed && incomplete_below && *committed < *incomplete_below) incomplete_below = committed;
   uint32_t kept = 0;
   for (auto it = entries.rbegin(); it != entries.rend(); ++it) {
     if (!it->complete) continue;
-    bool keep = keep_last == 0 || kept < keep_last || (latest && *latest == it->step);
+    bool keep = keep_last == 0 || kept < keep_last || (latest && *latest == it->step) ||
+                (committed && *committed == it->step);
     if (keep) {
       ++kept;
       continue;
@@ -518,7 +521,7 @@ std::vector<fs::path> prune(const fs::path& root, uint32_t keep_last) {
     log::info("checkpoint", "pruned {}", it->dir.string());
   }
   for (const auto& e : entries) {
-    if (e.complete || !newest_complete || e.step >= *newest_complete) continue;
+    if (e.complete || !incomplete_below || e.step >= *incomplete_below) continue;
     remove_tree(e.dir);
     removed.push_back(e.dir);
     log::info("checkpoint", "removed incomplete {}", e.dir.string());

@@ -429,6 +429,29 @@ TEST(Prune, KeepsTheLastN) {
   EXPECT_EQ(removed[0].filename(), "step-4");
 }
 
+// A run resumed from an older checkpoint saves steps below the newest complete one: the save's
+// prune keeps what it just committed, and leaves the incomplete directory of a later step
+// (other writers may be writing it meanwhile); prune() without a committed step works as before.
+TEST(Prune, ASaveBelowTheNewestKeepsItsCheckpointAndLaterIncompleteOnes) {
+  TempDir dir;
+  SaveOptions o = small_blocks();
+  o.keep_last = 2;
+  for (uint64_t step = 5; step <= 7; ++step) save(dir.path(), make_test_state(step, step).view(), o);
+  fs::create_directories(dir / "step-4");
+  write_text(dir / "step-4" / "shard-0-of-1.bin", "being written");
+  TestState s3 = make_test_state(3, 3);
+  save(dir.path(), s3.view(), o);
+  std::vector<uint64_t> steps;
+  for (const auto& e : list_checkpoints(dir.path())) steps.push_back(e.step);
+  EXPECT_EQ(steps, (std::vector<uint64_t>{3, 4, 6, 7}));
+  expect_equal(Checkpoint::open(dir / "step-3").load(0, 1), s3);
+  EXPECT_EQ(read_text(dir / "latest"), "step-7\n");  // not moved back
+  auto removed = prune(dir.path(), 2);
+  ASSERT_EQ(removed.size(), 2u);
+  EXPECT_EQ(removed[0].filename(), "step-3");
+  EXPECT_EQ(removed[1].filename(), "step-4");
+}
+
 TEST(Prune, ZeroKeepsEverything) {
   TempDir dir;
   for (uint64_t step = 1; step <= 3; ++step) {
