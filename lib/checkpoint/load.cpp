@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -112,6 +113,61 @@ OpenShard open_shard(const fs::path& dir, const ShardInfo& s) {
   return o;
 }
 
+// open_shard's checks by path, without keeping the file open: a reader checks every shard it
+// needs before reading any, and opens each only while it reads it (ShardFiles).
+void check_shard(const fs::path& dir, const ShardInfo& s) {
+  struct stat st {};
+  if (::stat((dir / s.file).c_str(), &st) != 0) {
+    if (errno == ENOENT) throw CorruptError(fmt::format("{} is missing", where(dir, s)));
+    throw_io_error(fmt::format("{}: stat", where(dir, s)), errno);
+  }
+  if (!S_ISREG(st.st_mode)) throw CorruptError(fmt::format("{} is not a regular file", where(dir, s)));
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size < s.range.size())
+    throw CorruptError(fmt::format("{} is truncated: {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
+  if (size > s.range.size())
+    throw CorruptError(fmt::format("{} has {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
+}
+
+// The shards' files, each opened when a block of it is first read and closed after its last
+// one. Blocks are read in shard order, so about io_threads shards are open at once (two
+// descriptors each) however many writers there were: opening them all first ran out of file
+// descriptors under the usual limit of 1024 from about 500 writers.
+class ShardFiles {
+ public:
+  ShardFiles(fs::path dir, std::vector<const ShardInfo*> infos, const std::vector<uint64_t>& blocks)
+      : dir_(std::move(dir)), shards_(infos.size()) {
+    for (size_t i = 0; i < infos.size(); ++i) {
+      shards_[i].info = infos[i];
+      shards_[i].remaining = blocks[i];
+    }
+  }
+  // Shard i, open (the caller holds it while reading; done() after each block).
+  std::shared_ptr<const OpenShard> acquire(size_t i) {
+    Slot& slot = shards_[i];
+    std::lock_guard lock(slot.mutex);
+    if (!slot.open) slot.open = std::make_shared<OpenShard>(open_shard(dir_, *slot.info));
+    return slot.open;
+  }
+  // One block of shard i read (or given up): after the last one the file closes, once the last
+  // holder lets go.
+  void done(size_t i) {
+    Slot& slot = shards_[i];
+    std::lock_guard lock(slot.mutex);
+    if (slot.remaining > 0 && --slot.remaining == 0) slot.open.reset();
+  }
+
+ private:
+  struct Slot {
+    const ShardInfo* info = nullptr;
+    std::mutex mutex;
+    std::shared_ptr<OpenShard> open;
+    uint64_t remaining = 0;
+  };
+  fs::path dir_;
+  std::vector<Slot> shards_;
+};
+
 struct BlockTask {
   size_t shard;  // index into the open shards
   uint64_t block;
@@ -193,16 +249,20 @@ void read_blocks(const fs::path& dir, const Manifest& m, ByteRange range, uint32
                                            dir.string(), range.begin, range.end, m.total_bytes));
   if (range.size() == 0) return;
   const uint64_t B = m.block_bytes;
-  std::vector<OpenShard> shards;
+  std::vector<const ShardInfo*> needed;
+  std::vector<uint64_t> blocks;
   std::vector<BlockTask> tasks;
   for (const auto& s : m.shards) {
     uint64_t b = std::max(s.range.begin, range.begin);
     uint64_t e = std::min(s.range.end, range.end);
     if (b >= e) continue;
-    shards.push_back(open_shard(dir, s));
-    for (uint64_t k = (b - s.range.begin) / B; k <= (e - 1 - s.range.begin) / B; ++k)
-      tasks.push_back({shards.size() - 1, k});
+    check_shard(dir, s);  // all of them before reading any
+    needed.push_back(&s);
+    const uint64_t first = (b - s.range.begin) / B, last = (e - 1 - s.range.begin) / B;
+    blocks.push_back(last - first + 1);
+    for (uint64_t k = first; k <= last; ++k) tasks.push_back({needed.size() - 1, k});
   }
+  ShardFiles shards(dir, std::move(needed), blocks);
   std::atomic<size_t> next{0};
   std::atomic<bool> stop{false};
   std::mutex m_err;
@@ -214,7 +274,8 @@ void read_blocks(const fs::path& dir, const Manifest& m, ByteRange range, uint32
       while (!stop) {
         size_t i = next++;
         if (i >= tasks.size()) break;
-        const OpenShard& s = shards[tasks[i].shard];
+        const std::shared_ptr<const OpenShard> held = shards.acquire(tasks[i].shard);
+        const OpenShard& s = *held;
         uint64_t k = tasks[i].block;
         ByteRange g{s.info->range.begin + k * B, std::min(s.info->range.begin + (k + 1) * B, s.info->range.end)};
         ByteRange part{std::max(g.begin, range.begin), std::min(g.end, range.end)};
@@ -226,6 +287,7 @@ void read_blocks(const fs::path& dir, const Manifest& m, ByteRange range, uint32
         } else {
           read_block(dir, s, B, k, target, g.size(), &bounce);
         }
+        shards.done(tasks[i].shard);
       }
     } catch (...) {
       std::lock_guard<std::mutex> lock(m_err);
@@ -338,20 +400,25 @@ void Checkpoint::load_into(std::span<const TensorView> dest) const {
 std::vector<ShardCheck> Checkpoint::verify() const {
   const uint64_t B = manifest_.block_bytes;
   std::vector<ShardCheck> checks(manifest_.shards.size());
-  std::vector<OpenShard> shards(manifest_.shards.size());
+  std::vector<const ShardInfo*> infos;
+  std::vector<uint64_t> blocks;
   std::vector<BlockTask> tasks;
   for (size_t i = 0; i < manifest_.shards.size(); ++i) {
     const ShardInfo& s = manifest_.shards[i];
     checks[i].rank = s.rank;
     checks[i].file = s.file;
+    infos.push_back(&s);
+    blocks.push_back(0);
     try {
-      shards[i] = open_shard(dir_, s);
+      check_shard(dir_, s);
       checks[i].ok = true;
+      blocks.back() = s.block_sha256.size();
       for (uint64_t k = 0; k < s.block_sha256.size(); ++k) tasks.push_back({i, k});
     } catch (const Error& e) {
       checks[i].error = e.what();
     }
   }
+  ShardFiles shards(dir_, std::move(infos), blocks);
   std::atomic<size_t> next{0};
   std::mutex m;
   auto work = [&] {
@@ -360,22 +427,27 @@ std::vector<ShardCheck> Checkpoint::verify() const {
       size_t i = next++;
       if (i >= tasks.size()) break;
       size_t si = tasks[i].shard;
+      bool failed;
       {
         std::lock_guard<std::mutex> lock(m);
-        if (!checks[si].ok) continue;  // one error per shard is enough
+        failed = !checks[si].ok;  // one error per shard is enough
       }
-      const OpenShard& s = shards[si];
-      uint64_t k = tasks[i].block;
-      size_t size = static_cast<size_t>(std::min(B, s.info->range.size() - k * B));
-      try {
-        read_block(dir_, s, B, k, scratch.data(), size);
-      } catch (const Error& e) {
-        std::lock_guard<std::mutex> lock(m);
-        if (checks[si].ok) {
-          checks[si].ok = false;
-          checks[si].error = e.what();
+      if (!failed) {
+        try {
+          const std::shared_ptr<const OpenShard> held = shards.acquire(si);
+          const OpenShard& s = *held;
+          uint64_t k = tasks[i].block;
+          size_t size = static_cast<size_t>(std::min(B, s.info->range.size() - k * B));
+          read_block(dir_, s, B, k, scratch.data(), size);
+        } catch (const Error& e) {
+          std::lock_guard<std::mutex> lock(m);
+          if (checks[si].ok) {
+            checks[si].ok = false;
+            checks[si].error = e.what();
+          }
         }
       }
+      shards.done(si);
     }
   };
   size_t n = std::clamp<size_t>(options_.io_threads, 1, std::max<size_t>(tasks.size(), 1));
