@@ -135,6 +135,10 @@ crypto::Digest layout_digest(const std::vector<TensorInfo>& tensors, uint64_t to
 void check_metadata(const std::map<std::string, std::string>& metadata,
                     const std::map<std::string, std::vector<uint8_t>>& blobs, const ManifestLimits& limits);
 void check_block_bytes(uint64_t block_bytes);
+// Why `name` (a tensor, metadata key or blob name) is not allowed, or nullopt: it must be
+// non-empty, at most 1024 bytes, UTF-8, without control characters (safe in JSON, logs and
+// terminals). Saves refuse such names, and so do readers of a manifest.
+std::optional<std::string> name_fault(std::string_view name);
 // InvalidArgumentError when readers with `limits` would refuse this layout's manifest (too many
 // tensors or bytes, or a manifest too large: too many blocks). Checked before anything is written.
 void check_manifest_fits(const Layout& layout, uint64_t block_bytes, uint32_t world_size,

@@ -13,18 +13,32 @@ namespace {
 
 uint64_t align_up(uint64_t v) { return (v + kAlignmentBytes - 1) / kAlignmentBytes * kAlignmentBytes; }
 
-// Non-empty, at most 1024 bytes, UTF-8, no control characters: safe in JSON, logs and tables.
 void check_name(std::string_view name, std::string_view what) {
-  if (name.empty()) throw InvalidArgumentError(fmt::format("{} has an empty name", what));
-  if (name.size() > 1024)
-    throw InvalidArgumentError(fmt::format("{} name of {} bytes is over the limit of 1024", what, name.size()));
-  if (!json::valid_utf8(name)) throw InvalidArgumentError(fmt::format("{} name is not valid UTF-8", what));
-  for (char c : name)
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
-      throw InvalidArgumentError(fmt::format("{} name \"{}\" contains a control character", what, name));
+  if (std::optional<std::string> fault = detail::name_fault(name))
+    throw InvalidArgumentError(fmt::format("{} name {}", what, *fault));
 }
 
 }  // namespace
+
+std::optional<std::string> detail::name_fault(std::string_view name) {
+  auto printable = [](std::string_view text) {  // control characters as \xNN, not raw into a terminal
+    std::string out;
+    for (char c : text) {
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+        out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
+      else
+        out += c;
+    }
+    return out;
+  };
+  if (name.empty()) return "is empty";
+  if (name.size() > 1024) return fmt::format("of {} bytes is over the limit of 1024", name.size());
+  if (!json::valid_utf8(name)) return "is not valid UTF-8";
+  for (char c : name)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      return fmt::format("\"{}\" contains a control character", printable(name));
+  return std::nullopt;
+}
 
 ByteRange partition(uint64_t total_bytes, uint32_t rank, uint32_t world_size) {
   if (world_size == 0 || rank >= world_size)

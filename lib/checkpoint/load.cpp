@@ -348,6 +348,10 @@ Checkpoint Checkpoint::open(const fs::path& path, const LoadOptions& options) {
   fs::path manifest_path = dir / std::string(kManifestFile);
   auto text = read_small_file(manifest_path, options.limits.max_manifest_bytes, false);
   Manifest m = parse_manifest(*text, manifest_path.string(), options.limits);
+  // A manifest copied in from another step (with its shards) would load as that step silently.
+  if (auto named = parse_step_dir_name(dir.filename().string()); named && *named != m.step)
+    throw CorruptError(fmt::format("{}: field step: {}, but the directory is {}", manifest_path.string(), m.step,
+                                   dir.filename().string()));
   return Checkpoint(dir, std::move(m), options);
 }
 

@@ -179,6 +179,7 @@ Manifest parse_manifest(std::string_view text, std::string_view source, const Ma
   const json::Value& mo = metadata.object();
   size_t meta_bytes = 0;
   for (size_t i = 0; i < mo.keys.size(); ++i) {
+    if (auto fault = detail::name_fault(mo.keys[i])) metadata.fail(fmt::format("key {}", *fault));
     json::Field v = metadata.at(mo.keys[i]);
     meta_bytes += mo.keys[i].size() + v.str().size();
     if (meta_bytes > limits.max_metadata_bytes)
@@ -190,6 +191,7 @@ Manifest parse_manifest(std::string_view text, std::string_view source, const Ma
   const json::Value& bo = blobs.object();
   size_t blob_bytes = 0;
   for (size_t i = 0; i < bo.keys.size(); ++i) {
+    if (auto fault = detail::name_fault(bo.keys[i])) blobs.fail(fmt::format("name {}", *fault));
     json::Field b = blobs.at(bo.keys[i]);
     b.only_keys({"bytes", "base64"});
     json::Field size = b.at("bytes");
@@ -214,7 +216,7 @@ Manifest parse_manifest(std::string_view text, std::string_view source, const Ma
     TensorInfo t;
     json::Field name = f.at("name");
     t.name = name.str();
-    if (t.name.empty() || t.name.size() > 1024) name.fail("must be 1 to 1024 bytes long");
+    if (auto fault = detail::name_fault(t.name)) name.fail(*fault);
     json::Field dtype = f.at("dtype");
     auto d = parse_dtype(dtype.str());
     if (!d) dtype.fail(fmt::format("unknown dtype \"{}\"", dtype.str()));
