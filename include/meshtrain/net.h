@@ -138,8 +138,13 @@ class ControlServer {
   std::optional<Message> recv(Deadline deadline, const CancelToken* cancel = nullptr);
 
   // Queues a message to `to`. Throws PeerLostError when `to` is not connected (never connected,
-  // or its connection dropped). Does not wait for delivery.
+  // or its connection dropped). Does not wait for delivery; waits up to 2 s for room in the
+  // queue to `to` (TimeoutError after).
   void send(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload = {});
+  // As send(), but never waits: returns false (nothing queued) when the queue to `to` is full.
+  // For replies to peers that may not read them (a refusal to an unadmitted key): one such peer
+  // must not stall the server's thread for 2 s per message.
+  bool try_send(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload = {});
 
   // Peers from which nothing (message or heartbeat) arrived within `silence`, among those that
   // have ever sent something. Lets an upper layer report PeerLost for control-only peers.
@@ -151,6 +156,7 @@ class ControlServer {
   RejectStats stats() const;
 
  private:
+  bool send_to_route(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload, bool wait);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

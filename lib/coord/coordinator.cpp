@@ -134,13 +134,21 @@ struct Coordinator::Impl {
 
   // --- sending --------------------------------------------------------------------------------
 
-  bool send_raw(const PeerId& to, MessageKind kind, uint64_t quorum_id, uint64_t step, crypto::ByteSpan payload) {
+  // `wait` false: dropped when the peer's queue is full (replies to peers that may not read).
+  bool send_raw(const PeerId& to, MessageKind kind, uint64_t quorum_id, uint64_t step, crypto::ByteSpan payload,
+                bool wait = true) {
     net::MessageHeader h;
     h.type = static_cast<uint16_t>(kind);
     h.quorum_id = quorum_id;
     h.step = step;
     try {
-      server.send(to, h, payload);
+      if (wait) {
+        server.send(to, h, payload);
+      } else if (!server.try_send(to, h, payload)) {
+        log::debug("coord", "dropped {} to {}: its queue is full", message_kind_name(static_cast<uint16_t>(kind)),
+                   fp(to));
+        return false;
+      }
       return true;
     } catch (const Error& e) {
       log::warn("coord", "cannot send {} to {}: {}", message_kind_name(static_cast<uint16_t>(kind)), fp(to), e.what());
@@ -246,7 +254,9 @@ struct Coordinator::Impl {
     } else {
       log::debug("coord", "refused {} from {} again: {}", message_kind_name(kind), fp(peer), reason);
     }
-    send_to(peer, MessageKind::Refused, 0, step, Refusal{why.problem, why.detail});
+    // Never waits: a key that sends and never reads would otherwise stall this thread for 2 s
+    // per refusal once its queue is full, and the members' heartbeats with it.
+    send_raw(peer, MessageKind::Refused, 0, step, encode(Refusal{why.problem, why.detail}), /*wait=*/false);
   }
 
   // Whether a QuorumRequest from `from` may register it: listed peers always, others with a

@@ -98,20 +98,28 @@ Ready poll_socket(void* socket, Deadline deadline, const CancelToken* cancel, co
 }
 
 // Sends [routing id] header [payload].
-void send_frames(void* socket, const crypto::Bytes* routing_id, const crypto::Bytes& header,
-                 crypto::ByteSpan payload, bool has_payload, const std::string& peer) {
+// Sends one message. `wait` false: ZMQ_DONTWAIT, and a full queue returns false (ZeroMQ
+// queues a multipart message whole or not at all, so only the first frame can meet it).
+bool send_frames(void* socket, const crypto::Bytes* routing_id, const crypto::Bytes& header,
+                 crypto::ByteSpan payload, bool has_payload, const std::string& peer, bool wait = true) {
+  const int dontwait = wait ? 0 : ZMQ_DONTWAIT;
+  bool first = true;
   auto send_one = [&](const void* data, size_t size, int flags) {
-    if (zmq_send(socket, data, size, flags) >= 0) return;
+    const bool was_first = first;
+    first = false;
+    if (zmq_send(socket, data, size, flags | dontwait) >= 0) return true;
     int e = zmq_errno();
     if (e == EHOSTUNREACH)
       throw PeerLostError(peer, fmt::format("control send to {}: peer is not connected", peer));
+    if (e == EAGAIN && !wait && was_first) return false;
     if (e == EAGAIN)
       throw TimeoutError(fmt::format("control send to {}: send queue full for 2 s", peer));
     throw_zmq(fmt::format("control send to {}", peer));
   };
-  if (routing_id) send_one(routing_id->data(), routing_id->size(), ZMQ_SNDMORE);
-  send_one(header.data(), header.size(), has_payload ? ZMQ_SNDMORE : 0);
+  if (routing_id && !send_one(routing_id->data(), routing_id->size(), ZMQ_SNDMORE)) return false;
+  if (!send_one(header.data(), header.size(), has_payload ? ZMQ_SNDMORE : 0)) return false;
   if (has_payload) send_one(payload.data(), payload.size(), 0);
+  return true;
 }
 
 // Validates frames [header] [payload?] from `source`; fills `out`. Returns false (with the
@@ -346,12 +354,20 @@ std::optional<Message> ControlServer::recv(Deadline deadline, const CancelToken*
 }
 
 void ControlServer::send(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload) {
+  send_to_route(to, header, payload, /*wait=*/true);
+}
+
+bool ControlServer::try_send(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload) {
+  return send_to_route(to, header, payload, /*wait=*/false);
+}
+
+bool ControlServer::send_to_route(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload, bool wait) {
   std::string name = to.fingerprint();
   auto route = impl_->routes.find(to);
   if (route == impl_->routes.end())
     throw PeerLostError(name, fmt::format("control send to {}: peer has never connected", name));
   crypto::Bytes encoded = encode_for_send(header, id(), payload.size(), impl_->options.limits, name);
-  send_frames(impl_->router, &route->second, encoded, payload, !payload.empty(), name);
+  return send_frames(impl_->router, &route->second, encoded, payload, !payload.empty(), name, wait);
 }
 
 std::vector<PeerId> ControlServer::silent_peers(std::chrono::milliseconds silence) const {

@@ -133,6 +133,30 @@ TEST(Control, AdmitAnyKeyServerBindsEachMessageToItsConnectionKey) {
   EXPECT_EQ(server.stats().refused_identity, 0u);
 }
 
+// try_send never waits: to a peer that stops reading it queues until ZeroMQ's limits are
+// reached and then returns false (send() would wait 2 s per message there, then throw).
+TEST(Control, TrySendToAPeerThatDoesNotReadReturnsFalseInsteadOfWaiting) {
+  auto server_id = crypto::Identity::generate();
+  auto stranger = crypto::Identity::generate();
+  ControlOptions options;
+  options.admit_any_key = true;
+  ControlServer server(server_id, {}, "tcp://127.0.0.1:0", options);
+  RawDealer raw(stranger, server_id.public_key(), server.endpoint());  // never reads
+  raw.send({header_bytes(stranger.public_key(), 0, 300)});
+  ASSERT_TRUE(server.recv(Deadline::after(5s)).has_value());
+  const std::vector<uint8_t> payload(16 << 10, 0x5a);
+  size_t queued = 0;
+  bool full = false;
+  while (queued < 200000 && !full) {
+    if (server.try_send(stranger.public_key(), typed(301), payload))
+      ++queued;
+    else
+      full = true;
+  }
+  EXPECT_TRUE(full) << queued << " messages queued to a peer that reads nothing";
+  EXPECT_GT(queued, 0u);
+}
+
 TEST(Control, ClientWithWrongServerKeyCannotConnect) {
   auto server_id = crypto::Identity::generate();
   auto impostor = crypto::Identity::generate();
