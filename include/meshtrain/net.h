@@ -110,6 +110,10 @@ struct ControlOptions {
   // join token); each message's claimed sender must still be the Ed25519 key whose X25519 form
   // the connection authenticated with, so a peer can speak only for its own key.
   bool admit_any_key = false;
+  // Server only, with admit_any_key: what the server remembers of a key not on its allow-list
+  // (its route and last_seen) is forgotten after this long without a message from it, so that
+  // many keys connecting once do not grow its memory for good.
+  std::chrono::milliseconds forget_unlisted_after{std::chrono::minutes(10)};
 };
 
 // A bound ROUTER socket: many authenticated clients, each addressed by its PeerId.
@@ -157,6 +161,7 @@ class ControlServer {
 
  private:
   bool send_to_route(const PeerId& to, const MessageHeader& header, crypto::ByteSpan payload, bool wait);
+  void forget_unlisted(Clock::time_point now);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -185,10 +185,12 @@ struct ControlLink {
                     a.reason, coord::describe_peers(a.lost));
           aborts_[a.quorum_id] = a;
           if (watched_ && watched_id_ == a.quorum_id) watched_->cancel();
+          forget_old_outcomes();
           break;
         }
         case coord::MessageKind::Commit:
           commits_.insert(m.header.quorum_id);
+          forget_old_outcomes();
           break;
         default:
           log::warn("collective", "{} sent an unexpected message type {}", source, m.header.type);
@@ -199,6 +201,14 @@ struct ControlLink {
       return;
     }
     cv_.notify_all();
+  }
+
+  // Outcomes are only asked for the quorum a member is in (the newest): keep the last few
+  // hundred (quorum ids grow with time), not one per step of the whole run. Caller holds mutex_.
+  void forget_old_outcomes() {
+    constexpr size_t kKeptOutcomes = 256;
+    while (aborts_.size() > kKeptOutcomes) aborts_.erase(aborts_.begin());
+    while (commits_.size() > kKeptOutcomes) commits_.erase(commits_.begin());
   }
 
   const crypto::Identity& self_;

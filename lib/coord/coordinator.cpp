@@ -189,7 +189,9 @@ struct Coordinator::Impl {
   void abort_attempt(Attempt& a, const PeerId* except, const std::vector<PeerId>& lost, const std::string& reason) {
     a.aborted = true;
     a.verdict = Abort{a.quorum.quorum_id, a.quorum.step, lost, reason};
-    for (const auto& p : lost) reported_lost[p] = Clock::now();
+    // Only the attempt's members: a report may name up to 4096 ids of its author's choosing.
+    for (const auto& p : lost)
+      if (a.quorum.contains(p)) reported_lost[p] = Clock::now();
     ++counters.attempts_aborted;
     log::warn("coord", "quorum {:016x} (step {}, {} peers) aborted: {}; lost: {}", a.quorum.quorum_id, a.quorum.step,
               a.quorum.members.size(), reason, describe_peers(lost));
@@ -203,6 +205,7 @@ struct Coordinator::Impl {
   // timeouts.
   void remove_member(const PeerId& peer, const std::string& why) {
     members.erase(peer);
+    reported_lost.erase(peer);  // not waited for as a non-member anyway
     forget_pending(peer);
     ++counters.members_dropped;
     for (auto& [id, a] : attempts) {

@@ -190,8 +190,9 @@ struct ControlServer::Impl {
   std::set<PeerId> listed;
   RejectStats stats;
 
-  std::map<PeerId, crypto::Bytes> routes;
+  std::map<PeerId, crypto::Bytes> routes;  // these three: the server's thread only
   std::map<PeerId, Clock::time_point> seen;
+  Clock::time_point last_sweep{};  // of unlisted keys (forget_unlisted)
 
   void allow(const PeerId& peer) {
     crypto::X25519Key curve = crypto::ed25519_to_x25519_public(peer);
@@ -346,10 +347,28 @@ std::optional<Message> ControlServer::recv(Deadline deadline, const CancelToken*
     }
     if (!ok) continue;
     auto id = frames[0]->bytes();
+    const Clock::time_point now = Clock::now();
     impl_->routes[from] = crypto::Bytes(id.begin(), id.end());
-    impl_->seen[from] = Clock::now();
+    impl_->seen[from] = now;
+    if (impl_->options.admit_any_key) forget_unlisted(now);
     if (m.header.type == static_cast<uint16_t>(MessageType::Heartbeat)) continue;
     return m;
+  }
+}
+
+void ControlServer::forget_unlisted(Clock::time_point now) {
+  // A sweep at most every tenth of the age (scanning every key per message would cost too).
+  const auto age = impl_->options.forget_unlisted_after;
+  if (now - impl_->last_sweep < age / 10) return;
+  impl_->last_sweep = now;
+  std::lock_guard lock(impl_->mutex);
+  for (auto it = impl_->seen.begin(); it != impl_->seen.end();) {
+    if (now - it->second > age && !impl_->listed.count(it->first)) {
+      impl_->routes.erase(it->first);
+      it = impl_->seen.erase(it);
+    } else {
+      ++it;
+    }
   }
 }
 

@@ -157,6 +157,38 @@ TEST(Control, TrySendToAPeerThatDoesNotReadReturnsFalseInsteadOfWaiting) {
   EXPECT_GT(queued, 0u);
 }
 
+// With admit_any_key, a key off the allow-list that has been silent for forget_unlisted_after
+// is forgotten (route and last_seen), so keys that connect once do not grow the server for
+// good; one that speaks again is known again. Listed keys are kept.
+TEST(Control, SilentUnlistedKeysAreForgotten) {
+  auto server_id = crypto::Identity::generate();
+  auto listed = crypto::Identity::generate();
+  auto stranger = crypto::Identity::generate();
+  ControlOptions options;
+  options.admit_any_key = true;
+  options.forget_unlisted_after = 50ms;
+  ControlServer server(server_id, {listed.public_key()}, "tcp://127.0.0.1:0", options);
+  ControlClient once(stranger, server_id.public_key(), server.endpoint());
+  ControlClient member(listed, server_id.public_key(), server.endpoint());
+  once.send(typed(300));
+  ASSERT_TRUE(server.recv(Deadline::after(5s)).has_value());
+  member.send(typed(301));
+  ASSERT_TRUE(server.recv(Deadline::after(5s)).has_value());
+  ASSERT_TRUE(server.last_seen(stranger.public_key()).has_value());
+  std::this_thread::sleep_for(120ms);
+  member.send(typed(302));  // any message lets the server sweep
+  ASSERT_TRUE(server.recv(Deadline::after(5s)).has_value());
+  EXPECT_FALSE(server.last_seen(stranger.public_key()).has_value());
+  EXPECT_THROW(server.send(stranger.public_key(), typed(303)), PeerLostError);
+  EXPECT_TRUE(server.last_seen(listed.public_key()).has_value());
+  once.send(typed(304));
+  auto again = server.recv(Deadline::after(5s));
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->header.type, 304);
+  server.send(stranger.public_key(), typed(305));
+  EXPECT_EQ(once.recv(Deadline::after(5s)).header.type, 305);
+}
+
 TEST(Control, ClientWithWrongServerKeyCannotConnect) {
   auto server_id = crypto::Identity::generate();
   auto impostor = crypto::Identity::generate();
