@@ -432,9 +432,13 @@ struct Coordinator::Impl {
     log::debug("coord", "{} asks for step {} (state {}, failed quorum {:016x}, lost {})", fp(from), s, r.has_state,
                r.failed_quorum_id, describe_peers(r.lost));
 
-    // Any request from a member of an attempt means that attempt ended for it.
+    // A request from a member of an attempt for another step, or naming the attempt failed,
+    // means that attempt ended for it. A repeat for the attempt's own step does not (its
+    // request crossed the quorum, R5 below): the attempt stays in flight, so that the member
+    // dying later still aborts it for the others.
     for (auto& [id, a] : attempts)
-      if (!a.moved_on && a.quorum.contains(from)) a.moved_on = true;
+      if (!a.moved_on && a.quorum.contains(from) && (a.quorum.step != s || r.failed_quorum_id == id))
+        a.moved_on = true;
 
     bool failure_handled = false;
     std::vector<PeerId> excused;
