@@ -141,8 +141,7 @@ void check_block_bytes(uint64_t block_bytes);
 std::optional<std::string> name_fault(std::string_view name);
 // InvalidArgumentError when readers with `limits` would refuse this layout's manifest (too many
 // tensors or bytes, or a manifest too large: too many blocks). Checked before anything is written.
-void check_manifest_fits(const Layout& layout, uint64_t block_bytes, uint32_t world_size,
-                         const ManifestLimits& limits);
+void check_manifest_fits(const Layout& layout, uint64_t block_bytes, const ManifestLimits& limits);
 // What every save checks before it writes anything: the layout of `state`, its metadata, and
 // that readers with the default limits will accept the manifest (o.block_bytes already checked).
 Layout layout_for_save(const State& state, const SaveOptions& o);

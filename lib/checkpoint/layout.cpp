@@ -122,18 +122,18 @@ void check_block_bytes(uint64_t block_bytes) {
         fmt::format("block_bytes {} must be a multiple of 64 between 4 KiB and 1 GiB", block_bytes));
 }
 
-void check_manifest_fits(const Layout& layout, uint64_t block_bytes, uint32_t world_size,
-                         const ManifestLimits& limits) {
+void check_manifest_fits(const Layout& layout, uint64_t block_bytes, const ManifestLimits& limits) {
   if (layout.tensors.size() > limits.max_tensors)
     throw InvalidArgumentError(fmt::format("checkpoint save: {} tensors; readers accept at most {}",
                                            layout.tensors.size(), limits.max_tensors));
   if (layout.total_bytes > limits.max_total_bytes)
     throw InvalidArgumentError(fmt::format("checkpoint save: {} bytes of tensors; readers accept at most {}",
                                            layout.total_bytes, limits.max_total_bytes));
-  // The manifest lists every block's digest ("<64 hex digits>", one JSON value each; a shard
-  // adds at most one partial block) and every tensor: a lower bound of its size, so that a save
-  // readers would refuse fails now rather than after writing every shard.
-  const uint64_t blocks = layout.total_bytes / block_bytes + world_size;
+  // The manifest lists every block's digest ("<64 hex digits>", one JSON value each; there are
+  // at least total / block_bytes of them, more where shards end inside a block) and every
+  // tensor: a lower bound of its size, so that a save readers would refuse fails now rather
+  // than after writing every shard (the exact check runs before the commit).
+  const uint64_t blocks = (layout.total_bytes + block_bytes - 1) / block_bytes;
   uint64_t bytes = blocks * 67, values = blocks;
   for (const TensorInfo& t : layout.tensors) {
     bytes += t.name.size() + 64;
@@ -141,7 +141,8 @@ void check_manifest_fits(const Layout& layout, uint64_t block_bytes, uint32_t wo
   }
   const json::ParseLimits parse;
   if (bytes > limits.max_manifest_bytes || values > parse.max_values) {
-    const uint64_t fitting = std::max<uint64_t>(1, std::min<uint64_t>(limits.max_manifest_bytes / 67, parse.max_values) / 2);
+    const uint64_t room = std::min<uint64_t>(limits.max_manifest_bytes / 67, parse.max_values);
+    const uint64_t fitting = std::max<uint64_t>(1, room / 2);  // blocks, with room to spare
     throw InvalidArgumentError(fmt::format(
         "checkpoint save: {} bytes in blocks of {} make a manifest of at least {} bytes and {} JSON values; readers "
         "accept {} bytes and {} values: use larger blocks (block_bytes >= {})",
@@ -153,7 +154,7 @@ void check_manifest_fits(const Layout& layout, uint64_t block_bytes, uint32_t wo
 Layout layout_for_save(const State& state, const SaveOptions& o) {
   Layout layout = make_layout(state);
   check_metadata(state.metadata, state.blobs, ManifestLimits{});
-  check_manifest_fits(layout, o.block_bytes, o.world_size, ManifestLimits{});
+  check_manifest_fits(layout, o.block_bytes, ManifestLimits{});
   return layout;
 }
 

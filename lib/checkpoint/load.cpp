@@ -87,6 +87,15 @@ std::string where(const fs::path& dir, const ShardInfo& s) {
                      s.rank, s.range.begin, s.range.end);
 }
 
+// A shard file is a regular file of exactly its range's size: else CorruptError naming it.
+void check_shard_file(const fs::path& dir, const ShardInfo& s, const struct stat& st) {
+  if (!S_ISREG(st.st_mode)) throw CorruptError(fmt::format("{} is not a regular file", where(dir, s)));
+  const uint64_t size = static_cast<uint64_t>(st.st_size), want = s.range.size();
+  if (size < want)
+    throw CorruptError(fmt::format("{} is truncated: {} bytes, the manifest says {}", where(dir, s), size, want));
+  if (size > want) throw CorruptError(fmt::format("{} has {} bytes, the manifest says {}", where(dir, s), size, want));
+}
+
 // Opens a shard and checks its size. Missing or wrong size: CorruptError naming it.
 OpenShard open_shard(const fs::path& dir, const ShardInfo& s) {
   OpenShard o;
@@ -101,12 +110,7 @@ OpenShard open_shard(const fs::path& dir, const ShardInfo& s) {
   o.file = File(fd);
   struct stat st {};
   if (::fstat(fd, &st) != 0) throw_io_error(fmt::format("{}: stat", where(dir, s)), errno);
-  if (!S_ISREG(st.st_mode)) throw CorruptError(fmt::format("{} is not a regular file", where(dir, s)));
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size < s.range.size())
-    throw CorruptError(fmt::format("{} is truncated: {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
-  if (size > s.range.size())
-    throw CorruptError(fmt::format("{} has {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
+  check_shard_file(dir, s, st);
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   int direct = ::open(o.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
   if (direct >= 0) o.direct = File(direct);
@@ -121,12 +125,7 @@ void check_shard(const fs::path& dir, const ShardInfo& s) {
     if (errno == ENOENT) throw CorruptError(fmt::format("{} is missing", where(dir, s)));
     throw_io_error(fmt::format("{}: stat", where(dir, s)), errno);
   }
-  if (!S_ISREG(st.st_mode)) throw CorruptError(fmt::format("{} is not a regular file", where(dir, s)));
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size < s.range.size())
-    throw CorruptError(fmt::format("{} is truncated: {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
-  if (size > s.range.size())
-    throw CorruptError(fmt::format("{} has {} bytes, the manifest says {}", where(dir, s), size, s.range.size()));
+  check_shard_file(dir, s, st);
 }
 
 // The shards' files, each opened when a block of it is first read and closed after its last

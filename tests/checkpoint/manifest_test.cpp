@@ -140,7 +140,8 @@ TEST(Manifest, MalformedFieldsAreNamed) {
       {"\"total_bytes\": ", "\"total_bytes\": 1", {"total_bytes"}},
       // Names a save would refuse: control characters (an escape sequence for `inspect`'s
       // terminal), shown escaped in the message.
-      {"\"name\": \"model/norm.bias\"", "\"name\": \"model/\\u001b[2Jbias\"", {"tensors[1].name", "\\x1b", "control character"}},
+      {"\"name\": \"model/norm.bias\"", "\"name\": \"model/\\u001b[2Jbias\"",
+       {"tensors[1].name", "\\x1b", "control character"}},
       {"\"data_cursor\": {", "\"data\\u0007cursor\": {", {"field blobs", "name", "control character"}},
   };
   for (const auto& c : cases) {
@@ -245,7 +246,8 @@ TEST(ManifestFuzz, SidecarRandomAndTruncated) {
 TEST(ManifestOnDisk, StepThatDisagreesWithItsDirectoryIsRefused) {
   RealManifest r;
   fs::rename(r.dir / "step-50", r.dir / "step-60");
-  expect_error<CorruptError>([&] { Checkpoint::open(r.dir / "step-60"); }, {"step-60/manifest.json", "field step", "50"});
+  expect_error<CorruptError>([&] { Checkpoint::open(r.dir / "step-60"); },
+                             {"step-60/manifest.json", "field step", "50"});
   fs::rename(r.dir / "step-60", r.dir / "backup");  // a directory not named step-<N>: its manifest says which
   EXPECT_EQ(Checkpoint::open(r.dir / "backup").manifest().step, 50u);
 }
