@@ -450,6 +450,15 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
     throw InvalidArgumentError(fmt::format("allreduce_compressed: CompressedOptions::shape holds {} elements, the "
                                            "buffer {}", spec.count(), count));
   auto ring_bytes = [n](size_t bytes) { return static_cast<uint64_t>(bytes * 2 * (n - 1) / n); };
+  // PowerSGD's all-reduces (P, Q, or a tensor sent uncompressed) sum floats: a NaN/Inf from a
+  // peer would reach every member's output, residual and warm start for good, so it is refused
+  // naming the sender, as the codecs' decoders refuse theirs, also outside reduce_step.
+  auto sum_floats = [&](const char* what, float* data, size_t values, float by) {
+    run_ring_op(what, [&](RingContext& ctx) {
+      ctx.reject_non_finite = true;
+      ring_allreduce(ctx, data, values, by);
+    });
+  };
   try {
     // A joiner adds zeros through a scratch state; its own keeps its residual and takes the
     // step's q as its next warm start (powersgd_adopt_q), like the contributors' states.
@@ -474,10 +483,7 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       device::HostView host(buffer, stream, st.sum_space, st.memory, contributes);
       float* data = static_cast<float*>(host.view().data);
       if (!contributes) std::fill(data, data + count, 0.0f);
-      run_ring_op("allreduce_compressed", [&](RingContext& ctx) {
-        ctx.reject_non_finite = true;  // as the codecs' decoders: also outside reduce_step
-        ring_allreduce(ctx, data, count, divisor);
-      });
+      sum_floats("allreduce_compressed", data, count, divisor);
       host.write_back();
       traffic.sent_bytes = traffic.received_bytes = ring_bytes(count * sizeof(float));
     } else {
@@ -489,17 +495,9 @@ void Communicator::powersgd_attempt(BufferView buffer, const compress::Codec& co
       }
       std::vector<float> p(shape.rows * shape.rank), q(shape.cols * shape.rank);
       compress::powersgd_project(grad, s, p, stream);
-      // A NaN/Inf in P or Q from a peer would reach every member's output, residual and warm
-      // start for good: refused naming the sender, also outside reduce_step.
-      run_ring_op("allreduce_compressed (powersgd P)", [&](RingContext& ctx) {
-        ctx.reject_non_finite = true;
-        ring_allreduce(ctx, p.data(), p.size(), 1.0f);
-      });
+      sum_floats("allreduce_compressed (powersgd P)", p.data(), p.size(), 1.0f);
       compress::powersgd_back_project(s, p, q, stream);
-      run_ring_op("allreduce_compressed (powersgd Q)", [&](RingContext& ctx) {
-        ctx.reject_non_finite = true;
-        ring_allreduce(ctx, q.data(), q.size(), contributors);
-      });
+      sum_floats("allreduce_compressed (powersgd Q)", q.data(), q.size(), contributors);
       compress::powersgd_finish(s, p, q, buffer, stream);
       if (op == ReduceOp::Sum) device::scale(buffer, contributors, stream);
       traffic.sent_bytes = traffic.received_bytes = ring_bytes((p.size() + q.size()) * sizeof(float));
