@@ -361,7 +361,6 @@ class TopKCodec final : public ApplyingCodec {
     // a residual that already holds grad). CUDA scans first.
     const bool cpu = grad.device == DeviceKind::Cpu;
     const bool feedback = s.residual_data() != nullptr, staged = feedback && s.staging();
-    const bool double_buffered = cpu && feedback;
     if (!cpu) reject_nonfinite(id(), grad, stream);
     uint8_t* idx = out.data() + kPayloadHeaderBytes;
     uint8_t* val = idx + 4 * k;
@@ -372,7 +371,7 @@ class TopKCodec final : public ApplyingCodec {
     } else if (n > 0) {
       const float* x = static_cast<const float*>(grad.data);
       const uint32_t skip_sampling = s.skip_sampling;
-      const CpuOutcome got = encode_cpu(x, n, s, k, o_.selection, double_buffered, idx, val);
+      const CpuOutcome got = encode_cpu(x, n, s, k, o_.selection, idx, val);
       if (got.nonfinite != kFinite) {
         s.skip_sampling = skip_sampling;
         reject_nonfinite(id(), grad, stream);  // throws when the gradient itself has one
@@ -380,7 +379,7 @@ class TopKCodec final : public ApplyingCodec {
             "topk encode: element {} of the gradient ({}) plus the residual overflows float; the state is unchanged",
             got.nonfinite, x[got.nonfinite]));
       }
-      if (double_buffered && !staged) s.swap_residual();  // staged: the spare is the pending residual
+      if (feedback && !staged) s.swap_residual();  // staged: the spare is the pending residual
       sampled_miss = got.missed;
     }
     write_header(out, Header{id(), 0, n, k, 0});
@@ -394,12 +393,11 @@ class TopKCodec final : public ApplyingCodec {
     size_t nonfinite = kFinite;  // or the index of a NaN/Inf of v (select_candidates)
   };
   static CpuOutcome encode_cpu(const float* x, size_t n, TopKState& s, uint64_t k,
-                               TopKOptions::Selection selection, bool double_buffered, uint8_t* idx, uint8_t* val) {
-    // v = x + r goes into the residual in place, or double-buffered into the spare (the
-    // committed residual r is only read). Without error feedback v is the gradient itself, only
-    // read, and nothing is cleared.
+                               TopKOptions::Selection selection, uint8_t* idx, uint8_t* val) {
+    // v = x + r goes into the spare (the committed residual r is only read). Without error
+    // feedback v is the gradient itself, only read, and nothing is cleared.
     const float* r = s.residual_data();
-    float* residual = double_buffered ? s.spare().data() : s.residual_data();
+    float* residual = r != nullptr ? s.spare().data() : nullptr;
     const CpuVectors vec{x, r, residual};
     const bool automatic = selection == TopKOptions::Selection::Auto;
     bool sampled = selection == TopKOptions::Selection::Sampled;
